@@ -1,4 +1,40 @@
-"""Data for LVDM (owner: data.py). Placeholder being filled in: see DESIGN.md."""
+"""Data for LVDM: find videos on disk, sample clips, the built-in synthetic dataset, video I/O.
+
+Training clips are float tensors (3,T,H,W) in [-1,1]; the default collate stacks them into
+(B,3,T,H,W). On disk and for FVD, videos are uint8 (N,T,H,W,3).
+
+Layouts found under ROOT (the ones LVDM, TATS, StyleGAN-V, DIGAN, PVDM and FOMM exports use):
+  * a folder that directly holds image frames is one video (even if it is named `x.mp4`);
+    frames are read in natural order (frame2 before frame10);
+  * a video file: .mp4 .avi .webm .mkv .mov (needs PyAV: `pip install av`) or .gif;
+  * a StyleGAN-V .zip of frame folders (members read with zipfile, opened lazily per worker);
+  * optional split folders train/ test/ (aliases val, sky_train, sky_test); split="all" is
+    train + test; without split folders every split is everything;
+  * any nesting (UCF-101 train/ClassName/video/frames): leaves are searched recursively.
+Dotfiles and `_broken_clips` are skipped. Video-file frame counts are cached in
+~/.cache/lvdm/index-<hash of root>.json (`cache_dir=` or env LVDM_CACHE move it).
+
+Commands:
+  python data.py prepare SRC DST --size 256        # videos -> JPEG frame folders (resumable)
+  python data.py preview synthetic out.gif --frames 64 --size 64   # look at a dataset
+  python data.py throughput /tmp/lvdm_bench --make  # clips/s of the loader at 256x256, T=16
+"""
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import zipfile
+
+import numpy as np
+import torch
+from PIL import Image
 
 
 class UserError(Exception):
@@ -7,3 +43,721 @@ class UserError(Exception):
     Raised with one sentence that names the fix; the command-line entry points
     print it and exit with status 2 instead of showing a traceback.
     """
+
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
+VIDEO_EXTS = {".mp4", ".avi", ".webm", ".mkv", ".mov", ".gif"}
+SPLIT_ALIASES = {"train": ("train", "sky_train"), "test": ("test", "val", "sky_test")}
+CANONICAL_SPLIT = {alias: name for name, aliases in SPLIT_ALIASES.items() for alias in aliases}
+LAYOUTS = ("frame folders (video/000001.jpg), video files (.mp4 .avi .webm .mkv .mov .gif) or "
+           "StyleGAN-V .zip archives of frame folders, optionally inside train/ and test/ folders")
+
+
+def natural_key(name):
+    """Sort key that orders 'frame2' before 'frame10' (digit runs compare as numbers)."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def _skipped(name):
+    return name.startswith(".") or name in ("_broken_clips", "__MACOSX")
+
+
+def _ext(name):
+    return os.path.splitext(name)[1].lower()
+
+
+def _import_av(what):
+    try:
+        import av
+    except ImportError:
+        raise UserError(f"{what} needs PyAV: run `pip install av`, or convert the videos to frame "
+                        f"folders with `python data.py prepare SRC DST --size 256`.") from None
+    return av
+
+
+def _check_size(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise UserError(f"{name} must be a positive integer (got {value!r}); pass e.g. --{name} "
+                        f"{ {'size': 256, 'frames': 16, 'stride': 1}.get(name, 1) }.")
+
+
+# ----------------------------------------------------------------------------- finding videos
+# A video source is a tuple (kind, path, members):
+#   ("dir", folder, None)        frames are the images in the folder (listed again when read)
+#   ("zip", archive, (names...)) frames are these members of the archive, in natural order
+#   ("file", path, None)         a video file decoded with PyAV (or Pillow for .gif)
+
+def _zip_sources(archive, top=None):
+    """Frame folders inside a .zip; `top` keeps only members under that top-level folder."""
+    folders = {}
+    with zipfile.ZipFile(archive) as zf:
+        for name in zf.namelist():
+            parts = name.rstrip("/").split("/")
+            if name.endswith("/") or any(_skipped(p) for p in parts) or _ext(name) not in IMAGE_EXTS:
+                continue
+            if top is not None and parts[0] != top:
+                continue
+            folders.setdefault("/".join(parts[:-1]), []).append(name)
+    return [("zip", archive, tuple(sorted(names, key=natural_key)))
+            for folder, names in sorted(folders.items(), key=lambda kv: natural_key(kv[0]))]
+
+
+def find_videos(folder):
+    """All video sources under `folder` (a folder, a .zip or a single video file), sorted."""
+    if os.path.isfile(folder):
+        if _ext(folder) == ".zip":
+            return _zip_sources(folder)
+        return [("file", folder, None)] if _ext(folder) in VIDEO_EXTS else []
+    sources = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted((d for d in dirnames if not _skipped(d)), key=natural_key)
+        names = sorted((f for f in filenames if not _skipped(f)), key=natural_key)
+        if any(_ext(f) in IMAGE_EXTS for f in names):
+            sources.append(("dir", dirpath, None))  # a frame folder is a leaf: do not descend
+            dirnames[:] = []
+            continue
+        for f in names:
+            path = os.path.join(dirpath, f)
+            if _ext(f) in VIDEO_EXTS:
+                sources.append(("file", path, None))
+            elif _ext(f) == ".zip":
+                sources.extend(_zip_sources(path))
+    return sources
+
+
+def _split_entries(root):
+    """{canonical split: [paths]} for split folders (or split .zip files / top-level zip folders)."""
+    found = {}
+    if os.path.isdir(root):
+        for name in sorted(os.listdir(root), key=natural_key):
+            stem = name[:-4] if name.lower().endswith(".zip") else name
+            split = CANONICAL_SPLIT.get(stem.lower())
+            path = os.path.join(root, name)
+            if split and not _skipped(name) and (os.path.isdir(path) or name.lower().endswith(".zip")):
+                found.setdefault(split, []).append(path)
+    elif _ext(root) == ".zip":
+        with zipfile.ZipFile(root) as zf:
+            tops = sorted({n.split("/")[0] for n in zf.namelist() if "/" in n})
+        for top in tops:
+            if CANONICAL_SPLIT.get(top.lower()):
+                found.setdefault(CANONICAL_SPLIT[top.lower()], []).append((root, top))
+    return found
+
+
+def find_split(root, split):
+    """Video sources of one split ("train", "test", their aliases, or "all") under root."""
+    if not os.path.exists(root):
+        raise UserError(f"data root {root} does not exist; pass --data PATH to a folder of videos "
+                        f"(or --data synthetic for the built-in dataset).")
+    want = split.lower()
+    if want != "all" and want not in CANONICAL_SPLIT:
+        raise UserError(f"unknown split {split!r}; use train, test (or val), or all.")
+    entries = _split_entries(root)
+    if not entries:  # no split folders: every split is everything
+        return find_videos(root)
+    names = ["train", "test"] if want == "all" else [CANONICAL_SPLIT[want]]
+    if not any(n in entries for n in names):
+        raise UserError(f"split {split!r} not found under {root} (it has {', '.join(sorted(entries))}); "
+                        f"pass --split with one of those, or all.")
+    sources = []
+    for n in names:
+        for entry in entries.get(n, []):
+            sources += _zip_sources(*entry) if isinstance(entry, tuple) else find_videos(entry)
+    return sources
+
+
+# ----------------------------------------------------------------------------- reading frames
+def _count_file_frames(path):
+    """Frames in a video file, or -1 when it cannot be read. Counts demuxed packets (fast) after
+    decoding the first frame; GIFs are counted with Pillow."""
+    try:
+        if _ext(path) == ".gif":
+            with Image.open(path) as im:
+                return int(getattr(im, "n_frames", 1))
+        av = _import_av(f"reading {path}")
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            next(container.decode(stream))  # raises when nothing decodes
+            container.seek(0)
+            return sum(1 for p in container.demux(stream) if p.size > 0)
+    except UserError:
+        raise
+    except Exception:
+        return -1
+
+
+def iter_frames(source, zip_handles=None):
+    """Yield the frames of a video source as PIL RGB images, in order (sequential decoding)."""
+    kind, path, members = source
+    if kind == "dir":
+        for name in sorted((f for f in os.listdir(path) if not _skipped(f) and _ext(f) in IMAGE_EXTS),
+                           key=natural_key):
+            with Image.open(os.path.join(path, name)) as im:
+                yield im.convert("RGB")
+    elif kind == "zip":
+        zf = zip_handles[path] if zip_handles is not None else zipfile.ZipFile(path)
+        for name in members:
+            with Image.open(io.BytesIO(zf.read(name))) as im:
+                yield im.convert("RGB")
+    elif _ext(path) == ".gif":
+        with Image.open(path) as im:
+            for k in range(getattr(im, "n_frames", 1)):
+                im.seek(k)
+                yield im.convert("RGB")
+    else:  # decode from the start: seeking by pts returns wrong frames on some AVIs
+        av = _import_av(f"reading {path}")
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for frame in container.decode(stream):
+                yield frame.to_image()
+
+
+def resize_center_crop(img, size):
+    """Antialiased resize of the short side to `size`, then a centered size x size crop, as one
+    PIL resize of the centered square box (bicubic, reducing_gap for speed on large frames)."""
+    w, h = img.size
+    s = min(w, h)
+    box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
+    return img.resize((size, size), Image.BICUBIC, box=box, reducing_gap=3.0)
+
+
+def resize_short_side(img, size):
+    """Resize so the short side is `size`, keeping the aspect ratio (used by `prepare`)."""
+    w, h = img.size
+    scale = size / min(w, h)
+    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC,
+                      reducing_gap=3.0)
+
+
+def _uint8_to_clip(frames, flip):
+    """uint8 (T,H,W,3) -> float (3,T,H,W) in [-1,1]; flip mirrors every frame left-right."""
+    x = np.stack(frames)
+    if flip:
+        x = x[:, :, ::-1]
+    x = torch.from_numpy(np.ascontiguousarray(x)).permute(3, 0, 1, 2)  # (T,H,W,3) -> (3,T,H,W)
+    return x.float().div(127.5).sub(1.0)
+
+
+# ----------------------------------------------------------------------------- VideoDataset
+def _cache_path(root, cache_dir):
+    cache_dir = cache_dir or os.environ.get("LVDM_CACHE") or os.path.join("~", ".cache", "lvdm")
+    digest = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:16]
+    return os.path.join(os.path.expanduser(cache_dir), f"index-{digest}.json")
+
+
+class VideoDataset(torch.utils.data.Dataset):
+    """Clips of `frames` frames, `stride` apart, from the videos of one split under `root`.
+
+    Item i is a float tensor (3,frames,size,size) in [-1,1]. Its start frame (and flip) are a pure
+    function of (seed, epoch, i) through numpy.random.default_rng([seed, epoch, i]), so the same
+    item in any worker or after a resume is the same clip; call set_epoch(epoch) every epoch. With
+    random_start=False the start comes from default_rng([seed, i]) and ignores the epoch.
+    Frame indices are start + stride*k, k = 0..frames-1 (the public LVDM loader ignores its stride).
+    Videos shorter than the span stride*(frames-1)+1 and unreadable video files are skipped and
+    counted (num_short, num_unreadable); both counts are printed once.
+    """
+
+    def __init__(self, root, frames, size, stride=1, split="train", random_start=True, flip=False,
+                 seed=0, cache_dir=None, verbose=True):
+        for name, value in (("size", size), ("frames", frames), ("stride", stride)):
+            _check_size(name, value)
+        self.root, self.frames, self.size, self.stride = str(root), int(frames), int(size), int(stride)
+        self.split, self.random_start, self.flip, self.seed, self.epoch = split, random_start, flip, seed, 0
+        self.span = self.stride * (self.frames - 1) + 1
+        sources = find_split(self.root, split)
+        if not sources:
+            raise UserError(f"no videos found under {self.root}; accepted layouts are {LAYOUTS}.")
+        if any(s[0] == "file" and _ext(s[1]) != ".gif" for s in sources):
+            _import_av(f"reading the video files under {self.root}")
+        self.cache_file = _cache_path(self.root, cache_dir)
+        counts = self._frame_counts(sources)
+        self.num_unreadable = sum(1 for n in counts if n < 0)
+        self.num_short = sum(1 for n in counts if 0 <= n < self.span)
+        keep = [i for i, n in enumerate(counts) if n >= self.span]
+        self.videos = [sources[i] for i in keep]
+        self.num_frames = [counts[i] for i in keep]
+        if not self.videos:
+            raise UserError(f"all {len(sources) - self.num_unreadable} readable videos under {self.root} are "
+                            f"shorter than {self.span} frames ({self.frames} frames at stride {self.stride}); "
+                            f"lower --frames or --stride.")
+        self._zips, self._zips_pid = {}, None
+        if verbose:
+            print(f"data: {len(self.videos)} videos ({split}) in {self.root}, skipped {self.num_short} "
+                  f"shorter than {self.span} frames ({self.frames} at stride {self.stride}), "
+                  f"{self.num_unreadable} unreadable")
+
+    def _frame_counts(self, sources):
+        """Frame count per source; video-file counts go through the json index cache, which is
+        invalidated per file when its (size, mtime) changes and is written atomically."""
+        try:
+            with open(self.cache_file) as f:
+                cache = json.load(f)["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            cache = {}
+        counts, changed = [], False
+        for kind, path, members in sources:
+            if kind == "dir":
+                counts.append(sum(1 for f in os.listdir(path) if not _skipped(f) and _ext(f) in IMAGE_EXTS))
+            elif kind == "zip":
+                counts.append(len(members))
+            else:
+                st = os.stat(path)
+                key = os.path.abspath(path)
+                entry = cache.get(key)
+                if not entry or entry.get("size") != st.st_size or entry.get("mtime") != st.st_mtime_ns:
+                    entry = {"size": st.st_size, "mtime": st.st_mtime_ns, "frames": _count_file_frames(path)}
+                    cache[key], changed = entry, True
+                counts.append(entry["frames"])
+        if changed:
+            try:
+                os.makedirs(os.path.dirname(self.cache_file), exist_ok=True)
+                with atomic_path(self.cache_file) as tmp, open(tmp, "w") as f:
+                    json.dump({"root": os.path.abspath(self.root), "files": cache}, f)
+            except OSError as e:
+                print(f"data: could not write the index cache {self.cache_file} ({e}); "
+                      f"set LVDM_CACHE to a writable folder to keep it", file=sys.stderr)
+        return counts
+
+    def __len__(self):
+        return len(self.videos)
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def clip_indices(self, i):
+        """(frame indices, flip) of item i: a pure function of (seed, epoch, i)."""
+        rng = np.random.default_rng([self.seed, self.epoch, i] if self.random_start else [self.seed, i])
+        start = int(rng.integers(0, self.num_frames[i] - self.span + 1))
+        flip = bool(self.flip and rng.random() < 0.5)
+        return start + self.stride * np.arange(self.frames), flip
+
+    def _zip_handles(self):
+        if self._zips_pid != os.getpid():  # a DataLoader worker opens its own handles
+            self._zips, self._zips_pid = {}, os.getpid()
+        for _, path, _ in self.videos:
+            pass
+        return self._zips
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_zips"], state["_zips_pid"] = {}, None
+        return state
+
+    def read_clip(self, i):
+        """uint8 (T,size,size,3) clip of item i (before flip)."""
+        indices, _ = self.clip_indices(i)
+        source = self.videos[i]
+        handles = None
+        if source[0] == "zip":
+            handles = self._zip_handles()
+            if source[1] not in handles:
+                handles[source[1]] = zipfile.ZipFile(source[1])
+        if source[0] == "file":  # sequential decode up to the last frame needed
+            wanted, out = set(indices.tolist()), {}
+            for k, img in enumerate(iter_frames(source)):
+                if k in wanted:
+                    out[k] = np.asarray(resize_center_crop(img, self.size))
+                if k >= indices[-1]:
+                    break
+            frames = [out[k] for k in indices]  # KeyError when the file holds fewer frames
+        elif source[0] == "dir":
+            names = sorted((f for f in os.listdir(source[1]) if not _skipped(f) and _ext(f) in IMAGE_EXTS),
+                           key=natural_key)
+            frames = []
+            for k in indices:
+                with Image.open(os.path.join(source[1], names[k])) as im:
+                    im.draft("RGB", (self.size, self.size))  # JPEG: decode at a reduced scale if >= size
+                    frames.append(np.asarray(resize_center_crop(im.convert("RGB"), self.size)))
+        else:
+            frames = []
+            for k in indices:
+                with Image.open(io.BytesIO(handles[source[1]].read(source[2][k]))) as im:
+                    frames.append(np.asarray(resize_center_crop(im.convert("RGB"), self.size)))
+        return np.stack(frames)
+
+    def __getitem__(self, i):
+        for attempt in range(len(self.videos)):
+            j = (i + attempt) % len(self.videos)
+            try:
+                clip = self.read_clip(j)
+            except Exception as e:  # a broken frame mid-training: warn, use the next video
+                print(f"data: skipping unreadable {self.videos[j][1]} ({type(e).__name__}: {e})",
+                      file=sys.stderr)
+                continue
+            return _uint8_to_clip(list(clip), self.clip_indices(j)[1])
+        raise UserError(f"no video under {self.root} could be read; check the files or run "
+                        f"`python data.py prepare SRC DST --size 256`.")
+
+
+# ----------------------------------------------------------------------------- SyntheticVideos
+PALETTE = {"red": (230, 40, 40), "green": (40, 190, 60), "blue": (40, 80, 235), "yellow": (245, 215, 30),
+           "cyan": (30, 210, 220), "magenta": (225, 40, 200), "orange": (255, 135, 0), "purple": (130, 50, 215)}
+SPLIT_ID = {"train": 0, "test": 1}
+
+
+def _hsv_to_rgb(h, s, v):
+    """Vectorized HSV -> RGB in [0,1]; h in cycles (any real), s, v in [0,1]. Returns (...,3)."""
+    h = np.mod(h, 1.0) * 6.0
+    k = np.stack([np.mod(5 + h, 6), np.mod(3 + h, 6), np.mod(1 + h, 6)], -1)
+    return v[..., None] - (v * s)[..., None] * np.clip(np.minimum(k, 4 - k), 0, 1)
+
+
+def bounce(p0, v, r, t):
+    """Elastic bouncing in [r, 1-r]: position at (real) time t of a point starting at p0 with
+    velocity v. Unfold the motion to u = p0 - r + v t, then fold it with a triangle wave of period
+    2L, L = 1 - 2r, i.e. reflect at each wall (closed form, so any frame renders independently)."""
+    L = 1.0 - 2.0 * r
+    m = np.mod(p0 - r + v * t, 2.0 * L)
+    return r + np.where(m <= L, m, 2.0 * L - m)
+
+
+class SyntheticVideos(torch.utils.data.Dataset):
+    """Built-in procedural videos: 1-3 colored balls bouncing over a drifting gradient (no files).
+
+    Generative rules for item i (all random numbers from numpy.random.default_rng([seed, split_id,
+    i]), split_id 0 = train, 1 = test, so the splits are disjoint and every item is reproducible);
+    coordinates are fractions of the frame, so any `size` renders the same scene:
+      * n_balls ~ uniform{1,2,3}; colors: distinct names from PALETTE (flat RGB), drawn in order
+        (later balls cover earlier ones); radius ~ U(0.08, 0.20);
+      * start position (x0, y0) ~ U(r, 1-r) each; speed ~ U(0.02, 0.045) frame-widths per frame
+        (1.3-2.9 px/frame at 64x64) in a uniform direction; balls bounce elastically off the walls
+        (see `bounce`) and pass through each other; frame t shows the position at time t, so any
+        length is one continuous trajectory and stride s samples every s-th frame of it;
+      * edges are antialiased: alpha = clip((r - d)/w + 1/2, 0, 1), d = distance of the pixel
+        center to the ball center, w = 1.5 px at 64x64 (scaled with size);
+      * background: a sinusoidal gradient g = 1/2 + 1/2 sin(2 pi f (x cos a + y sin a) + phase(t)),
+        f ~ U(0.4, 0.9) (less than one period over the frame: smooth), phase(t) = phase0 + omega t,
+        omega ~ U(-0.06, 0.06) rad/frame; colour = HSV(hue(t) + 0.15 g, sat, val*(0.75 + 0.25 g))
+        with hue(t) = hue0 + hue_rate t, hue_rate ~ U(-0.002, 0.002) cycles/frame, sat ~ U(0.2,
+        0.4), val ~ U(0.45, 0.7): low saturation so the balls stand out.
+    Item i is frames 0..frames-1 (stride s: 0, s, 2s, ...) as float (3,T,size,size) in [-1,1],
+    rendered to uint8 first like real data; flip=True mirrors x with default_rng([seed, epoch, i]).
+    params(i) returns every generative parameter as a plain json-able dict (and a caption).
+    """
+
+    def __init__(self, n=None, frames=16, size=64, stride=1, split="train", seed=0, flip=False):
+        for name, value in (("size", size), ("frames", frames), ("stride", stride)):
+            _check_size(name, value)
+        want = split.lower()
+        if want != "all" and want not in CANONICAL_SPLIT:
+            raise UserError(f"unknown split {split!r}; use train, test (or val), or all.")
+        self.split_id = SPLIT_ID[CANONICAL_SPLIT.get(want, "train")]  # "all" = the train stream
+        self.n = int(n) if n is not None else (512 if self.split_id == 1 else 10000)
+        self.frames, self.size, self.stride, self.seed, self.flip, self.epoch = frames, size, stride, seed, flip, 0
+
+    def __len__(self):
+        return self.n
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def params(self, i):
+        rng = np.random.default_rng([self.seed, self.split_id, i])
+        n_balls = int(rng.integers(1, 4))
+        names = [str(c) for c in rng.choice(sorted(PALETTE), size=n_balls, replace=False)]
+        balls = []
+        for name in names:
+            r = float(rng.uniform(0.08, 0.20))
+            x0, y0 = (float(p) for p in rng.uniform(r, 1.0 - r, size=2))
+            speed, angle = float(rng.uniform(0.02, 0.045)), float(rng.uniform(0, 2 * np.pi))
+            balls.append({"color": name, "rgb": list(PALETTE[name]), "radius": r, "x0": x0, "y0": y0,
+                          "vx": speed * float(np.cos(angle)), "vy": speed * float(np.sin(angle)),
+                          "speed": speed})
+        bg = {"hue0": float(rng.uniform()), "hue_rate": float(rng.uniform(-0.002, 0.002)),
+              "sat": float(rng.uniform(0.2, 0.4)), "val": float(rng.uniform(0.45, 0.7)),
+              "freq": float(rng.uniform(0.4, 0.9)), "angle": float(rng.uniform(0, 2 * np.pi)),
+              "phase0": float(rng.uniform(0, 2 * np.pi)), "omega": float(rng.uniform(-0.06, 0.06))}
+        caption = " and ".join(f"a {b['color']} ball" for b in balls) + " bouncing"
+        return {"index": int(i), "split_id": self.split_id, "seed": int(self.seed), "n_balls": n_balls,
+                "balls": balls, "background": bg, "caption": caption}
+
+    def render(self, i, frames=None, stride=None, start=0, size=None):
+        """uint8 (T,H,W,3) of item i at times start + stride*k, k < frames (vectorized numpy)."""
+        frames, stride, size = frames or self.frames, stride or self.stride, size or self.size
+        p, bg = self.params(i), self.params(i)["background"]
+        out = np.empty((frames, size, size, 3), np.uint8)
+        c = (np.arange(size) + 0.5) / size  # pixel centers as fractions of the frame
+        xx, yy = c[None, None, :], c[None, :, None]  # (1,1,W), (1,H,1)
+        edge = 1.5 / 64  # soft edge width, in frame fractions
+        for t0 in range(0, frames, 64):  # chunks of 64 frames bound the memory of long clips
+            t = (start + stride * np.arange(t0, min(frames, t0 + 64))).astype(np.float64)[:, None, None]
+            g = 0.5 + 0.5 * np.sin(2 * np.pi * bg["freq"] * (xx * np.cos(bg["angle"]) + yy * np.sin(bg["angle"]))
+                                   + bg["phase0"] + bg["omega"] * t)  # (t,H,W)
+            hue = bg["hue0"] + bg["hue_rate"] * t + 0.15 * g
+            img = _hsv_to_rgb(hue, np.full_like(g, bg["sat"]), bg["val"] * (0.75 + 0.25 * g))  # (t,H,W,3)
+            for b in p["balls"]:
+                cx, cy = bounce(b["x0"], b["vx"], b["radius"], t), bounce(b["y0"], b["vy"], b["radius"], t)
+                d = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)
+                alpha = np.clip((b["radius"] - d) / edge + 0.5, 0.0, 1.0)[..., None]  # (t,H,W,1)
+                img = img * (1 - alpha) + alpha * (np.array(b["rgb"]) / 255.0)
+            out[t0:t0 + img.shape[0]] = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
+        return out
+
+    def __getitem__(self, i):
+        flip = self.flip and np.random.default_rng([self.seed, self.epoch, i]).random() < 0.5
+        return _uint8_to_clip(list(self.render(i)), flip)
+
+
+def make_dataset(data, frames, size, stride=1, split="train", random_start=True, flip=False, seed=0, **kw):
+    """SyntheticVideos when data == "synthetic", else VideoDataset(data, ...)."""
+    if str(data) == "synthetic":
+        return SyntheticVideos(n=kw.get("n"), frames=frames, size=size, stride=stride, split=split,
+                               seed=seed, flip=flip)
+    return VideoDataset(data, frames, size, stride=stride, split=split, random_start=random_start, flip=flip,
+                        seed=seed, cache_dir=kw.get("cache_dir"))
+
+
+# ----------------------------------------------------------------------------- reading / writing
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path` (same suffix); os.replace it onto `path` on success."""
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=_ext(name), dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def to_uint8(x):
+    """float (B,3,T,H,W) in [-1,1] -> numpy uint8 (B,T,H,W,3), rounding to the nearest level
+    (the public LVDM release truncates, which biases every pixel down by half a level)."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 4, 1).cpu().numpy()  # (B,3,T,H,W) -> (B,T,H,W,3)
+
+
+def save_npz(path, videos):
+    """uint8 (N,T,H,W,3) -> npz under key 'arr_0' (what the public LVDM release writes and reads)."""
+    videos = np.asarray(videos)
+    if videos.dtype != np.uint8 or videos.ndim != 5:
+        raise ValueError(f"save_npz wants uint8 (N,T,H,W,3), got {videos.dtype} {videos.shape}")
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, arr_0=videos)
+
+
+def load_npz(path):
+    """uint8 videos from an npz: key 'videos', 'arr_0' or the only key."""
+    with np.load(path) as z:
+        keys = list(z.keys())
+        key = next((k for k in ("videos", "arr_0") if k in keys), keys[0] if len(keys) == 1 else None)
+        if key is None:
+            raise UserError(f"{path} holds {keys}, none of 'videos', 'arr_0'; save it with data.save_npz.")
+        return z[key]
+
+
+def read_video(path):
+    """uint8 (T,H,W,3) from a frame folder, .gif, .npz (its first video) or any PyAV video."""
+    if not os.path.exists(path):
+        raise UserError(f"video {path} does not exist; check the path.")
+    if _ext(path) == ".npz":
+        return np.asarray(load_npz(path)[0])
+    source = ("dir", path, None) if os.path.isdir(path) else ("file", path, None)
+    frames = [np.asarray(im) for im in iter_frames(source)]
+    if not frames:
+        raise UserError(f"{path} holds no frames; check that it is a video or a folder of images.")
+    return np.stack(frames)
+
+
+def write_video(path, frames, fps=8):
+    """Write uint8 (T,H,W,3): .gif (Pillow, loops forever), .png (one row of frames), or a PyAV
+    video (.mp4/.mkv/.mov/.avi: libx264 yuv420p, .webm: vp9; odd sizes padded to even)."""
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"write_video wants uint8 (T,H,W,3), got {frames.dtype} {frames.shape}")
+    ext = _ext(path)
+    with atomic_path(path) as tmp:
+        if ext == ".gif":
+            images = [Image.fromarray(f) for f in frames]
+            images[0].save(tmp, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+        elif ext == ".png":
+            Image.fromarray(np.concatenate(list(frames), axis=1)).save(tmp)  # (T,H,W,3) -> (H,T*W,3)
+        elif ext in VIDEO_EXTS:
+            av = _import_av(f"writing {path}")
+            T, H, W, _ = frames.shape
+            frames = np.pad(frames, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)), mode="edge")
+            with av.open(tmp, "w") as container:
+                stream = container.add_stream("libvpx-vp9" if ext == ".webm" else "libx264", rate=int(fps))
+                stream.width, stream.height, stream.pix_fmt = W + W % 2, H + H % 2, "yuv420p"
+                if ext != ".webm":
+                    stream.options = {"crf": "18"}
+                for f in frames:
+                    container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+                container.mux(stream.encode())
+        else:
+            raise UserError(f"cannot write {path}: use a .gif, .png, .mp4, .webm, .mkv, .mov or .avi name.")
+
+
+def write_grid(path, videos, max_frames=None, gap=2):
+    """PNG grid of uint8 (N,T,H,W,3): row n = video n, column t = frame t, `gap` white pixels apart."""
+    videos = np.asarray(videos)[:, :max_frames]
+    N, T, H, W, _ = videos.shape
+    grid = np.full((N * H + (N - 1) * gap, T * W + (T - 1) * gap, 3), 255, np.uint8)
+    for n in range(N):
+        for t in range(T):
+            grid[n * (H + gap):n * (H + gap) + H, t * (W + gap):t * (W + gap) + W] = videos[n, t]
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
+
+
+# ----------------------------------------------------------------------------- prepare (CLI)
+def _prepare_one(job):
+    """Convert one source to a frame folder; returns 'done', 'skipped' or an error string."""
+    source, dst, size, fmt, quality = job
+    if os.path.isdir(dst):
+        return "skipped"
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", dir=parent)  # dotfolders are ignored
+    try:
+        n = 0
+        for k, img in enumerate(iter_frames(source)):
+            img = resize_short_side(img, size)
+            img.save(os.path.join(tmp, f"{k:06d}.{fmt}"), **({"quality": quality} if fmt == "jpg" else {}))
+            n += 1
+        if n == 0:
+            raise ValueError("no frames")
+        os.replace(tmp, dst)
+        return "done"
+    except Exception as e:
+        return f"{source[1]}: {type(e).__name__}: {e}"
+    finally:
+        if os.path.isdir(tmp):
+            for f in os.listdir(tmp):
+                os.remove(os.path.join(tmp, f))
+            os.rmdir(tmp)
+
+
+def prepare(src, dst, size=256, layout="preserved", fmt="jpg", quality=95, workers=1):
+    """Convert every video under src (any layout) to frame folders under dst, mirroring relative
+    paths (layout="flat" keeps only the split folder: dst/train/<video>/000000.jpg, as LVDM's UCF
+    loader wants). Atomic per video and resumable: finished videos are skipped."""
+    from tqdm import tqdm
+    _check_size("size", size)
+    if not os.path.exists(src):
+        raise UserError(f"{src} does not exist; pass the folder that holds your videos.")
+    jobs = []
+    for source in find_videos(src):
+        kind, path, members = source
+        if kind == "zip":
+            rel = os.path.join(os.path.relpath(path, src) if path != src else "", os.path.dirname(members[0]))
+        else:
+            rel = os.path.relpath(path, src)
+        rel = os.path.splitext(rel)[0] if kind == "file" else rel
+        parts = [p for p in rel.replace("\\", "/").split("/") if p not in ("", ".")] or ["video"]
+        if layout == "flat":
+            split = [parts[0]] if parts[0].lower() in CANONICAL_SPLIT and len(parts) > 1 else []
+            parts = split + [parts[-1]]
+        jobs.append((source, os.path.join(dst, *parts), size, fmt, quality))
+    if not jobs:
+        raise UserError(f"no videos found under {src}; accepted layouts are {LAYOUTS}.")
+    if any(j[0][0] == "file" and _ext(j[0][1]) != ".gif" for j in jobs):
+        _import_av(f"converting the video files under {src}")
+    if workers > 1:
+        import multiprocessing
+        pool = multiprocessing.Pool(workers)
+        results = pool.imap_unordered(_prepare_one, jobs)
+    else:
+        pool, results = None, map(_prepare_one, jobs)
+    stats = {"done": 0, "skipped": 0, "failed": 0}
+    for r in tqdm(results, total=len(jobs), desc="prepare"):
+        if r in stats:
+            stats[r] += 1
+        else:
+            stats["failed"] += 1
+            tqdm.write(f"prepare: unreadable, skipped: {r}", file=sys.stderr)
+    if pool is not None:
+        pool.close()
+    print(f"prepare: {stats['done']} converted, {stats['skipped']} already done, {stats['failed']} unreadable -> {dst}")
+    return stats
+
+
+# ----------------------------------------------------------------------------- loader speed
+def measure_loader(dataset, batch_size=8, workers=2, n_batches=20):
+    """Clips per second through a shuffling DataLoader, timed after the first batch (worker start)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                         drop_last=True, generator=torch.Generator().manual_seed(0))
+    it = iter(loader)
+    next(it)
+    t0, clips = time.perf_counter(), 0
+    for _ in range(n_batches):
+        try:
+            clips += next(it).shape[0]
+        except StopIteration:
+            it = iter(loader)
+            clips += next(it).shape[0]
+    return clips / (time.perf_counter() - t0)
+
+
+def make_frame_folders(dst, n=32, frames=64, width=320, height=256, seed=0):
+    """n synthetic videos as width x height JPEG frame folders under dst (for throughput checks)."""
+    ds = SyntheticVideos(n=n, frames=frames, size=width, seed=seed)
+    for i in range(n):
+        folder = os.path.join(dst, f"video{i:03d}")
+        if os.path.isdir(folder):
+            continue
+        video = ds.render(i)[:, (width - height) // 2:(width - height) // 2 + height]  # (T,W,W,3) -> (T,H,W,3)
+        tmp = tempfile.mkdtemp(prefix=".tmp", dir=dst)
+        for k, f in enumerate(video):
+            Image.fromarray(f).save(os.path.join(tmp, f"frame{k}.jpg"), quality=95)
+        os.replace(tmp, folder)
+
+
+def loader_throughput(root, frames=16, size=256, batch_size=8, workers=2, n_batches=20):
+    """Clips/s of VideoDataset(root) at size x size, `frames` frames, through `workers` workers."""
+    return measure_loader(VideoDataset(root, frames, size), batch_size, workers, n_batches)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare", help="convert videos to frame folders")
+    p.add_argument("src"), p.add_argument("dst")
+    p.add_argument("--size", type=int, default=256, help="short side in pixels (aspect kept)")
+    p.add_argument("--split-layout", choices=["preserved", "flat"], default="preserved")
+    p.add_argument("--format", choices=["jpg", "png"], default="jpg")
+    p.add_argument("--quality", type=int, default=95)
+    p.add_argument("--workers", type=int, default=1)
+    v = sub.add_parser("preview", help="write clips of a dataset as a gif/mp4 (first clip) or png grid")
+    v.add_argument("data"), v.add_argument("out")
+    v.add_argument("--frames", type=int, default=16), v.add_argument("--size", type=int, default=64)
+    v.add_argument("--stride", type=int, default=1), v.add_argument("--split", default="train")
+    v.add_argument("--n", type=int, default=4)
+    b = sub.add_parser("throughput", help="measure loader clips/s")
+    b.add_argument("root"), b.add_argument("--make", action="store_true", help="first write 32 test videos")
+    b.add_argument("--frames", type=int, default=16), b.add_argument("--size", type=int, default=256)
+    b.add_argument("--batch-size", type=int, default=8), b.add_argument("--workers", type=int, default=2)
+    b.add_argument("--batches", type=int, default=20)
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "prepare":
+            prepare(args.src, args.dst, args.size, args.split_layout, args.format, args.quality, args.workers)
+        elif args.cmd == "preview":
+            ds = make_dataset(args.data, args.frames, args.size, args.stride, args.split, random_start=False)
+            videos = to_uint8(torch.stack([ds[i] for i in range(min(args.n, len(ds)))]))
+            if _ext(args.out) == ".png":
+                write_grid(args.out, videos)
+            else:
+                write_video(args.out, videos[0])
+            if isinstance(ds, SyntheticVideos):
+                for i in range(len(videos)):
+                    print(json.dumps(ds.params(i)))
+            print(f"wrote {args.out}")
+        else:
+            if args.make:
+                os.makedirs(args.root, exist_ok=True)
+                make_frame_folders(args.root)
+            speed = loader_throughput(args.root, args.frames, args.size, args.batch_size, args.workers, args.batches)
+            print(f"loader: {speed:.1f} clips/s ({args.frames}x{args.size}x{args.size}, batch {args.batch_size}, "
+                  f"{args.workers} workers)")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

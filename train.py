@@ -100,6 +100,8 @@ def parse_args(argv=None):
     p.add_argument("--beta-start", type=float, default=0.0015); p.add_argument("--beta-end", type=float, default=0.0155)
     p.add_argument("--loss", default="l2", choices=["l2", "l1"])
     p.add_argument("--s-max", type=int, default=250, help="max conditional perturbation level (§3.3)")
+    p.add_argument("--gap", type=int, default=4, help="latents between keyframes: pred trains on every gap-th "
+                   "latent, interp on gap+1 consecutive latents (use --gap 1 for a dense autoregressive model)")
     args = p.parse_args(argv)
     # Preset values fill only what the user left unset.
     preset = dict(PRESETS[args.preset])
@@ -338,11 +340,15 @@ def build_diffusion(args, device, master_process, world):
                             "(train it with --stage vae), or --space pixel.")
         import vae as V
         vae = V.load_vae(args.vae, device).eval().requires_grad_(False)
-        vae.check_input(torch.empty(1, 3, args.frames, args.size, args.size, device="meta"))
-        channels = vae.cfg.z_channels
+        channels, ft = vae.cfg.z_channels, vae.ft
     else:
-        channels = 3
+        channels, ft = 3, 1
     conditional = args.stage in ("pred", "interp")
+    # Clip lengths of §3.3 in frames: pred sees every gap-th latent of a gap-times longer clip
+    # (sparse keyframes), interp sees gap+1 consecutive latents (first and last are given).
+    clip_frames = {"lvdm": args.frames, "pred": args.frames * args.gap, "interp": (args.gap + 1) * ft}[args.stage]
+    if vae is not None:
+        vae.check_input(torch.empty(1, 3, clip_frames, args.size, args.size, device="meta"))
     base = dict(U.unet_presets()[args.model_preset], in_channels=channels, out_channels=channels,
                 mask_channel=conditional, s_embedding=conditional)
     cfg = make_config(U.UNetConfig, base, parse_overrides(args.model))
@@ -361,7 +367,8 @@ def build_diffusion(args, device, master_process, world):
 
     @torch.no_grad()
     def encode(x):  # (B,3,T,H,W) -> (B,c,T/ft,H/fs,W/fs), scaled to unit std (vae.py)
-        return vae.encode_latents(x) if vae is not None else x
+        z = vae.encode_latents(x) if vae is not None else x
+        return z[:, :, ::args.gap] if args.stage == "pred" else z  # (B,c,l*gap,h,w) -> (B,c,l,h,w)
 
     def train_step(ddp_model, x, step, autocast, scalers, accum, micro):
         z0 = encode(x)
@@ -380,8 +387,9 @@ def build_diffusion(args, device, master_process, world):
             net = U.UNet3D(cfg).to(device)
             net.load_state_dict({k: v.to(device) for k, v in ema.shadow.items()})
         net.eval()
-        shape = (4, channels, args.frames // (vae.ft if vae else 1), args.size // (vae.fs if vae else 1),
-                 args.size // (vae.fs if vae else 1))
+        fs = vae.fs if vae is not None else 1
+        latent_len = args.gap + 1 if args.stage == "interp" else args.frames // ft
+        shape = (4, channels, latent_len, args.size // fs, args.size // fs)  # unconditional samples
         g = torch.Generator(device).manual_seed(args.seed)
         with torch.no_grad():
             z = diffusion.ddim_sample_loop(lambda z, t: net(z, t), shape, steps=50, eta=0.0, generator=g)
@@ -390,6 +398,7 @@ def build_diffusion(args, device, master_process, world):
         write_visuals(args, f"{args.stage}-{step:07d}", x.float().clamp(-1, 1).cpu())
 
     return dict(model=model, config=cfg, optimizer=opt, train_step=train_step, visualize=visualize,
+                clip_frames=clip_frames,
                 on_save=lambda: {"vae_path": os.path.abspath(args.vae) if args.vae else None})
 
 
@@ -452,18 +461,18 @@ def main(argv=None):
         print(f"train.py stage={args.stage} preset={args.preset} world={world} device={device} amp={args.amp}")
         print("settings: " + json.dumps({k: v for k, v in sorted(vars(args).items())}, default=str))
 
+    # --- models per stage: a dict of the pieces the loop needs (see build_vae / build_diffusion)
+    S = (build_vae if args.stage == "vae" else build_diffusion)(args, device, master_process, world)
     # --- data (data.py): items are (3,T,H,W) in [-1,1]; the clip for index i at epoch e is a pure
     # function of (seed, e, i), so the data position alone restores the stream on resume.
     import data as D
-    dataset = D.make_dataset(args.data, args.frames, args.size, stride=args.stride, split=args.split,
+    dataset = D.make_dataset(args.data, S.get("clip_frames", args.frames), args.size, stride=args.stride, split=args.split,
                              random_start=True, flip=bool(args.flip), seed=args.seed)
     per_epoch = len(dataset) // (args.batch_size * world)
     if per_epoch == 0:
         raise UserError(f"{len(dataset)} clips cannot fill one batch of {args.batch_size} x {world} processes; "
                         f"lower --batch-size or add videos.")
 
-    # --- models per stage: a dict of the pieces the loop needs (see build_vae / build_diffusion)
-    S = (build_vae if args.stage == "vae" else build_diffusion)(args, device, master_process, world)
     model = S["model"]  # the module that DDP wraps and the optimizer trains
     ddp_model = DDP(model, device_ids=[device.index] if dev_type == "cuda" else None) if ddp else model
     opts = {"optimizer": S["optimizer"]}

@@ -1,0 +1,202 @@
+"""Hierarchical LVDM for long videos (paper §3.3).
+
+One U-Net (unet3d.py, with `mask_channel` and `s_embedding` on) is trained jointly for
+unconditional generation and for conditional prediction or interpolation, by feeding a
+binary frame mask as an extra channel (Eq. 8). At sampling time the same network gives the
+conditional score ε_c (masks as given) and the unconditional score ε_u (all masks zero),
+combined by unconditional guidance (Eq. 9). Conditioning latents are perturbed to a small
+noise level s (conditional latent perturbation), so errors accumulated by earlier steps look
+like noise the network was trained to ignore.
+
+Long videos:
+  autoregressive   each new clip of l latents is conditioned on the last k latents made so far;
+  hierarchical     the prediction model (trained on latents `gap` apart) lays down sparse
+                   keyframe latents autoregressively, then the interpolation model (trained on
+                   gap+1 consecutive latents, first and last given) infills every pair.
+Both are generators of latents, and `stream_decode` turns them into frames chunk by chunk with
+overlapping decoder context, so memory does not grow with the video's length.
+
+This file re-implements no sampling math: it only wraps the network into the `model_fn(z_t, t)`
+that diffusion.py's samplers call.
+
+    python sample.py --ckpt runs/demo/pred.pt --interp runs/demo/interp.pt --mode hierarchical --frames 1024
+"""
+import torch
+
+# The public release's joint-training probabilities p_c (conditional) / p_u = 1 - p_c.
+P_COND = {"pred": 0.5, "interp": 0.9}
+
+
+# ----------------------------------------------------------------------------- masks, Eq. (8)
+def frame_mask(batch, length, given, device=None):
+    """Binary mask m of Eq. (8), one value per latent frame: (B,1,l,1,1), 1 where the latent is given."""
+    m = torch.zeros(batch, 1, length, 1, 1, device=device)
+    m[:, :, list(given)] = 1.0
+    return m
+
+
+def given_frames(stage, length, k=1):
+    """Which latents are conditions: prediction gives the first k, interpolation the first and last."""
+    if stage == "pred":
+        return list(range(k))
+    if stage == "interp":
+        return [0, length - 1]
+    raise ValueError(f"no conditioning pattern for stage '{stage}'")
+
+
+def sample_train_masks(stage, batch, length, k=1, p_cond=None, generator=None, device=None):
+    """Joint training (§3.3): with probability p_c the stage's conditioning pattern, else all zeros (p_u)."""
+    p = P_COND[stage] if p_cond is None else p_cond
+    use = (torch.rand(batch, generator=generator, device=device) < p).float()  # (B,)
+    return frame_mask(batch, length, given_frames(stage, length, k), device) * use.view(batch, 1, 1, 1, 1)
+
+
+def replace_given(z_t, cond, m):
+    """Eq. (8): z̃_t <- z̃_t ⊙ (1 - m) + z̃_0 ⊙ m, here with the (perturbed) conditions in place of z̃_0."""
+    return z_t * (1 - m) + cond * m
+
+
+def full_mask(m, z):
+    """(B,1,l,1,1) -> (B,1,l,h,w): the mask channel concatenated to the U-Net input."""
+    return m.expand(z.shape[0], 1, z.shape[2], z.shape[3], z.shape[4])
+
+
+# ----------------------------------------------------------------------------- training
+def training_loss(diffusion, model, z0, stage, s_max=250, k=1, p_cond=None, generator=None):
+    """Eq. (7) for the conditional models: (B,) mean squared ε error over the latents to generate.
+
+    Conditional latent perturbation: the given latents are diffused to a random level
+    s ~ U{0..s_max} with Eq. (3) (z_s = sqrt(ᾱ_s) z_0 + sqrt(1-ᾱ_s) ε') and s is fed to the network.
+    Samples drawn unconditional (all masks zero) get s = 0.
+    """
+    B, c, l = z0.shape[:3]
+    dev = z0.device
+    m = sample_train_masks(stage, B, l, k=k, p_cond=p_cond, generator=generator, device=dev)  # (B,1,l,1,1)
+    conditioned = m.flatten(1).amax(1) > 0                                                   # (B,)
+    s = torch.randint(0, s_max + 1, (B,), generator=generator, device=dev) * conditioned.long()
+    z_cond = diffusion.q_sample(z0, s, torch.randn(z0.shape, generator=generator, device=dev))
+
+    def model_fn(z_t, t):  # Eq. (8): the given latents replace the noisy ones, the mask is an extra channel
+        return model(replace_given(z_t, z_cond, m), t, mask=full_mask(m, z0), s=s)
+    # The given latents are not predicted, so they carry no loss: weight = 1 - m.
+    return diffusion.training_loss(model_fn, z0, generator=generator, weight=(1 - m).expand_as(z0))
+
+
+# ----------------------------------------------------------------------------- sampling
+def guided_model_fn(model, cond, m, s=0, w=0.0, diffusion=None, generator=None):
+    """The `model_fn(z_t, t) -> ε` that diffusion.py's samplers call for conditional generation.
+
+    cond: (B,c,l,h,w) latents (only the frames where m = 1 are read); m: (B,1,l,1,1).
+    s > 0 perturbs the conditions once to level s (Eq. 3), kept fixed over all sampling steps.
+    w > 0 mixes in the unconditional score, Eq. (9): ε̃ = (1+w) ε_c − w ε_u.
+    """
+    B = cond.shape[0]
+    s_vec = torch.full((B,), int(s), dtype=torch.long, device=cond.device)
+    if s > 0:
+        noise = torch.randn(cond.shape, generator=generator, device=cond.device)
+        cond = diffusion.q_sample(cond, s_vec, noise)
+    mask_c = full_mask(m, cond)
+    mask_u = torch.zeros_like(mask_c)
+    zeros = torch.zeros_like(s_vec)
+
+    def model_fn(z_t, t):
+        eps_c = model(replace_given(z_t, cond, m), t, mask=mask_c, s=s_vec)   # conditional score
+        if w == 0:
+            return eps_c
+        eps_u = model(z_t, t, mask=mask_u, s=zeros)                          # all masks zero
+        return (1 + w) * eps_c - w * eps_u                                   # Eq. (9)
+    return model_fn
+
+
+def sample_clip(model, diffusion, shape, cond=None, m=None, s=0, w=0.0, steps=50, eta=0.0, generator=None):
+    """One clip of latents (B,c,l,h,w); unconditional when cond is None. Given latents come back as given."""
+    if cond is None:
+        def fn(z, t):
+            return model(z, t, mask=torch.zeros_like(z[:, :1]), s=torch.zeros(z.shape[0], dtype=torch.long,
+                                                                                   device=z.device))
+    else:
+        fn = guided_model_fn(model, cond, m, s=s, w=w, diffusion=diffusion, generator=generator)
+    dev = cond.device if cond is not None else (generator.device if generator is not None else None)
+    if steps is None or steps >= diffusion.num_timesteps:  # DDPM, Eq. (4)-(5)
+        z = diffusion.p_sample_loop(fn, shape, generator=generator, device=dev)
+    else:
+        z = diffusion.ddim_sample_loop(fn, shape, steps=steps, eta=eta, generator=generator, device=dev)
+    return z if cond is None else replace_given(z, cond, m)
+
+
+@torch.no_grad()
+def autoregressive(model, diffusion, clip_shape, n_latents, k=1, s=100, w=0.0, steps=50, eta=0.0,
+                   generator=None):
+    """Yields latent chunks (B,c,n,h,w) that together hold exactly n_latents latents.
+
+    The first clip is unconditional; each next clip of l latents has its first k given (the last k
+    made so far) and contributes l - k new ones.
+    """
+    B, c, l, h, w_ = clip_shape
+    if not 0 < k < l:
+        raise ValueError(f"k must be in [1, {l - 1}] for clips of {l} latents, got {k}")
+    z = sample_clip(model, diffusion, clip_shape, steps=steps, eta=eta, generator=generator)
+    made = min(l, n_latents)
+    yield z[:, :, :made]
+    tail = z[:, :, made - k:made]                      # the last k latents made so far
+    m = frame_mask(B, l, range(k), z.device)
+    while made < n_latents:
+        cond = torch.zeros(clip_shape, device=z.device)
+        cond[:, :, :k] = tail
+        z = sample_clip(model, diffusion, clip_shape, cond, m, s=s, w=w, steps=steps, eta=eta, generator=generator)
+        new = min(l - k, n_latents - made)
+        yield z[:, :, k:k + new]
+        tail = z[:, :, new:k + new]
+        made += new
+
+
+@torch.no_grad()
+def hierarchical(pred_model, interp_model, diffusion, clip_shape, n_latents, gap=4, k=1, s=100, w=0.0,
+                 steps=50, eta=0.0, generator=None):
+    """Yields latent chunks holding exactly n_latents latents: sparse keyframes `gap` apart from the
+    prediction model, every consecutive pair infilled by the interpolation model (to the end)."""
+    B, c, l, h, w_ = clip_shape
+    n_key = -(-(n_latents - 1) // gap) + 1  # keyframes 0, gap, 2 gap, ... covering the last latent
+    keys = torch.cat(list(autoregressive(pred_model, diffusion, clip_shape, n_key, k=k, s=s, w=w, steps=steps,
+                                         eta=eta, generator=generator)), dim=2)  # (B,c,n_key,h,w)
+    ishape = (B, c, gap + 1, h, w_)
+    m = frame_mask(B, gap + 1, [0, gap], keys.device)
+    made = 0
+    for i in range(n_key - 1):
+        cond = torch.zeros(ishape, device=keys.device)
+        cond[:, :, 0], cond[:, :, gap] = keys[:, :, i], keys[:, :, i + 1]
+        z = sample_clip(interp_model, diffusion, ishape, cond, m, s=s, w=w, steps=steps, eta=eta,
+                        generator=generator)
+        chunk = z[:, :, :gap] if i < n_key - 2 else z  # the pair's right keyframe opens the next chunk
+        chunk = chunk[:, :, : n_latents - made]
+        made += chunk.shape[2]
+        yield chunk
+    if n_key == 1:
+        yield keys[:, :, :n_latents]
+
+
+# ----------------------------------------------------------------------------- streaming decode
+@torch.no_grad()
+def stream_decode(vae, latent_chunks, context=2):
+    """Decode a stream of latent chunks (B,c,n,h,w) into frame chunks (B,3,n*ft,H,W), keeping at most
+    the current chunk plus `context` latents on each side in memory. The decoder sees that much
+    temporal context across chunk borders, so seams match a one-shot decode (see the test)."""
+    ft = vae.ft
+    prev = None    # latents already emitted, last `context` of them kept as left context
+    pending = None
+    for chunk in latent_chunks:
+        pending = chunk if pending is None else torch.cat([pending, chunk], 2)
+        if pending.shape[2] <= context:
+            continue
+        emit = pending[:, :, : pending.shape[2] - context]  # keep `context` latents as right context
+        left = prev[:, :, -context:] if prev is not None else emit[:, :, :0]
+        window = torch.cat([left, pending], 2)               # (B,c,left+n,h,w)
+        x = vae.decode_latents(window)
+        a = left.shape[2] * ft
+        yield x[:, :, a: a + emit.shape[2] * ft]
+        prev = emit if prev is None else torch.cat([prev, emit], 2)[:, :, -context:]
+        pending = pending[:, :, emit.shape[2]:]
+    if pending is not None and pending.shape[2] > 0:
+        left = prev[:, :, -context:] if prev is not None else pending[:, :, :0]
+        x = vae.decode_latents(torch.cat([left, pending], 2))
+        yield x[:, :, left.shape[2] * ft:]

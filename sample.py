@@ -1,0 +1,203 @@
+"""Sample videos from trained LVDM checkpoints: short clips (§3.2) and long videos (§3.3).
+
+    python sample.py --ckpt runs/demo/lvdm.pt --n 16 --steps 50              # DDIM, 50 steps, eta 0
+    python sample.py --ckpt runs/demo/lvdm.pt --n 16 --sampler ddpm          # ancestral, all T steps
+    python sample.py --ckpt runs/demo/lvdm.pt --n 2048 --npz                 # uint8 (N,T,H,W,3) for fvd.py
+    python sample.py --ckpt runs/demo/pred.pt --mode autoregressive --frames 1024 --cond-noise 100 --guidance 0.1
+    python sample.py --ckpt runs/demo/pred.pt --interp runs/demo/interp.pt --mode hierarchical --frames 1024
+
+Outputs go to --out (default: RUN/samples-<mode>): one gif per video (mp4 too when PyAV is
+installed), grid.png (rows = videos, columns = frames) and, with --npz, samples.npz. Long videos
+are decoded and written chunk by chunk (hierarchical.stream_decode) into long.npy, a uint8
+(N,T,H,W,3) array on disk, so memory does not grow with --frames.
+"""
+import argparse
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+
+import data as D
+from data import UserError
+
+
+def load_model(path, device, use_ema=True):
+    """A diffusion checkpoint (stage lvdm, pred or interp) -> (unet, GaussianDiffusion, train_args)."""
+    import diffusion as G
+    import unet3d as U
+    from train import load_checkpoint
+    ckpt = load_checkpoint(path)
+    if ckpt.get("stage") not in ("lvdm", "pred", "interp"):
+        raise UserError(f"{path} is a '{ckpt.get('stage')}' checkpoint; sample.py needs one from --stage lvdm, "
+                        f"pred or interp.")
+    net = U.UNet3D(U.UNetConfig(**ckpt["model_args"]))
+    weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
+    net.load_state_dict(weights)
+    a = ckpt["train_args"]
+    diffusion = G.GaussianDiffusion(G.make_betas(a["schedule"], a["timesteps"], a["beta_start"], a["beta_end"]),
+                                    loss_type=a["loss"])
+    return net.to(device).eval(), diffusion, dict(a, stage=ckpt["stage"], vae_path=ckpt.get("vae_path"))
+
+
+def load_decoder(args_of_ckpt, override, device):
+    """The frozen autoencoder the model was trained on (None for --space pixel)."""
+    if args_of_ckpt["space"] == "pixel":
+        return None
+    import vae as V
+    path = override or args_of_ckpt.get("vae_path")
+    if not path or not os.path.isfile(path):
+        raise UserError(f"the autoencoder {path} the model was trained with is not there; pass --vae PATH.")
+    return V.load_vae(path, device).eval()
+
+
+def unconditional_fn(net):
+    """model_fn for unconditional sampling; a conditional (pred/interp) network gets all masks zero."""
+    if not net.cfg.mask_channel:
+        return lambda z, t: net(z, t)
+    return lambda z, t: net(z, t, mask=torch.zeros_like(z[:, :1]),
+                            s=torch.zeros(z.shape[0], dtype=torch.long, device=z.device))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="lvdm.pt (short) or pred.pt (long modes)")
+    p.add_argument("--interp", help="interp.pt, for --mode hierarchical")
+    p.add_argument("--vae", help="override the autoencoder path stored in the checkpoint")
+    p.add_argument("--mode", default="short", choices=["short", "autoregressive", "hierarchical"])
+    p.add_argument("--n", type=int, default=8, help="number of videos")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--frames", type=int, help="frames per video (long modes; default: the training length)")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 DDPM-like)")
+    p.add_argument("--cond-noise", type=int, default=100, help="conditional latent perturbation level s (§3.3)")
+    p.add_argument("--guidance", type=float, default=0.0, help="unconditional guidance strength w, Eq. (9)")
+    p.add_argument("--k", type=int, default=1, help="latents each autoregressive step conditions on")
+    p.add_argument("--chunk", type=int, default=16, help="latents decoded at a time in long modes")
+    p.add_argument("--out"); p.add_argument("--npz", action="store_true")
+    p.add_argument("--fps", type=int, default=8); p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    net, diffusion, targs = load_model(args.ckpt, device, not args.no_ema)
+    vae = load_decoder(targs, args.vae, device)
+    fs, ft = (vae.fs, vae.ft) if vae is not None else (1, 1)
+    c = net.cfg.out_channels
+    h = w = targs["size"] // fs
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"samples-{args.mode}")
+    os.makedirs(out, exist_ok=True)
+    steps = None if args.sampler == "ddpm" else args.steps
+    g = torch.Generator(device).manual_seed(args.seed)
+    print(f"sample.py: {args.mode}, {args.n} videos, {args.sampler}"
+          f"{'' if steps is None else f' {steps} steps eta {args.eta}'} -> {out}")
+
+    if args.mode == "short":
+        l = (targs["gap"] + 1) if targs["stage"] == "interp" else targs["frames"] // ft
+        videos = []
+        for b in range(0, args.n, args.batch_size):
+            shape = (min(args.batch_size, args.n - b), c, l, h, w)
+            fn = unconditional_fn(net)
+            if steps is None:  # DDPM ancestral sampling, Eq. (4)-(5)
+                z = diffusion.p_sample_loop(fn, shape, generator=g, device=device, progress=True)
+            else:
+                z = diffusion.ddim_sample_loop(fn, shape, steps, eta=args.eta, generator=g, device=device,
+                                               progress=True)
+            x = vae.decode_latents(z) if vae is not None else z
+            videos.append(D.to_uint8(x))                                   # (B,T,H,W,3)
+        videos = np.concatenate(videos)
+        for i, v in enumerate(videos):
+            write_one(os.path.join(out, f"video_{i:03d}"), v, args.fps)
+        D.write_grid(os.path.join(out, "grid.png"), videos[:16])
+        if args.npz:
+            D.save_npz(os.path.join(out, "samples.npz"), videos)
+        print(f"wrote {len(videos)} videos of {videos.shape[1]} frames to {out}")
+        return out
+
+    # ---- long videos (§3.3): latents come from a generator and are decoded chunk by chunk
+    import hierarchical as Hr
+    if targs["stage"] != "pred":
+        raise UserError(f"--mode {args.mode} needs the prediction model (--stage pred) as --ckpt, "
+                        f"not a '{targs['stage']}' checkpoint.")
+    if args.mode == "autoregressive" and targs["gap"] != 1:
+        raise UserError(f"this prediction model was trained on latents {targs['gap']} apart (keyframes for "
+                        f"--mode hierarchical); for --mode autoregressive train one with --stage pred --gap 1.")
+    frames = args.frames or targs["frames"]
+    n_latents = math.ceil(frames / ft)
+    l = targs["frames"] // ft
+    path = os.path.join(out, "long.npy")
+    tmp = os.path.join(out, ".long.npy.tmp")
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(args.n, frames, targs["size"],
+                                                                            targs["size"], 3))
+    interp = None
+    if args.mode == "hierarchical":
+        if not args.interp:
+            raise UserError("--mode hierarchical needs the interpolation model too: pass --interp RUN/interp.pt.")
+        interp, _, iargs = load_model(args.interp, device, not args.no_ema)
+        if iargs["stage"] != "interp" or iargs["gap"] != targs["gap"]:
+            raise UserError(f"--interp must be an interp checkpoint with the prediction model's gap "
+                            f"({targs['gap']}); got stage {iargs['stage']} gap {iargs['gap']}.")
+    for b in range(0, args.n, args.batch_size):
+        B = min(args.batch_size, args.n - b)
+        common = dict(k=args.k, s=args.cond_noise, w=args.guidance, steps=steps, eta=args.eta, generator=g)
+        if args.mode == "autoregressive":
+            latents = Hr.autoregressive(net, diffusion, (B, c, l, h, w), n_latents, **common)
+        else:
+            latents = Hr.hierarchical(net, interp, diffusion, (B, c, l, h, w), n_latents, gap=targs["gap"], **common)
+        t = 0
+        chunks = Hr.stream_decode(vae, rechunk(latents, args.chunk)) if vae is not None else latents
+        for x in chunks:                                                     # (B,3,n,H,W)
+            u8 = D.to_uint8(x)[:, : frames - t]                               # (B,n,H,W,3)
+            arr[b:b + B, t:t + u8.shape[1]] = u8
+            t += u8.shape[1]
+            print(f"\rvideos {b + 1}-{b + B}: {t}/{frames} frames", end="", flush=True)
+        print()
+    arr.flush()
+    del arr
+    os.replace(tmp, path)
+    videos = np.load(path, mmap_mode="r")
+    for i in range(args.n):
+        write_one(os.path.join(out, f"long_{i:03d}"), videos[i], args.fps, long=True)
+    D.write_grid(os.path.join(out, "grid.png"), videos[:8, ::16][:, :32])  # every 16th frame
+    if args.npz:
+        D.save_npz(os.path.join(out, "samples.npz"), np.asarray(videos))
+    print(f"wrote {args.n} videos of {frames} frames to {path}")
+    return out
+
+
+def rechunk(chunks, n):
+    """Regroup a stream of latent chunks (B,c,*,h,w) into chunks of n latents (the last may be shorter)."""
+    buf = None
+    for z in chunks:
+        buf = z if buf is None else torch.cat([buf, z], 2)
+        while buf.shape[2] >= n:
+            yield buf[:, :, :n]
+            buf = buf[:, :, n:]
+    if buf is not None and buf.shape[2] > 0:
+        yield buf
+
+
+def write_one(stem, video, fps, long=False):
+    """A video as mp4 when PyAV is installed, else gif (long videos: their first 256 frames)."""
+    try:
+        import av  # noqa: F401
+        D.write_video(stem + ".mp4", video, fps)
+        if not long:
+            D.write_video(stem + ".gif", video, fps)
+    except ImportError:
+        D.write_video(stem + ".gif", np.asarray(video[:256] if long else video), fps)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -404,13 +404,14 @@ def build_diffusion(args, device, master_process, world):
 
 def init_from_unconditional(model, ckpt):
     """pred/interp start from the unconditional LVDM (§4.1): copy every weight; the input conv's extra
-    mask channel and the s-embedding, absent there, start at zero so the model starts as the original."""
+    mask channel and the s-embedding's output layer, absent there, start at zero, so the new model
+    computes exactly what the unconditional one did until training moves them."""
     src = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
     own = model.state_dict()
     for k, v in own.items():
         if k not in src:
-            if k.startswith("s_embed") or "s_emb" in k:
-                torch.nn.init.zeros_(v) if v.dtype.is_floating_point else None
+            if k.startswith("s_embed.2."):  # the s-embedding's output layer: zero, so s adds nothing at first
+                v.zero_()
             continue
         w = src[k]
         if w.shape == v.shape:

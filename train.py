@@ -304,7 +304,8 @@ def build_vae(args, device, master_process, world):
 
     def on_save():
         # The latent scale/shift giving unit-variance latents (§3.2 diffuses z0 ~ N(0, I)-ish), from data.
-        x = held_out_clips()
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        x = held_out_clips()[rank::world]  # each process its share; latent_stats all-reduces the sums
         model.eval()
         scale, shift = V.latent_stats(model, (x[i:i + 4].to(device) for i in range(0, len(x), 4)))
         model.train()
@@ -443,9 +444,7 @@ def main(argv=None):
     master_process = rank == 0
     device = torch.device(args.device)
     dev_type = device.type
-    torch.manual_seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    random.seed(args.seed + rank)
+    torch.manual_seed(args.seed)  # every process builds identical models (the discriminator is not DDP's)
     if dev_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -474,6 +473,10 @@ def main(argv=None):
         raise UserError(f"{len(dataset)} clips cannot fill one batch of {args.batch_size} x {world} processes; "
                         f"lower --batch-size or add videos.")
 
+    # From here on each process draws its own noise (posterior samples, diffusion t and ε).
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    random.seed(args.seed + rank)
     model = S["model"]  # the module that DDP wraps and the optimizer trains
     ddp_model = DDP(model, device_ids=[device.index] if dev_type == "cuda" else None) if ddp else model
     opts = {"optimizer": S["optimizer"]}
@@ -514,7 +517,9 @@ def main(argv=None):
             loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=indices,
                                                  num_workers=args.workers, drop_last=True,
                                                  pin_memory=dev_type == "cuda",
-                                                 persistent_workers=False)
+                                                 # its own generator: making a loader iterator draws a
+                                                 # worker seed, which must not move the global RNG
+                                                 generator=torch.Generator().manual_seed(args.seed + epoch))
             for x in loader:
                 batch_in_epoch += 1
                 yield x
@@ -526,9 +531,9 @@ def main(argv=None):
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]
+        extra_meta = S["on_save"]() if S.get("on_save") else {}  # on every rank: it may all-reduce
         if not master_process:
             return
-        extra_meta = S["on_save"]() if S.get("on_save") else {}
         ck = {"stage": args.stage, "step": step, "model": model.state_dict(),
               "ema": ({k: v.to(next(iter(model.state_dict().values())).dtype) for k, v in ema.shadow.items()}
                       if ema is not None else None),

@@ -1,0 +1,287 @@
+"""Gaussian diffusion on video latents: LVDM §3.2, Eq. (2)-(7).
+
+The U-Net (unet3d.py) only predicts the noise ε; everything about the noise
+schedule lives here: the forward process q (Eq. 2-3), the ε-parameterized
+reverse process p_θ (Eq. 4-6), the simple loss (Eq. 7), DDPM ancestral
+sampling and DDIM sampling (Song et al. 2021, Eq. 12 there).
+
+Names follow improved-diffusion / LDM (q_sample, q_posterior_mean_variance,
+p_mean_variance, p_sample, ddim_sample) so the code can be read next to them.
+Index convention: the paper counts steps t = 1..T; tensors here hold the
+training index t-1, i.e. `t` is a LongTensor in [0, num_timesteps).  Buffer
+entry [t] therefore belongs to the paper's step t+1.
+
+Every sampler takes a model function, not a model:
+
+    eps = model_fn(x_t, t)     # x_t (B, ...), t LongTensor (B,) -> eps like x_t
+
+so hierarchical.py can wrap the U-Net (mask channel, the noise level s of the
+conditioning frames, unconditional guidance Eq. 9) without touching the math
+here.  The loops also take `after_step(x, t) -> x`, called after every step
+with the new sample; hierarchical.py uses it to put the conditioning latents
+back into their frames (Eq. 8).
+
+Quick check (prints the schedule ends and DDPM/DDIM samples of N(0.5, 0.5²) data):
+    python diffusion.py
+"""
+import math
+
+import numpy as np
+import torch
+
+from data import UserError
+
+
+def make_betas(schedule, steps, start=0.0015, end=0.0155):
+    """The variance schedule β_1..β_T of Eq. (3), as float64 numpy (steps,).
+
+    "linear": LDM's form, a linspace of square roots, squared (the paper
+    presets use 0.0015 -> 0.0155 over 1000 steps).
+    "cosine": Nichol & Dhariwal (2021) Eq. 17, ᾱ(t) = cos²((t/T + s)/(1 + s)·π/2)
+    with s = 0.008, β_t = 1 - ᾱ(t)/ᾱ(t-1) clipped at 0.999; start/end ignored.
+    """
+    if steps < 1:
+        raise UserError(f"the number of diffusion steps must be at least 1, got {steps}; pass a positive --timesteps.")
+    if schedule == "linear":
+        return np.linspace(start ** 0.5, end ** 0.5, steps, dtype=np.float64) ** 2
+    if schedule == "cosine":
+        s = 0.008
+        f = lambda u: math.cos((u / steps + s) / (1 + s) * math.pi / 2) ** 2
+        return np.array([min(1 - f(i + 1) / f(i), 0.999) for i in range(steps)], dtype=np.float64)
+    raise UserError(f"unknown beta schedule {schedule!r}; use 'linear' or 'cosine'.")
+
+
+def _extract(arr, t, x):
+    """Pick arr[t] for every batch element and shape it to broadcast against x: (B,) -> (B,1,...,1)."""
+    out = torch.from_numpy(arr).to(device=t.device)[t].to(x.dtype)
+    return out.reshape(t.shape[0], *([1] * (x.dim() - 1)))  # (B,) -> (B,1,1,1,1)
+
+
+def _randn(shape, generator, device, dtype):
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
+class GaussianDiffusion:
+    """Forward process, ε-parameterized reverse process, loss and samplers.
+
+    betas: float64 array (T,) from make_betas.
+    loss_type: "l2" (Eq. 7) or "l1" (the public LVDM configs train with l1).
+    var_type: Σ_θ of Eq. (5): "fixed_small" = posterior variance β̃_t (LDM's
+      default), "fixed_large" = β_t (the paper's Eq. 6 text writes β_t², a
+      typo for DDPM's σ_t² = β_t).
+    """
+
+    def __init__(self, betas, loss_type="l2", var_type="fixed_small"):
+        if loss_type not in ("l2", "l1"):
+            raise UserError(f"unknown loss type {loss_type!r}; use 'l2' or 'l1'.")
+        if var_type not in ("fixed_small", "fixed_large"):
+            raise UserError(f"unknown variance type {var_type!r}; use 'fixed_small' or 'fixed_large'.")
+        betas = np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
+            raise UserError("betas must be a 1-D array with values in (0, 1]; build them with make_betas.")
+        self.loss_type, self.var_type = loss_type, var_type
+        self.num_timesteps = T = len(betas)
+
+        # Eq. (3): q(z_t | z_{t-1}) = N(√(1-β_t) z_{t-1}, β_t I);  α_t = 1 - β_t.
+        self.betas = betas
+        alphas = 1.0 - betas
+        # Eq. (2)-(3) in closed form: q(z_t | z_0) = N(√ᾱ_t z_0, (1-ᾱ_t) I), ᾱ_t = Π_{s<=t} α_s.
+        self.alphas_cumprod = np.cumprod(alphas)
+        # ᾱ_{t-1}, with ᾱ_0 = 1 before the first step (z_0 is clean data).
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        # z_0 from (z_t, ε) by inverting the closed form: z_0 = z_t/√ᾱ_t - √(1/ᾱ_t - 1) ε.
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
+        # Posterior q(z_{t-1} | z_t, z_0) = N(μ̃_t, β̃_t I) (DDPM Eq. 6-7):
+        #   β̃_t = β_t (1-ᾱ_{t-1}) / (1-ᾱ_t)
+        #   μ̃_t = β_t √ᾱ_{t-1}/(1-ᾱ_t) · z_0 + (1-ᾱ_{t-1}) √α_t/(1-ᾱ_t) · z_t
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # β̃ is 0 at the first step; log uses β̃ of the second step there (never sampled with: no noise at t=0).
+        self.posterior_log_variance_clipped = np.log(
+            np.append(self.posterior_variance[1], self.posterior_variance[1:]) if T > 1 else betas)
+        self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+
+    # ------------------------------------------------------------------ forward process
+    def q_sample(self, x0, t, noise=None):
+        """Draw z_t ~ q(z_t | z_0) = N(√ᾱ_t z_0, (1-ᾱ_t) I): Eq. (2)-(3) in closed form."""
+        if noise is None:
+            noise = torch.randn_like(x0)
+        return _extract(self.sqrt_alphas_cumprod, t, x0) * x0 + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+
+    def q_posterior_mean_variance(self, x0, x_t, t):
+        """Mean, variance and log-variance of q(z_{t-1} | z_t, z_0) (DDPM Eq. 6-7)."""
+        mean = _extract(self.posterior_mean_coef1, t, x_t) * x0 + _extract(self.posterior_mean_coef2, t, x_t) * x_t
+        return mean, _extract(self.posterior_variance, t, x_t), _extract(self.posterior_log_variance_clipped, t, x_t)
+
+    def predict_xstart_from_eps(self, x_t, t, eps):
+        """z_0 = (z_t - √(1-ᾱ_t) ε) / √ᾱ_t, the closed form of Eq. (2)-(3) solved for z_0."""
+        return _extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+
+    # ------------------------------------------------------------------ reverse process
+    def p_mean_variance(self, model_fn, x_t, t, clip_denoised=False):
+        """Mean and variance of p_θ(z_{t-1} | z_t) (Eq. 5) with ε-parameterization (Eq. 6).
+
+        μ_θ = posterior mean at ẑ_0 = predict_xstart_from_eps(z_t, ε_θ); without clipping this is
+        exactly Eq. (6): μ_θ = (z_t - β_t/√(1-ᾱ_t) ε_θ) / √α_t.  clip_denoised clamps ẑ_0 to [-1, 1]
+        (meant for pixels; latents are not bounded, so it is off by default).
+        Returns a dict: mean, variance, log_variance, pred_xstart, eps.
+        """
+        eps = model_fn(x_t, t).to(x_t.dtype)
+        if eps.shape != x_t.shape:
+            raise ValueError(f"model_fn returned shape {tuple(eps.shape)}, expected {tuple(x_t.shape)}")
+        pred_xstart = self.predict_xstart_from_eps(x_t, t, eps)
+        if clip_denoised:
+            pred_xstart = pred_xstart.clamp(-1, 1)
+        mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
+        if self.var_type == "fixed_small":  # Σ_θ = β̃_t I
+            variance = _extract(self.posterior_variance, t, x_t)
+            log_variance = _extract(self.posterior_log_variance_clipped, t, x_t)
+        else:  # "fixed_large": Σ_θ = β_t I
+            variance = _extract(self.betas, t, x_t)
+            log_variance = _extract(np.log(self.betas), t, x_t)
+        return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart, "eps": eps}
+
+    def training_loss(self, model_fn, x0, t=None, noise=None, generator=None, weight=None):
+        """L_simple of Eq. (7), one value per batch element: (B,).
+
+        t: LongTensor (B,) or None (uniform in [0, T) from `generator`); noise: ε or None (from `generator`).
+        weight: optional tensor broadcastable to x0 (e.g. 1 - frame mask, so only generated frames are
+          scored); the loss is then Σ w·err / Σ w per batch element.
+        """
+        B = x0.shape[0]
+        if t is None:
+            t = torch.randint(0, self.num_timesteps, (B,), generator=generator, device=x0.device)
+        if noise is None:
+            noise = _randn(x0.shape, generator, x0.device, x0.dtype)
+        x_t = self.q_sample(x0, t, noise)  # Eq. (2)-(3)
+        eps = model_fn(x_t, t)
+        dtype = torch.promote_types(noise.dtype, torch.float32)  # the loss in at least float32, also under AMP
+        diff = eps.to(dtype) - noise.to(dtype)
+        err = diff ** 2 if self.loss_type == "l2" else diff.abs()  # Eq. (7)
+        dims = list(range(1, x0.dim()))
+        if weight is None:
+            return err.mean(dim=dims)
+        w = torch.broadcast_to(weight.to(err.dtype), err.shape)
+        return (err * w).sum(dim=dims) / w.sum(dim=dims).clamp_min(1e-8)
+
+    def p_sample(self, model_fn, x_t, t, clip_denoised=False, generator=None, noise=None):
+        """One ancestral step z_{t-1} ~ p_θ(z_{t-1} | z_t) (Eq. 4-5); no noise is added at t = 0.
+
+        noise: the standard normal z of this step, or None to draw it from `generator`.
+        Returns a dict: sample, pred_xstart.
+        """
+        out = self.p_mean_variance(model_fn, x_t, t, clip_denoised)
+        if noise is None:
+            noise = _randn(x_t.shape, generator, x_t.device, x_t.dtype)
+        nonzero = (t != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.dim() - 1)))  # (B,) -> (B,1,1,1,1)
+        sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise  # Eq. (5): μ_θ + Σ^½ z
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    def p_sample_loop(self, model_fn, shape, noise=None, generator=None, progress=False,
+                      clip_denoised=False, after_step=None, device=None):
+        """DDPM ancestral sampling (Eq. 4): z_T ~ N(0, I), then T steps of p_sample.
+
+        noise: the starting z_T (shape `shape`), or None to draw it from `generator` on `device`
+          (default: the generator's device, else CPU).
+        after_step(x, t) -> x: optional; called after every step with the new sample x (now at
+          training index t-1; the last call has t = 0 and x is the final sample) and the LongTensor t
+          (B,) of the step just taken. Its return value continues the chain (hierarchical.py puts the
+          conditioning latents back here, Eq. 8).
+        """
+        x = self._start(shape, noise, generator, device)
+        steps = range(self.num_timesteps - 1, -1, -1)
+        for i in _progress(steps, progress, "DDPM"):
+            t = torch.full((shape[0],), i, device=x.device, dtype=torch.long)
+            with torch.no_grad():
+                x = self.p_sample(model_fn, x, t, clip_denoised, generator)["sample"]
+            if after_step is not None:
+                x = after_step(x, t)
+        return x
+
+    # ------------------------------------------------------------------ DDIM
+    def ddim_timesteps(self, steps):
+        """Uniformly respaced training indices τ_1 < ... < τ_S, always ending at T-1 (pure noise)."""
+        if not 1 <= steps <= self.num_timesteps:
+            raise UserError(f"DDIM steps must be between 1 and {self.num_timesteps}, got {steps}; pass a valid --ddim-steps.")
+        if steps == 1:
+            return np.array([self.num_timesteps - 1])
+        return np.round(np.linspace(0, self.num_timesteps - 1, steps)).astype(np.int64)
+
+    def ddim_sample(self, model_fn, x_t, t, t_prev, eta=0.0, clip_denoised=False, generator=None, noise=None):
+        """One DDIM step from index t to t_prev < t (t_prev = -1: to clean data, ᾱ = 1).
+
+        Song et al. 2021, Eq. (12):
+          z_prev = √ᾱ_prev ẑ_0 + √(1 - ᾱ_prev - σ²) ε_θ + σ z,
+          σ = η √((1-ᾱ_prev)/(1-ᾱ_t)) √(1 - ᾱ_t/ᾱ_prev).
+        With t_prev = t-1 and η = 1, σ² = β̃_t: exactly the DDPM posterior variance; with
+        t_prev = -1, σ = 0 and the step returns ẑ_0.  t, t_prev: LongTensors (B,).
+        Returns a dict: sample, pred_xstart.
+        """
+        out = self.p_mean_variance(model_fn, x_t, t, clip_denoised)
+        eps = out["eps"]
+        if clip_denoised:  # keep ε consistent with the clipped ẑ_0
+            eps = (_extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - out["pred_xstart"]) / _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t)
+        a_t = _extract(self.alphas_cumprod, t, x_t)
+        abar_prev = np.append(self.alphas_cumprod, 1.0)  # index -1 wraps to the appended 1: ᾱ before the first step
+        a_prev = _extract(abar_prev, t_prev, x_t)
+        sigma = eta * torch.sqrt((1 - a_prev) / (1 - a_t)) * torch.sqrt(1 - a_t / a_prev)
+        if noise is None:
+            noise = _randn(x_t.shape, generator, x_t.device, x_t.dtype)
+        direction = torch.sqrt((1 - a_prev - sigma ** 2).clamp_min(0)) * eps
+        sample = torch.sqrt(a_prev) * out["pred_xstart"] + direction + sigma * noise
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    def ddim_sample_loop(self, model_fn, shape, steps, eta=0.0, noise=None, generator=None, progress=False,
+                         clip_denoised=False, after_step=None, device=None):
+        """DDIM sampling over `steps` uniformly respaced timesteps (ddim_timesteps).
+
+        With all steps and eta = 0 it is deterministic given z_T and ends on the predicted ẑ_0.
+        noise / generator / device / after_step: as in p_sample_loop; after_step gets the t of
+        the step just taken (x is now at the next lower respaced index, or clean after the last).
+        """
+        x = self._start(shape, noise, generator, device)
+        seq = self.ddim_timesteps(steps)
+        for i in _progress(range(len(seq) - 1, -1, -1), progress, "DDIM"):
+            t = torch.full((shape[0],), int(seq[i]), device=x.device, dtype=torch.long)
+            t_prev = torch.full_like(t, int(seq[i - 1]) if i > 0 else -1)
+            with torch.no_grad():
+                x = self.ddim_sample(model_fn, x, t, t_prev, eta, clip_denoised, generator)["sample"]
+            if after_step is not None:
+                x = after_step(x, t)
+        return x
+
+    def _start(self, shape, noise, generator, device):
+        if noise is not None:
+            if tuple(noise.shape) != tuple(shape):
+                raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
+            return noise
+        if device is None:
+            device = generator.device if generator is not None else "cpu"
+        return _randn(tuple(shape), generator, device, torch.float32)  # z_T ~ N(0, I), Eq. (4)
+
+
+def _progress(it, on, desc):
+    if not on:
+        return it
+    from tqdm import tqdm
+    return tqdm(it, desc=desc, leave=False)
+
+
+if __name__ == "__main__":
+    betas = make_betas("linear", 1000, 0.0015, 0.0155)
+    d = GaussianDiffusion(betas)
+    print(f"linear: beta_1={betas[0]:.5f} beta_T={betas[-1]:.5f} alpha_bar_T={d.alphas_cumprod[-1]:.5f}")
+    mu, sd = 0.5, 0.5
+
+    def exact_eps(x, t):  # the posterior-mean ε of N(mu, sd²) data
+        a = _extract(d.alphas_cumprod, t, x)
+        return torch.sqrt(1 - a) * (x - torch.sqrt(a) * mu) / (a * sd ** 2 + 1 - a)
+
+    g = torch.Generator().manual_seed(0)
+    x = d.p_sample_loop(exact_eps, (4096, 1), generator=g)
+    print(f"DDPM-1000 on N({mu}, {sd}^2) data: mean={x.mean():.4f} std={x.std():.4f}")
+    x = d.ddim_sample_loop(exact_eps, (4096, 1), steps=50, generator=g)
+    print(f"DDIM-50   on N({mu}, {sd}^2) data: mean={x.mean():.4f} std={x.std():.4f}  (few steps: a little narrow)")

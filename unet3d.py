@@ -1,0 +1,386 @@
+"""The factorized space-time U-Net that predicts ε on video latents: LVDM §3.2.
+
+    ε̂ = UNet3D(cfg)(z_t, t, mask=None, s=None, context=None)     z_t: (B, C, T, H, W)
+
+What the paper asks for (§3.2, "Video Generation Backbone"), and where it is:
+  * space-only 3D convolutions of shape 1×3×3                      -> conv_1x3x3
+  * adaptive group normalization: the timestep embedding gives a
+    per-channel scale and shift, GroupNorm(32) then x·(1+scale)+shift -> ResBlock
+  * spatial self-attention within each frame and temporal
+    self-attention along time at each position (factorized, default),
+    or one joint space-time attention (the paper's ablation)          -> AttentionBlock
+  * temporal attention knows frame order through learned relative
+    position embeddings (Shaw et al. 2018), distances clipped         -> relative_position_bias
+Sizes follow the public LVDM release (openaimodel3d.UNetModel with
+STAttentionBlock, use_scale_shift_norm, conv up/downsampling): see unet_presets().
+Downsampling is spatial only (stride 1×2×2): the latent has few frames.
+
+Inputs for the later stages (§3.3, §5), each behind a config flag:
+  mask_channel  one extra input channel, the binary frame mask m of Eq. (8)
+  s_embedding   the noise level s of the perturbed conditioning frames, embedded
+                like t and added to the timestep embedding (s=None adds nothing)
+  context_dim   cross-attention to a context sequence (B, L, context_dim), e.g. text
+
+Two deliberate differences from the release: GroupNorm statistics are taken
+per frame (so layers without temporal attention really treat frames
+independently), and the relative positions enter only on the key side, as an
+additive attention bias, so every attention is one call to
+F.scaled_dot_product_attention (the release also adds a value-side table).
+
+Print the preset sizes:
+    python unet3d.py
+"""
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from data import UserError
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4               # latent channels c (without the mask channel)
+    out_channels: int = 4              # ε has the latent's channels
+    model_channels: int = 256
+    channel_mult: tuple = (1, 2, 3, 4)
+    num_res_blocks: int = 3
+    attention_resolutions: tuple = (2, 4, 8)  # downsample factors that get attention
+    num_heads: int = 4
+    dropout: float = 0.0
+    attention: str = "factorized"      # "factorized" | "joint" | "spatial" (no temporal attention)
+    use_relative_position: bool = True
+    max_relative_position: int = 20    # frame distances are clipped to ±this
+    mask_channel: bool = False
+    s_embedding: bool = False
+    context_dim: int = None            # None: no cross-attention
+    use_checkpoint: bool = False
+
+    def __post_init__(self):  # checkpoints store asdict(cfg): lists come back, make them tuples again
+        self.channel_mult = tuple(self.channel_mult)
+        self.attention_resolutions = tuple(self.attention_resolutions)
+        if self.attention not in ("factorized", "joint", "spatial"):
+            raise UserError(f"unknown attention {self.attention!r}; use 'factorized', 'joint' or 'spatial'.")
+        for ch in (self.model_channels, *(m * self.model_channels for m in self.channel_mult)):
+            if ch % 32 or ch % self.num_heads:
+                raise UserError(f"channel count {ch} must be divisible by 32 (GroupNorm) and by num_heads="
+                                f"{self.num_heads}; pick model_channels as a multiple of 32 and a matching num_heads.")
+
+
+def unet_presets():
+    """name -> UNetConfig.  'paper': the public release's unconditional 256² model (32² latents, 4 frames)."""
+    return {
+        "demo": UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                           attention_resolutions=(2,), num_heads=2),
+        "paper": UNetConfig(model_channels=256, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
+                            attention_resolutions=(2, 4, 8), num_heads=4),
+    }
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding of integer steps (Transformer / DDPM): (B,) -> (B, dim), float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]  # (B,1)*(1,half) -> (B,half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def zero_module(m):
+    for p in m.parameters():
+        nn.init.zeros_(p)
+    return m
+
+
+def conv_1x3x3(cin, cout, stride=1):
+    """Space-only 3D convolution (§3.2): each frame is convolved on its own."""
+    return nn.Conv3d(cin, cout, (1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1))
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm(32) with statistics per frame: (B,C,T,H,W) is normalized as B*T images."""
+
+    def __init__(self, channels):
+        super().__init__(32, channels)
+
+    def forward(self, x):
+        B, C, T, H, W = x.shape
+        y = x.transpose(1, 2).reshape(B * T, C, H, W)  # (B,C,T,H,W) -> (B*T,C,H,W)
+        y = super().forward(y)
+        return y.reshape(B, T, C, H, W).transpose(1, 2)  # (B*T,C,H,W) -> (B,C,T,H,W)
+
+
+class ResBlock(nn.Module):
+    """Residual block with adaptive group normalization (AdaGN, Dhariwal & Nichol 2021):
+    h = conv(SiLU(GN(x))); h = GN(h)·(1 + scale) + shift with (scale, shift) = Linear(SiLU(emb));
+    out = skip(x) + conv(SiLU(h)), the second conv zero-initialized so the block starts as the identity."""
+
+    def __init__(self, channels, emb_channels, out_channels, dropout=0.0, use_checkpoint=False):
+        super().__init__()
+        self.use_checkpoint = use_checkpoint
+        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), conv_1x3x3(channels, out_channels))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels))
+        self.out_norm = GroupNorm32(out_channels)
+        self.out_layers = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), zero_module(conv_1x3x3(out_channels, out_channels)))
+        self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv3d(channels, out_channels, 1)
+
+    def forward(self, x, emb):
+        if self.use_checkpoint and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, emb, use_reentrant=False)
+        return self._forward(x, emb)
+
+    def _forward(self, x, emb):
+        h = self.in_layers(x)
+        scale, shift = self.emb_layers(emb).to(h.dtype)[:, :, None, None, None].chunk(2, dim=1)  # (B,2C) -> 2×(B,C,1,1,1)
+        h = self.out_norm(h) * (1 + scale) + shift  # AdaGN
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    """Spatial-only downsampling: a 1×3×3 conv with stride (1,2,2); the frame count is kept."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.op = conv_1x3x3(channels, channels, stride=2)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Spatial-only nearest upsampling ×2, then a 1×3×3 conv."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = conv_1x3x3(channels, channels)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest"))
+
+
+def relative_position_bias(q, table, frame_index, max_dist):
+    """Key-side relative position term of Shaw et al. (2018) as an additive attention bias.
+
+    bias[i, j] = q_i · a_{clip(f_j - f_i)} / √d, where f_i is the frame index of token i, clip to
+    [-max_dist, max_dist], and a is a learned table (2·max_dist+1, d).  Added to q·k/√d inside
+    softmax, it makes attention depend on frame order.  q: (N, heads, L, d) -> bias (N, heads, L, L).
+    """
+    dist = frame_index[None, :] - frame_index[:, None]  # (L,L): j - i
+    idx = dist.clamp(-max_dist, max_dist) + max_dist
+    qa = torch.matmul(q, table.to(q.dtype).t())  # (N,h,L,d) @ (d,2M+1) -> (N,h,L,2M+1)
+    bias = qa.gather(-1, idx.expand(*q.shape[:2], -1, -1))  # (N,h,L,2M+1) -> (N,h,L,L)
+    return bias / math.sqrt(q.shape[-1])
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over one axis of a (B,C,T,H,W) tensor, with a residual connection.
+
+    kind = "spatial": tokens are the H·W positions of each frame;
+           "temporal": tokens are the T frames at each position (relative positions, if enabled);
+           "joint": tokens are all T·H·W positions (relative frame positions, if enabled).
+    The output projection is zero-initialized, so the block starts as the identity.
+    """
+
+    def __init__(self, channels, num_heads, kind, max_relative_position=None):
+        super().__init__()
+        self.kind, self.num_heads, self.max_dist = kind, num_heads, max_relative_position
+        self.norm = GroupNorm32(channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj_out = zero_module(nn.Linear(channels, channels))
+        self.rel_k = None
+        if kind != "spatial" and max_relative_position is not None:
+            self.rel_k = nn.Parameter(torch.empty(2 * max_relative_position + 1, channels // num_heads))
+            nn.init.xavier_uniform_(self.rel_k)
+
+    def forward(self, x):
+        B, C, T, H, W = x.shape
+        h = self.norm(x)
+        if self.kind == "spatial":
+            tok = h.permute(0, 2, 3, 4, 1).reshape(B * T, H * W, C)  # (B,C,T,H,W) -> (B*T,H*W,C)
+            frame_index = None
+        elif self.kind == "temporal":
+            tok = h.permute(0, 3, 4, 2, 1).reshape(B * H * W, T, C)  # (B,C,T,H,W) -> (B*H*W,T,C)
+            frame_index = torch.arange(T, device=x.device)
+        else:
+            tok = h.permute(0, 2, 3, 4, 1).reshape(B, T * H * W, C)  # (B,C,T,H,W) -> (B,T*H*W,C)
+            frame_index = torch.arange(T, device=x.device).repeat_interleave(H * W)
+        N, L, _ = tok.shape
+        q, k, v = self.qkv(tok).reshape(N, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (N,L,3C) -> 3×(N,heads,L,d)
+        bias = None
+        if self.rel_k is not None:
+            bias = relative_position_bias(q, self.rel_k, frame_index, self.max_dist)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # softmax(q·k/√d + bias) v
+        out = self.proj_out(out.transpose(1, 2).reshape(N, L, C))  # (N,heads,L,d) -> (N,L,C)
+        if self.kind == "spatial":
+            out = out.reshape(B, T, H, W, C).permute(0, 4, 1, 2, 3)  # (B*T,H*W,C) -> (B,C,T,H,W)
+        elif self.kind == "temporal":
+            out = out.reshape(B, H, W, T, C).permute(0, 4, 3, 1, 2)  # (B*H*W,T,C) -> (B,C,T,H,W)
+        else:
+            out = out.reshape(B, T, H, W, C).permute(0, 4, 1, 2, 3)  # (B,T*H*W,C) -> (B,C,T,H,W)
+        return x + out
+
+
+class CrossAttention(nn.Module):
+    """Every position of every frame attends to a context sequence (B, L, context_dim), e.g. text tokens."""
+
+    def __init__(self, channels, context_dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = GroupNorm32(channels)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_kv = nn.Linear(context_dim, 2 * channels)
+        self.proj_out = zero_module(nn.Linear(channels, channels))
+
+    def forward(self, x, context):
+        B, C, T, H, W = x.shape
+        d = C // self.num_heads
+        tok = self.norm(x).permute(0, 2, 3, 4, 1).reshape(B, T * H * W, C)  # (B,C,T,H,W) -> (B,T*H*W,C)
+        q = self.to_q(tok).reshape(B, -1, self.num_heads, d).transpose(1, 2)  # (B,THW,C) -> (B,heads,THW,d)
+        k, v = self.to_kv(context).reshape(B, context.shape[1], 2, self.num_heads, d).permute(2, 0, 3, 1, 4)  # (B,L,2C) -> 2×(B,heads,L,d)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = self.proj_out(out.transpose(1, 2).reshape(B, T * H * W, C))  # (B,heads,THW,d) -> (B,THW,C)
+        return x + out.reshape(B, T, H, W, C).permute(0, 4, 1, 2, 3)  # (B,THW,C) -> (B,C,T,H,W)
+
+
+class AttentionBlock(nn.Module):
+    """The release's STAttentionBlock: spatial then temporal self-attention (factorized, default),
+    or one joint space-time self-attention, or spatial only; optional cross-attention after the
+    spatial (or joint) part."""
+
+    def __init__(self, channels, cfg):
+        super().__init__()
+        self.use_checkpoint = cfg.use_checkpoint
+        rel = cfg.max_relative_position if cfg.use_relative_position else None
+        first = "joint" if cfg.attention == "joint" else "spatial"
+        self.attn_s = SelfAttention(channels, cfg.num_heads, first, rel)
+        self.cross = CrossAttention(channels, cfg.context_dim, cfg.num_heads) if cfg.context_dim else None
+        self.attn_t = SelfAttention(channels, cfg.num_heads, "temporal", rel) if cfg.attention == "factorized" else None
+
+    def forward(self, x, context=None):
+        if self.use_checkpoint and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, context, use_reentrant=False)
+        return self._forward(x, context)
+
+    def _forward(self, x, context):
+        x = self.attn_s(x)
+        if self.cross is not None and context is not None:
+            x = self.cross(x, context)
+        if self.attn_t is not None:
+            x = self.attn_t(x)
+        return x
+
+
+class TimestepEmbedSequential(nn.ModuleList):
+    """Runs its layers in order, giving the embedding to ResBlocks and the context to AttentionBlocks."""
+
+    def forward(self, x, emb, context=None):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, AttentionBlock):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet3D(nn.Module):
+    """ε_θ(z_t, t) of Eq. (6)-(7) for latents (B, C, T, H, W); H and W divisible by 2^(levels-1)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        mc, emb_dim = cfg.model_channels, 4 * cfg.model_channels
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.s_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)) if cfg.s_embedding else None
+
+        def res(cin, cout):
+            return ResBlock(cin, emb_dim, cout, cfg.dropout, cfg.use_checkpoint)
+
+        cin = cfg.in_channels + (1 if cfg.mask_channel else 0)
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential([conv_1x3x3(cin, mc)])])
+        skip_chans, ch, ds = [mc], mc, 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [res(ch, mult * mc)]
+                ch = mult * mc
+                if ds in cfg.attention_resolutions:
+                    layers.append(AttentionBlock(ch, cfg))
+                self.input_blocks.append(TimestepEmbedSequential(layers))
+                skip_chans.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential([Downsample(ch)]))
+                skip_chans.append(ch)
+                ds *= 2
+        self.middle_block = TimestepEmbedSequential([res(ch, ch), AttentionBlock(ch, cfg), res(ch, ch)])
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [res(ch + skip_chans.pop(), mult * mc)]
+                ch = mult * mc
+                if ds in cfg.attention_resolutions:
+                    layers.append(AttentionBlock(ch, cfg))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(layers))
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), zero_module(conv_1x3x3(mc, cfg.out_channels)))
+
+    def forward(self, x, t, mask=None, s=None, context=None):
+        """x: (B, in_channels, T, H, W); t: LongTensor (B,) in [0, steps); mask: (B,1,T,H,W) binary frame
+        mask (zeros when None; needs mask_channel); s: LongTensor (B,) noise level of the conditioning
+        frames (needs s_embedding; None adds nothing); context: (B, L, context_dim) (needs context_dim;
+        None skips cross-attention).  Returns ε̂ with x's shape."""
+        cfg = self.cfg
+        if x.dim() != 5 or x.shape[1] != cfg.in_channels:
+            raise UserError(f"the U-Net expects latents (B, {cfg.in_channels}, T, H, W), got {tuple(x.shape)}; "
+                            f"check that the VAE's latent channels match the U-Net's in_channels.")
+        B, _, T, H, W = x.shape
+        f = 2 ** (len(cfg.channel_mult) - 1)
+        if H % f or W % f:
+            raise UserError(f"latent size {H}×{W} must be divisible by {f} for this U-Net; pick a video size whose "
+                            f"latent is a multiple of {f}.")
+        if t.dim() == 0:
+            t = t.expand(B)
+        if cfg.mask_channel:
+            if mask is None:
+                mask = torch.zeros(B, 1, T, H, W, device=x.device, dtype=x.dtype)
+            if tuple(mask.shape) != (B, 1, T, H, W):
+                raise UserError(f"mask must have shape {(B, 1, T, H, W)}, got {tuple(mask.shape)}.")
+            x = torch.cat([x, mask.to(x.dtype)], dim=1)  # (B,C,T,H,W) -> (B,C+1,T,H,W)
+        elif mask is not None:
+            raise UserError("this U-Net has no mask channel; build it with mask_channel=True (a prediction/"
+                            "interpolation model) or pass mask=None.")
+        dtype = self.time_embed[0].weight.dtype
+        emb = self.time_embed(timestep_embedding(t, cfg.model_channels).to(dtype))
+        if s is not None:
+            if self.s_embed is None:
+                raise UserError("this U-Net has no noise-level embedding; build it with s_embedding=True or pass s=None.")
+            emb = emb + self.s_embed(timestep_embedding(s.expand(B) if s.dim() == 0 else s, cfg.model_channels).to(dtype))
+        if context is not None:
+            if not cfg.context_dim:
+                raise UserError("this U-Net has no cross-attention; build it with context_dim set or pass context=None.")
+            if context.dim() != 3 or context.shape[0] != B or context.shape[2] != cfg.context_dim:
+                raise UserError(f"context must have shape (B={B}, L, {cfg.context_dim}), got {tuple(context.shape)}.")
+        hs, h = [], x
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            hs.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb, context)  # skip connection along channels
+        return self.out(h)
+
+
+if __name__ == "__main__":
+    for name, cfg in unet_presets().items():
+        with torch.device("meta"):
+            model = UNet3D(cfg)
+        print(f"{name}: {count_params(model):,} parameters  {asdict(cfg)}")

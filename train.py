@@ -99,6 +99,8 @@ def parse_args(argv=None):
     p.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
     p.add_argument("--beta-start", type=float, default=0.0015); p.add_argument("--beta-end", type=float, default=0.0155)
     p.add_argument("--loss", default="l2", choices=["l2", "l1"])
+    p.add_argument("--latent-cache", type=int, default=0, metavar="N",
+                   help="encode N clips once and train on their latents (fast on CPU; 0 = encode on the fly)")
     p.add_argument("--s-max", type=int, default=250, help="max conditional perturbation level (§3.3)")
     p.add_argument("--gap", type=int, default=4, help="latents between keyframes: pred trains on every gap-th "
                    "latent, interp on gap+1 consecutive latents (use --gap 1 for a dense autoregressive model)")
@@ -350,7 +352,7 @@ def build_diffusion(args, device, master_process, world):
     clip_frames = {"lvdm": args.frames, "pred": args.frames * args.gap, "interp": (args.gap + 1) * ft}[args.stage]
     if vae is not None:
         vae.check_input(torch.empty(1, 3, clip_frames, args.size, args.size, device="meta"))
-    base = dict(U.unet_presets()[args.model_preset], in_channels=channels, out_channels=channels,
+    base = dict(asdict(U.unet_presets()[args.model_preset]), in_channels=channels, out_channels=channels,
                 mask_channel=conditional, s_embedding=conditional)
     cfg = make_config(U.UNetConfig, base, parse_overrides(args.model))
     model = U.UNet3D(cfg).to(device)
@@ -366,10 +368,31 @@ def build_diffusion(args, device, master_process, world):
         print(f"U-Net: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, space={args.space}, "
               f"{'conditional (mask channel + s embedding)' if conditional else 'unconditional'}")
 
+    cached = {"on": False}
+
     @torch.no_grad()
     def encode(x):  # (B,3,T,H,W) -> (B,c,T/ft,H/fs,W/fs), scaled to unit std (vae.py)
-        z = vae.encode_latents(x) if vae is not None else x
+        z = vae.encode_latents(x) if vae is not None and not cached["on"] else x
         return z[:, :, ::args.gap] if args.stage == "pred" else z  # (B,c,l*gap,h,w) -> (B,c,l,h,w)
+
+    def latent_cache(dataset):
+        """--latent-cache N: encode the first N clips once (on CPU the encoder costs more than the
+        U-Net step) and train on those latents; the file is keyed by the VAE and the data settings."""
+        import hashlib
+        key = json.dumps([os.path.abspath(args.vae), os.path.getmtime(args.vae), args.data, clip_frames, args.size,
+                          args.stride, args.split, args.seed, args.latent_cache])
+        path = os.path.join(args.out, f"latents-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
+        n = min(args.latent_cache, len(dataset))
+        if master_process and not os.path.exists(path):
+            from tqdm import tqdm
+            dataset.set_epoch(0)
+            zs = [vae.encode_latents(torch.stack([dataset[j] for j in range(i, min(i + 8, n))]).to(device)).cpu()
+                  for i in tqdm(range(0, n, 8), desc="latent cache")]
+            save_checkpoint(path, {"latents": torch.cat(zs), "key": key})
+        if dist.is_initialized():
+            dist.barrier()
+        cached["on"] = True
+        return LatentDataset(torch.load(path, weights_only=True)["latents"])
 
     def train_step(ddp_model, x, step, autocast, scalers, accum, micro):
         z0 = encode(x)
@@ -399,8 +422,24 @@ def build_diffusion(args, device, master_process, world):
         write_visuals(args, f"{args.stage}-{step:07d}", x.float().clamp(-1, 1).cpu())
 
     return dict(model=model, config=cfg, optimizer=opt, train_step=train_step, visualize=visualize,
-                clip_frames=clip_frames,
+                clip_frames=clip_frames, latent_cache=latent_cache if vae is not None else None,
                 on_save=lambda: {"vae_path": os.path.abspath(args.vae) if args.vae else None})
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Pre-encoded latents (N,c,l,h,w) standing in for a video dataset (--latent-cache)."""
+
+    def __init__(self, latents):
+        self.latents = latents
+
+    def __len__(self):
+        return len(self.latents)
+
+    def __getitem__(self, i):
+        return self.latents[i]
+
+    def set_epoch(self, epoch):
+        pass
 
 
 def init_from_unconditional(model, ckpt):
@@ -468,6 +507,8 @@ def main(argv=None):
     import data as D
     dataset = D.make_dataset(args.data, S.get("clip_frames", args.frames), args.size, stride=args.stride, split=args.split,
                              random_start=True, flip=bool(args.flip), seed=args.seed)
+    if args.latent_cache and S.get("latent_cache"):
+        dataset = S["latent_cache"](dataset)
     per_epoch = len(dataset) // (args.batch_size * world)
     if per_epoch == 0:
         raise UserError(f"{len(dataset)} clips cannot fill one batch of {args.batch_size} x {world} processes; "

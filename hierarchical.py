@@ -61,12 +61,21 @@ def full_mask(m, z):
     return m.expand(z.shape[0], 1, z.shape[2], z.shape[3], z.shape[4])
 
 
+def perturb(diffusion, z0, s, noise):
+    """Conditional latent perturbation: z_s after s forward steps of Eq. (3), in closed form.
+
+    s is a count of steps (B,): s = 0 leaves the latents unchanged, s >= 1 is diffusion.q_sample
+    at training index s - 1 (z_s = sqrt(ᾱ_s) z_0 + sqrt(1 - ᾱ_s) ε)."""
+    zs = diffusion.q_sample(z0, (s - 1).clamp_min(0), noise)
+    return torch.where((s > 0).view(-1, *([1] * (z0.dim() - 1))), zs, z0)
+
+
 # ----------------------------------------------------------------------------- training
 def training_loss(diffusion, model, z0, stage, s_max=250, k=1, p_cond=None, generator=None):
     """Eq. (7) for the conditional models: (B,) mean squared ε error over the latents to generate.
 
     Conditional latent perturbation: the given latents are diffused to a random level
-    s ~ U{0..s_max} with Eq. (3) (z_s = sqrt(ᾱ_s) z_0 + sqrt(1-ᾱ_s) ε') and s is fed to the network.
+    s ~ U{0..s_max} with Eq. (3) (`perturb`) and s is fed to the network.
     Samples drawn unconditional (all masks zero) get s = 0.
     """
     B, c, l = z0.shape[:3]
@@ -74,7 +83,7 @@ def training_loss(diffusion, model, z0, stage, s_max=250, k=1, p_cond=None, gene
     m = sample_train_masks(stage, B, l, k=k, p_cond=p_cond, generator=generator, device=dev)  # (B,1,l,1,1)
     conditioned = m.flatten(1).amax(1) > 0                                                   # (B,)
     s = torch.randint(0, s_max + 1, (B,), generator=generator, device=dev) * conditioned.long()
-    z_cond = diffusion.q_sample(z0, s, torch.randn(z0.shape, generator=generator, device=dev))
+    z_cond = perturb(diffusion, z0, s, torch.randn(z0.shape, generator=generator, device=dev))
 
     def model_fn(z_t, t):  # Eq. (8): the given latents replace the noisy ones, the mask is an extra channel
         return model(replace_given(z_t, z_cond, m), t, mask=full_mask(m, z0), s=s)
@@ -94,7 +103,7 @@ def guided_model_fn(model, cond, m, s=0, w=0.0, diffusion=None, generator=None):
     s_vec = torch.full((B,), int(s), dtype=torch.long, device=cond.device)
     if s > 0:
         noise = torch.randn(cond.shape, generator=generator, device=cond.device)
-        cond = diffusion.q_sample(cond, s_vec, noise)
+        cond = perturb(diffusion, cond, s_vec, noise)
     mask_c = full_mask(m, cond)
     mask_u = torch.zeros_like(mask_c)
     zeros = torch.zeros_like(s_vec)

@@ -77,8 +77,8 @@ def _import_av(what):
 
 def _check_size(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise UserError(f"{name} must be a positive integer (got {value!r}); pass e.g. --{name} "
-                        f"{ {'size': 256, 'frames': 16, 'stride': 1}.get(name, 1) }.")
+        example = {"size": 256, "frames": 16}.get(name, 1)
+        raise UserError(f"{name} must be a positive integer (got {value!r}); pass e.g. --{name} {example}.")
 
 
 # ----------------------------------------------------------------------------- finding videos
@@ -176,41 +176,44 @@ def _count_file_frames(path):
                 return int(getattr(im, "n_frames", 1))
         av = _import_av(f"reading {path}")
         with av.open(path) as container:
-            stream = container.streams.video[0]
-            next(container.decode(stream))  # raises when nothing decodes
-            container.seek(0)
-            return sum(1 for p in container.demux(stream) if p.size > 0)
+            next(container.decode(video=0))  # raises when nothing decodes
+        with av.open(path) as container:
+            return sum(1 for p in container.demux(video=0) if p.size > 0)
     except UserError:
         raise
     except Exception:
         return -1
 
 
-def iter_frames(source, zip_handles=None):
-    """Yield the frames of a video source as PIL RGB images, in order (sequential decoding)."""
+def frame_names(folder):
+    """Image files of a frame folder in natural order (dotfiles skipped)."""
+    return sorted((f for f in os.listdir(folder) if not _skipped(f) and _ext(f) in IMAGE_EXTS), key=natural_key)
+
+
+def iter_frames(source, keep=None):
+    """Yield the frames of a video source in order as PIL RGB images (decoding sequentially);
+    with a set `keep`, frames whose index is not in it are yielded as None without conversion."""
     kind, path, members = source
-    if kind == "dir":
-        for name in sorted((f for f in os.listdir(path) if not _skipped(f) and _ext(f) in IMAGE_EXTS),
-                           key=natural_key):
-            with Image.open(os.path.join(path, name)) as im:
-                yield im.convert("RGB")
-    elif kind == "zip":
-        zf = zip_handles[path] if zip_handles is not None else zipfile.ZipFile(path)
-        for name in members:
-            with Image.open(io.BytesIO(zf.read(name))) as im:
+    if kind in ("dir", "zip"):
+        zf = zipfile.ZipFile(path) if kind == "zip" else None
+        for k, name in enumerate(members if kind == "zip" else frame_names(path)):
+            if keep is not None and k not in keep:
+                yield None
+                continue
+            with Image.open(io.BytesIO(zf.read(name)) if zf else os.path.join(path, name)) as im:
                 yield im.convert("RGB")
     elif _ext(path) == ".gif":
         with Image.open(path) as im:
             for k in range(getattr(im, "n_frames", 1)):
-                im.seek(k)
-                yield im.convert("RGB")
+                im.seek(k)  # GIF frames are deltas: seek walks through every frame anyway
+                yield im.convert("RGB") if keep is None or k in keep else None
     else:  # decode from the start: seeking by pts returns wrong frames on some AVIs
         av = _import_av(f"reading {path}")
         with av.open(path) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            for frame in container.decode(stream):
-                yield frame.to_image()
+            for k, frame in enumerate(container.decode(stream)):
+                yield frame.to_image() if keep is None or k in keep else None
 
 
 def resize_center_crop(img, size):
@@ -236,7 +239,7 @@ def _uint8_to_clip(frames, flip):
     if flip:
         x = x[:, :, ::-1]
     x = torch.from_numpy(np.ascontiguousarray(x)).permute(3, 0, 1, 2)  # (T,H,W,3) -> (3,T,H,W)
-    return x.float().div(127.5).sub(1.0)
+    return x.float().div_(127.5).sub_(1.0)
 
 
 # ----------------------------------------------------------------------------- VideoDataset
@@ -283,8 +286,8 @@ class VideoDataset(torch.utils.data.Dataset):
                             f"lower --frames or --stride.")
         self._zips, self._zips_pid = {}, None
         if verbose:
-            print(f"data: {len(self.videos)} videos ({split}) in {self.root}, skipped {self.num_short} "
-                  f"shorter than {self.span} frames ({self.frames} at stride {self.stride}), "
+            print(f"data: {len(self.videos)} videos ({split} split of {self.root}), skipped {self.num_short} "
+                  f"shorter than {self.span} frames ({self.frames} frames at stride {self.stride}), "
                   f"{self.num_unreadable} unreadable")
 
     def _frame_counts(self, sources):
@@ -298,7 +301,7 @@ class VideoDataset(torch.utils.data.Dataset):
         counts, changed = [], False
         for kind, path, members in sources:
             if kind == "dir":
-                counts.append(sum(1 for f in os.listdir(path) if not _skipped(f) and _ext(f) in IMAGE_EXTS))
+                counts.append(len(frame_names(path)))
             elif kind == "zip":
                 counts.append(len(members))
             else:
@@ -323,6 +326,8 @@ class VideoDataset(torch.utils.data.Dataset):
         return len(self.videos)
 
     def set_epoch(self, epoch):
+        """Call before iter(loader) each epoch (workers copy the dataset then; persistent_workers
+        would keep the old epoch)."""
         self.epoch = int(epoch)
 
     def clip_indices(self, i):
@@ -332,12 +337,13 @@ class VideoDataset(torch.utils.data.Dataset):
         flip = bool(self.flip and rng.random() < 0.5)
         return start + self.stride * np.arange(self.frames), flip
 
-    def _zip_handles(self):
-        if self._zips_pid != os.getpid():  # a DataLoader worker opens its own handles
+    def _zip(self, path):
+        """The archive at `path`, opened once per process (each DataLoader worker opens its own)."""
+        if self._zips_pid != os.getpid():
             self._zips, self._zips_pid = {}, os.getpid()
-        for _, path, _ in self.videos:
-            pass
-        return self._zips
+        if path not in self._zips:
+            self._zips[path] = zipfile.ZipFile(path)
+        return self._zips[path]
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -347,34 +353,24 @@ class VideoDataset(torch.utils.data.Dataset):
     def read_clip(self, i):
         """uint8 (T,size,size,3) clip of item i (before flip)."""
         indices, _ = self.clip_indices(i)
-        source = self.videos[i]
-        handles = None
-        if source[0] == "zip":
-            handles = self._zip_handles()
-            if source[1] not in handles:
-                handles[source[1]] = zipfile.ZipFile(source[1])
-        if source[0] == "file":  # sequential decode up to the last frame needed
-            wanted, out = set(indices.tolist()), {}
-            for k, img in enumerate(iter_frames(source)):
-                if k in wanted:
-                    out[k] = np.asarray(resize_center_crop(img, self.size))
-                if k >= indices[-1]:
-                    break
-            frames = [out[k] for k in indices]  # KeyError when the file holds fewer frames
-        elif source[0] == "dir":
-            names = sorted((f for f in os.listdir(source[1]) if not _skipped(f) and _ext(f) in IMAGE_EXTS),
-                           key=natural_key)
-            frames = []
-            for k in indices:
-                with Image.open(os.path.join(source[1], names[k])) as im:
-                    im.draft("RGB", (self.size, self.size))  # JPEG: decode at a reduced scale if >= size
-                    frames.append(np.asarray(resize_center_crop(im.convert("RGB"), self.size)))
-        else:
-            frames = []
-            for k in indices:
-                with Image.open(io.BytesIO(handles[source[1]].read(source[2][k]))) as im:
-                    frames.append(np.asarray(resize_center_crop(im.convert("RGB"), self.size)))
-        return np.stack(frames)
+        kind, path, members = self.videos[i]
+        if kind == "file":  # decode sequentially up to the last frame needed
+            out, frames = {}, iter_frames(self.videos[i], keep=set(indices.tolist()))
+            with contextlib.closing(frames):
+                for k, img in enumerate(frames):
+                    if img is not None:
+                        out[k] = np.asarray(resize_center_crop(img, self.size))
+                    if k >= indices[-1]:
+                        break
+            return np.stack([out[k] for k in indices])  # KeyError if the file holds fewer frames
+        names = members if kind == "zip" else frame_names(path)
+        clip = []
+        for k in indices:
+            with Image.open(io.BytesIO(self._zip(path).read(names[k])) if kind == "zip"
+                            else os.path.join(path, names[k])) as im:
+                im.draft("RGB", (self.size, self.size))  # JPEG: decode at 1/2, 1/4, 1/8 scale if still >= size
+                clip.append(np.asarray(resize_center_crop(im.convert("RGB"), self.size)))
+        return np.stack(clip)
 
     def __getitem__(self, i):
         for attempt in range(len(self.videos)):
@@ -400,7 +396,7 @@ def _hsv_to_rgb(h, s, v):
     """Vectorized HSV -> RGB in [0,1]; h in cycles (any real), s, v in [0,1]. Returns (...,3)."""
     h = np.mod(h, 1.0) * 6.0
     k = np.stack([np.mod(5 + h, 6), np.mod(3 + h, 6), np.mod(1 + h, 6)], -1)
-    return v[..., None] - (v * s)[..., None] * np.clip(np.minimum(k, 4 - k), 0, 1)
+    return v[..., None] * (1 - s * np.clip(np.minimum(k, 4 - k), 0, 1))
 
 
 def bounce(p0, v, r, t):
@@ -425,7 +421,7 @@ class SyntheticVideos(torch.utils.data.Dataset):
         (see `bounce`) and pass through each other; frame t shows the position at time t, so any
         length is one continuous trajectory and stride s samples every s-th frame of it;
       * edges are antialiased: alpha = clip((r - d)/w + 1/2, 0, 1), d = distance of the pixel
-        center to the ball center, w = 1.5 px at 64x64 (scaled with size);
+        center to the ball center, w = 1.5 px (a soft edge a small autoencoder can reproduce);
       * background: a sinusoidal gradient g = 1/2 + 1/2 sin(2 pi f (x cos a + y sin a) + phase(t)),
         f ~ U(0.4, 0.9) (less than one period over the frame: smooth), phase(t) = phase0 + omega t,
         omega ~ U(-0.06, 0.06) rad/frame; colour = HSV(hue(t) + 0.15 g, sat, val*(0.75 + 0.25 g))
@@ -468,29 +464,32 @@ class SyntheticVideos(torch.utils.data.Dataset):
               "sat": float(rng.uniform(0.2, 0.4)), "val": float(rng.uniform(0.45, 0.7)),
               "freq": float(rng.uniform(0.4, 0.9)), "angle": float(rng.uniform(0, 2 * np.pi)),
               "phase0": float(rng.uniform(0, 2 * np.pi)), "omega": float(rng.uniform(-0.06, 0.06))}
-        caption = " and ".join(f"a {b['color']} ball" for b in balls) + " bouncing"
+        caption = " and ".join(("an " if b["color"][0] in "aeiou" else "a ") + b["color"] + " ball"
+                               for b in balls) + " bouncing"
         return {"index": int(i), "split_id": self.split_id, "seed": int(self.seed), "n_balls": n_balls,
                 "balls": balls, "background": bg, "caption": caption}
 
     def render(self, i, frames=None, stride=None, start=0, size=None):
         """uint8 (T,H,W,3) of item i at times start + stride*k, k < frames (vectorized numpy)."""
         frames, stride, size = frames or self.frames, stride or self.stride, size or self.size
-        p, bg = self.params(i), self.params(i)["background"]
+        p = self.params(i)
+        bg = p["background"]
         out = np.empty((frames, size, size, 3), np.uint8)
         c = (np.arange(size) + 0.5) / size  # pixel centers as fractions of the frame
         xx, yy = c[None, None, :], c[None, :, None]  # (1,1,W), (1,H,1)
-        edge = 1.5 / 64  # soft edge width, in frame fractions
+        edge = 1.5 / size  # soft edge width: 1.5 px, in frame fractions
         for t0 in range(0, frames, 64):  # chunks of 64 frames bound the memory of long clips
-            t = (start + stride * np.arange(t0, min(frames, t0 + 64))).astype(np.float64)[:, None, None]
+            t = (start + stride * np.arange(t0, min(frames, t0 + 64)))[:, None, None].astype(np.float64)
             g = 0.5 + 0.5 * np.sin(2 * np.pi * bg["freq"] * (xx * np.cos(bg["angle"]) + yy * np.sin(bg["angle"]))
                                    + bg["phase0"] + bg["omega"] * t)  # (t,H,W)
             hue = bg["hue0"] + bg["hue_rate"] * t + 0.15 * g
-            img = _hsv_to_rgb(hue, np.full_like(g, bg["sat"]), bg["val"] * (0.75 + 0.25 * g))  # (t,H,W,3)
+            img = _hsv_to_rgb(hue.astype(np.float32), np.float32(bg["sat"]),
+                              (bg["val"] * (0.75 + 0.25 * g)).astype(np.float32))  # (t,H,W,3)
             for b in p["balls"]:
                 cx, cy = bounce(b["x0"], b["vx"], b["radius"], t), bounce(b["y0"], b["vy"], b["radius"], t)
-                d = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)
-                alpha = np.clip((b["radius"] - d) / edge + 0.5, 0.0, 1.0)[..., None]  # (t,H,W,1)
-                img = img * (1 - alpha) + alpha * (np.array(b["rgb"]) / 255.0)
+                d = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)  # (t,H,W)
+                alpha = np.clip((b["radius"] - d) / edge + 0.5, 0.0, 1.0).astype(np.float32)[..., None]
+                img += alpha * (np.array(b["rgb"], np.float32) / 255.0 - img)  # alpha blend, (t,H,W,3)
             out[t0:t0 + img.shape[0]] = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
         return out
 
@@ -505,10 +504,16 @@ def make_dataset(data, frames, size, stride=1, split="train", random_start=True,
         return SyntheticVideos(n=kw.get("n"), frames=frames, size=size, stride=stride, split=split,
                                seed=seed, flip=flip)
     return VideoDataset(data, frames, size, stride=stride, split=split, random_start=random_start, flip=flip,
-                        seed=seed, cache_dir=kw.get("cache_dir"))
+                        seed=seed, cache_dir=kw.get("cache_dir"), verbose=kw.get("verbose", True))
 
 
 # ----------------------------------------------------------------------------- reading / writing
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path` (same suffix); os.replace it onto `path` on success."""
@@ -518,6 +523,7 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -564,8 +570,9 @@ def read_video(path):
 
 
 def write_video(path, frames, fps=8):
-    """Write uint8 (T,H,W,3): .gif (Pillow, loops forever), .png (one row of frames), or a PyAV
-    video (.mp4/.mkv/.mov/.avi: libx264 yuv420p, .webm: vp9; odd sizes padded to even)."""
+    """Write uint8 (T,H,W,3): .gif (Pillow, loops forever; 256 colors per frame, and Pillow merges
+    identical consecutive frames), .png (one row of frames), or a PyAV video (.mp4/.mkv/.mov/.avi:
+    libx264 yuv420p crf 18, .webm: vp9; odd sizes padded to even by repeating the edge)."""
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"write_video wants uint8 (T,H,W,3), got {frames.dtype} {frames.shape}")
@@ -581,7 +588,7 @@ def write_video(path, frames, fps=8):
             T, H, W, _ = frames.shape
             frames = np.pad(frames, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)), mode="edge")
             with av.open(tmp, "w") as container:
-                stream = container.add_stream("libvpx-vp9" if ext == ".webm" else "libx264", rate=int(fps))
+                stream = container.add_stream("libvpx-vp9" if ext == ".webm" else "libx264", rate=round(fps))
                 stream.width, stream.height, stream.pix_fmt = W + W % 2, H + H % 2, "yuv420p"
                 if ext != ".webm":
                     stream.options = {"crf": "18"}
@@ -621,6 +628,7 @@ def _prepare_one(job):
             n += 1
         if n == 0:
             raise ValueError("no frames")
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
         os.replace(tmp, dst)
         return "done"
     except Exception as e:
@@ -643,12 +651,13 @@ def prepare(src, dst, size=256, layout="preserved", fmt="jpg", quality=95, worke
     jobs = []
     for source in find_videos(src):
         kind, path, members = source
-        if kind == "zip":
-            rel = os.path.join(os.path.relpath(path, src) if path != src else "", os.path.dirname(members[0]))
-        else:
-            rel = os.path.relpath(path, src)
-        rel = os.path.splitext(rel)[0] if kind == "file" else rel
-        parts = [p for p in rel.replace("\\", "/").split("/") if p not in ("", ".")] or ["video"]
+        rel = "" if path == src else os.path.relpath(path, src)
+        if kind == "zip":  # archive.zip/folder/frames -> archive/folder
+            rel = os.path.join(os.path.splitext(rel)[0], os.path.dirname(members[0]))
+        elif kind == "file":
+            rel = os.path.splitext(rel)[0]
+        parts = [p for p in rel.replace(os.sep, "/").split("/") if p not in ("", ".")]
+        parts = parts or [os.path.splitext(os.path.basename(os.path.abspath(src)))[0]]
         if layout == "flat":
             split = [parts[0]] if parts[0].lower() in CANONICAL_SPLIT and len(parts) > 1 else []
             parts = split + [parts[-1]]
@@ -704,6 +713,7 @@ def make_frame_folders(dst, n=32, frames=64, width=320, height=256, seed=0):
         tmp = tempfile.mkdtemp(prefix=".tmp", dir=dst)
         for k, f in enumerate(video):
             Image.fromarray(f).save(os.path.join(tmp, f"frame{k}.jpg"), quality=95)
+        os.chmod(tmp, 0o777 & ~_umask())
         os.replace(tmp, folder)
 
 

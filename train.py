@@ -52,13 +52,16 @@ STAGE_DEFAULTS = {
                            disc_weight=0.5, perceptual_weight=1.0, save_every=500, sample_every=500),
     ("vae", "paper"): dict(steps=100_000, batch_size=2, lr=3.6e-5, ema=0.0, disc_start=50_001, kl_weight=1e-6,
                            disc_weight=0.5, perceptual_weight=1.0, save_every=2000, sample_every=2000),
-    ("lvdm", "demo"):  dict(steps=2000, batch_size=8, lr=5e-4, ema=0.999, save_every=500, sample_every=1000),
-    ("lvdm", "paper"): dict(steps=400_000, batch_size=4, lr=6e-5, ema=0.9999, save_every=5000, sample_every=5000),
+    ("lvdm", "demo"):  dict(steps=2000, batch_size=8, lr=5e-4, ema=0.999, save_every=500, sample_every=1000,
+                            latent_cache=2048),
+    ("lvdm", "paper"): dict(steps=400_000, batch_size=4, lr=6e-5, ema=0.9999, save_every=5000, sample_every=5000,
+                            latent_cache=0),
 }
 for _stage in ("pred", "interp"):  # resumed from lvdm with the same optimisation settings
     for _kind in ("demo", "paper"):
         STAGE_DEFAULTS[(_stage, _kind)] = dict(STAGE_DEFAULTS[("lvdm", _kind)])
         STAGE_DEFAULTS[(_stage, _kind)]["steps"] //= 2
+STAGE_DEFAULTS[("pred", "demo")]["latent_cache"] = 1024  # its clips are gap (4) times longer
 
 
 def parse_args(argv=None):
@@ -91,15 +94,15 @@ def parse_args(argv=None):
     p.add_argument("--sample-posterior", type=int, default=1, help="train on z ~ q(z|x) (1) or its mean (0)")
     p.add_argument("--eval-clips", type=int, default=32, help="held-out clips for PSNR / latent statistics")
     # stages lvdm / pred / interp (§3.2, §3.3)
-    p.add_argument("--vae", help="frozen autoencoder checkpoint (stage vae output)")
-    p.add_argument("--init", help="unconditional lvdm checkpoint that pred/interp start from")
+    p.add_argument("--vae", help="frozen autoencoder checkpoint (default RUN/vae.pt)")
+    p.add_argument("--init", help="unconditional lvdm checkpoint that pred/interp start from (default RUN/lvdm.pt)")
     p.add_argument("--space", default="latent", choices=["latent", "pixel"],
                    help="pixel = the same U-Net on pixels (the VDM-style baseline of Table 2)")
     p.add_argument("--timesteps", type=int, default=1000)
     p.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
     p.add_argument("--beta-start", type=float, default=0.0015); p.add_argument("--beta-end", type=float, default=0.0155)
     p.add_argument("--loss", default="l2", choices=["l2", "l1"])
-    p.add_argument("--latent-cache", type=int, default=0, metavar="N",
+    p.add_argument("--latent-cache", type=int, metavar="N",
                    help="encode N clips once and train on their latents (fast on CPU; 0 = encode on the fly)")
     p.add_argument("--s-max", type=int, default=250, help="max conditional perturbation level (§3.3)")
     p.add_argument("--gap", type=int, default=4, help="latents between keyframes: pred trains on every gap-th "
@@ -113,6 +116,11 @@ def parse_args(argv=None):
             setattr(args, k, v)
     args.model_preset = kind
     args.out = args.out or os.path.join("runs", args.preset)
+    # Later stages find the earlier ones in the same run folder unless told otherwise.
+    if args.stage != "vae" and args.vae is None and args.space == "latent":
+        args.vae = os.path.join(args.out, "vae.pt")
+    if args.stage in ("pred", "interp") and args.init is None:
+        args.init = os.path.join(args.out, "lvdm.pt")
     if args.data is None:
         raise UserError(f"--preset {args.preset} trains on a real dataset: pass --data PATH (or --preset demo).")
     return args

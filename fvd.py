@@ -625,13 +625,18 @@ def write_csv(path, points):
 
 
 def plot_curve(path, points, title, width=720, height=420):
-    """Line plot of FVD against the last frame of each clip, as a PNG."""
+    """Line plot of FVD against the last frame of each clip, as a PNG (Pillow only).
+
+    points: one curve's list of {"end", "fvd"} dicts, or a dict label -> such a list (one colored
+    line each, with a legend)."""
     from PIL import Image, ImageDraw, ImageFont
+    series = points if isinstance(points, dict) else {"": points}
+    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
     img = Image.new("RGB", (width, height), "white")
     draw, font = ImageDraw.Draw(img), ImageFont.load_default()
     left, right, top, bottom = 70, width - 30, 40, height - 50
-    xs = [p["end"] for p in points]
-    ys = [p["fvd"] for p in points]
+    xs = sorted({p["end"] for pts in series.values() for p in pts})
+    ys = [p["fvd"] for pts in series.values() for p in pts]
     x_lo, x_hi = 0, max(xs)
     raw = max(max(ys) - min(0.0, min(ys)), 1e-9) / 5  # y ticks: 1, 2 or 5 times a power of ten
     step = min(m * 10 ** np.floor(np.log10(raw)) for m in (1, 2, 5, 10) if m * 10 ** np.floor(np.log10(raw)) >= raw)
@@ -652,11 +657,16 @@ def plot_curve(path, points, title, width=720, height=420):
         xx, _ = px(x, y_lo)
         draw.line([(xx, bottom), (xx, bottom + 4)], fill="black")
         draw.text((xx, bottom + 6), str(x), fill="black", font=font, anchor="mt")
-    line = [px(x, y) for x, y in zip(xs, ys)]
-    if len(line) > 1:
-        draw.line(line, fill=(31, 119, 180), width=2)
-    for cx, cy in line:
-        draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=(31, 119, 180))
+    for k, (label, pts) in enumerate(series.items()):
+        color = colors[k % len(colors)]
+        line = [px(p["end"], p["fvd"]) for p in pts]
+        if len(line) > 1:
+            draw.line(line, fill=color, width=2)
+        for cx, cy in line:
+            draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=color)
+        if label:  # legend, top left inside the axes
+            draw.line([(left + 10, top + 8 + 14 * k), (left + 30, top + 8 + 14 * k)], fill=color, width=2)
+            draw.text((left + 36, top + 8 + 14 * k), label, fill="black", font=font, anchor="lm")
     draw.text(((left + right) / 2, height - 18), "frame (end of each clip)", fill="black", font=font, anchor="mm")
     draw.text((10, top - 20), "FVD", fill="black", font=font)
     draw.text(((left + right) / 2, 14), title, fill="black", font=font, anchor="mm")

@@ -209,3 +209,78 @@ def stream_decode(vae, latent_chunks, context=2):
         left = prev[:, :, -context:] if prev is not None else pending[:, :, :0]
         x = vae.decode_latents(torch.cat([left, pending], 2))
         yield x[:, :, left.shape[2] * ft:]
+
+
+# ----------------------------------------------------------------------------- the degradation study
+STUDY = {  # name -> (mode, cond-noise s, guidance w); Fig. 6-7 of the paper
+    "hierarchical": ("hierarchical", 100, 0.1),
+    "autoregressive": ("autoregressive", 100, 0.1),
+    "autoregressive, no perturbation": ("autoregressive", 0, 0.1),
+    "autoregressive, no guidance": ("autoregressive", 100, 0.0),
+}
+
+
+def study(argv=None):
+    """FVD of every 16-frame clip across long videos, for the long-video settings of §4.4.
+
+    python hierarchical.py study --pred runs/demo/pred.pt --interp runs/demo/interp.pt \\
+        --ar-pred runs/demo-ar/pred.pt --i3d i3d-kinetics-400.ckpt --frames 256 --n 16
+    Writes OUT/study.csv and OUT/study.png (one curve per setting)."""
+    import argparse
+    import csv
+    import os
+    import numpy as np
+    import data as D
+    import fvd as F
+    import sample
+    p = argparse.ArgumentParser(prog="hierarchical.py study", description=study.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pred", required=True, help="prediction model on sparse latents (--gap 4)")
+    p.add_argument("--interp", required=True)
+    p.add_argument("--ar-pred", required=True, help="prediction model on consecutive latents (--gap 1)")
+    p.add_argument("--i3d", default=os.environ.get("LVDM_I3D"))
+    p.add_argument("--frames", type=int, default=1024); p.add_argument("--n", type=int, default=16)
+    p.add_argument("--real-n", type=int, default=256, help="real synthetic clips for the reference statistics")
+    p.add_argument("--steps", type=int, default=50); p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", action="append", help="run only these settings (repeatable)")
+    p.add_argument("--out", default="runs/study")
+    args = p.parse_args(argv)
+    model = F.load_i3d(args.i3d)
+    os.makedirs(args.out, exist_ok=True)
+    size = sample.load_model(args.pred, "cpu")[2]["size"]
+    real_ds = D.SyntheticVideos(n=args.real_n, frames=16, size=size, split="test")
+    real = np.stack([D.to_uint8(real_ds[i][None])[0] for i in range(len(real_ds))])  # (N,16,H,W,3)
+    real_feats = F.i3d_features(real, model, progress=True, desc="real clips")
+    curves = {}
+    for name, (mode, s, w) in STUDY.items():
+        if args.only and name not in args.only:
+            continue
+        out = os.path.join(args.out, name.replace(", ", "-").replace(" ", "-"))
+        ckpt = args.pred if mode == "hierarchical" else args.ar_pred
+        sample.main(["--ckpt", ckpt, "--interp", args.interp, "--mode", mode, "--frames", str(args.frames),
+                     "--n", str(args.n), "--batch-size", str(args.n), "--steps", str(args.steps),
+                     "--cond-noise", str(s), "--guidance", str(w), "--seed", str(args.seed), "--out", out])
+        videos = np.load(os.path.join(out, "long.npy"), mmap_mode="r")
+        curves[f"{name} (s={s}, w={w})"] = F.fvd_curve(real_feats, videos, model, progress=False)
+        print(name, " ".join(f"{c['fvd']:.0f}" for c in curves[f"{name} (s={s}, w={w})"]), flush=True)
+    with D.atomic_path(os.path.join(args.out, "study.csv")) as tmp, open(tmp, "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(["setting", "clip", "start", "end", "fvd", "kvd"])
+        for name, pts in curves.items():
+            for c in pts:
+                wr.writerow([name, c["clip"], c["start"], c["end"], f"{c['fvd']:.3f}", f"{c['kvd']:.5f}"])
+    F.plot_curve(os.path.join(args.out, "study.png"), curves,
+                 f"FVD per 16-frame clip, {args.n} videos x {args.frames} frames vs {args.real_n} real clips")
+    print(f"wrote {args.out}/study.csv and study.png")
+
+
+if __name__ == "__main__":
+    import sys
+    from data import UserError
+    if len(sys.argv) < 2 or sys.argv[1] != "study":
+        sys.exit("usage: python hierarchical.py study --pred P --interp I --ar-pred A [--i3d W] [--frames F] [--n N]")
+    try:
+        study(sys.argv[2:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

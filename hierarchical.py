@@ -186,11 +186,26 @@ def hierarchical(pred_model, interp_model, diffusion, clip_shape, n_latents, gap
 
 # ----------------------------------------------------------------------------- streaming decode
 @torch.no_grad()
-def stream_decode(vae, latent_chunks, context=2):
+def temporal_reach(vae, probe=64):
+    """How many latents to either side one latent influences in the decoder (its temporal receptive
+    field), found by decoding a probe with one latent changed. Finite because vae.py's convolutions
+    are local in time and its GroupNorm statistics are per frame."""
+    p = next(vae.parameters())
+    z = torch.zeros(1, vae.cfg.z_channels, probe, 1, 1, device=p.device, dtype=p.dtype)
+    a = vae.decode(z)
+    z[:, :, probe // 2] = 1.0
+    changed = ((vae.decode(z) - a).abs().amax(dim=(0, 1, 3, 4)) > 0).nonzero().flatten()  # frame indices
+    first, last = (probe // 2) * vae.ft, (probe // 2 + 1) * vae.ft - 1
+    return -(-max(first - int(changed.min()), int(changed.max()) - last) // vae.ft)
+
+
+@torch.no_grad()
+def stream_decode(vae, latent_chunks, context=None):
     """Decode a stream of latent chunks (B,c,n,h,w) into frame chunks (B,3,n*ft,H,W), keeping at most
-    the current chunk plus `context` latents on each side in memory. The decoder sees that much
-    temporal context across chunk borders, so seams match a one-shot decode (see the test)."""
+    the current chunk plus `context` latents on each side in memory. With context >= the decoder's
+    temporal reach (the default), every frame equals the one-shot decode of the whole video."""
     ft = vae.ft
+    context = temporal_reach(vae) if context is None else context
     prev = None    # latents already emitted, last `context` of them kept as left context
     pending = None
     for chunk in latent_chunks:

@@ -48,13 +48,19 @@ PRESETS = {
 # Optimisation defaults per stage, for the tiny CPU demo and for the paper-size models.
 # The paper-size values follow the public LVDM release (LDM-style AE training, AdamW for the U-Net).
 STAGE_DEFAULTS = {
-    ("vae", "demo"):  dict(steps=1500, batch_size=4, lr=1e-3, ema=0.0, disc_start=1000, kl_weight=1e-6,
-                           disc_weight=0.5, perceptual_weight=1.0, save_every=500, sample_every=500),
-    ("vae", "paper"): dict(steps=100_000, batch_size=2, lr=3.6e-5, ema=0.0, disc_start=50_001, kl_weight=1e-6,
+    # The demo autoencoder trains on 8-frame clips (it is fully convolutional, so it encodes the
+    # 16-frame clips of later stages too) with a cosine schedule; its GAN term starts late.
+    ("vae", "demo"):  dict(steps=1200, batch_size=4, frames=8, lr=2e-3, schedule_lr="cosine", warmup=20,
+                           ema=0.0, disc_start=1000, kl_weight=1e-6, disc_weight=0.5, perceptual_weight=1.0,
+                           save_every=300, sample_every=300),
+    ("vae", "paper"): dict(steps=100_000, batch_size=2, lr=3.6e-5, schedule_lr="constant", warmup=0,
+                           ema=0.0, disc_start=50_001, kl_weight=1e-6,
                            disc_weight=0.5, perceptual_weight=1.0, save_every=2000, sample_every=2000),
-    ("lvdm", "demo"):  dict(steps=2000, batch_size=8, lr=5e-4, ema=0.999, save_every=500, sample_every=1000,
+    ("lvdm", "demo"):  dict(steps=2000, batch_size=8, lr=5e-4, schedule_lr="cosine", warmup=50, ema=0.999,
+                            save_every=500, sample_every=1000,
                             latent_cache=2048),
-    ("lvdm", "paper"): dict(steps=400_000, batch_size=4, lr=6e-5, ema=0.9999, save_every=5000, sample_every=5000,
+    ("lvdm", "paper"): dict(steps=400_000, batch_size=4, lr=6e-5, schedule_lr="constant", warmup=0, ema=0.9999,
+                            save_every=5000, sample_every=5000,
                             latent_cache=0),
 }
 for _stage in ("pred", "interp"):  # resumed from lvdm with the same optimisation settings
@@ -77,6 +83,9 @@ def parse_args(argv=None):
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float); p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0, help="0 = off")
+    p.add_argument("--schedule-lr", default=None, choices=["constant", "cosine"],
+                   help="learning rate over training: constant, or linear warm-up then cosine decay")
+    p.add_argument("--warmup", type=int, default=0, help="warm-up steps of the cosine schedule")
     p.add_argument("--ema", type=float, help="EMA decay (0 = off)")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
     p.add_argument("--seed", type=int, default=0)
@@ -210,6 +219,15 @@ class EMA:
     def load_state_dict(self, st):
         self.decay, self.num_updates = st["decay"], st["num_updates"]
         self.shadow = {k: v.clone() for k, v in st["shadow"].items()}
+
+
+def lr_factor(args, step):
+    """Multiplier of --lr at `step`: 1, or a linear warm-up followed by a cosine decay to 0."""
+    if args.schedule_lr != "cosine":
+        return 1.0
+    if step < args.warmup:
+        return (step + 1) / args.warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, args.steps - args.warmup)))
 
 
 def allreduce_grads(module, world):
@@ -623,7 +641,10 @@ def main(argv=None):
             if ddp:
                 dist.destroy_process_group()
             raise UserError(msg)
+        lr_now = args.lr * lr_factor(args, step)
         for k, o in opts.items():
+            for group in o.param_groups:
+                group["lr"] = lr_now
             if k == "optimizer_d":  # the discriminator trains only from --disc-start on
                 if step < args.disc_start:
                     continue

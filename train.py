@@ -67,7 +67,7 @@ for _stage in ("pred", "interp"):  # resumed from lvdm with the same optimisatio
     for _kind in ("demo", "paper"):
         STAGE_DEFAULTS[(_stage, _kind)] = dict(STAGE_DEFAULTS[("lvdm", _kind)])
         STAGE_DEFAULTS[(_stage, _kind)]["steps"] //= 2
-STAGE_DEFAULTS[("pred", "demo")]["latent_cache"] = 1024  # its clips are gap (4) times longer
+STAGE_DEFAULTS[("pred", "demo")]["latent_cache"] = 256  # its clips are gap (4) times longer
 
 
 def parse_args(argv=None):

@@ -51,7 +51,6 @@ class VAEConfig:
     decoder_strides: tuple = None         # up-stages coarse->fine; None mirrors the encoder
     norm_groups: int = 32                 # GroupNorm groups (reduced to gcd with the width)
     shortcut: bool = False                # space<->channel shortcuts (demo; not in the release)
-    logvar_init: float = 0.0              # added to the initial posterior log-variance
 
     def __post_init__(self):  # checkpoints store tuples as lists; make them tuples again
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
@@ -225,8 +224,6 @@ class Encoder(nn.Module):
         self.norm_out = Normalize(widths[-1], cfg.norm_groups)
         self.conv_out = SamePadConv3d(widths[-1], 2 * cfg.z_channels, 3)
         self.strides, self.shortcut, self.z_channels = cfg.strides, cfg.shortcut, cfg.z_channels
-        with torch.no_grad():  # a start with little posterior noise (std exp(logvar_init / 2))
-            self.conv_out.conv.bias[cfg.z_channels:] += cfg.logvar_init
         if cfg.shortcut:
             _check_shortcut(widths[-1], cfg.z_channels)
 

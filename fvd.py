@@ -438,19 +438,22 @@ def kernel_distance(feats_a, feats_b):
 
 
 def fvd_curve(real_feats, fake_videos, model, frames=16, protocol="lvdm", batch_size=8,
-              device=None, progress=False):
+              device=None, progress=False, pool=1):
     """FVD and KVD of every non-overlapping `frames`-long clip of long videos (FVD1024 in the paper).
 
     fake_videos: uint8 (N,L,H,W,3) or a sequence of uint8 (L,H,W,3). Returns one
-    dict per clip: {"clip", "start", "end", "fvd", "kvd"}; `end` is exclusive. The length
-    of the first video sets the number of clips.
+    dict per point: {"clip", "start", "end", "fvd", "kvd"}; `end` is exclusive. The length
+    of the first video sets the number of clips. pool > 1 scores `pool` consecutive clips of
+    every video together (N*pool clips per point): with few videos, one clip each is too few
+    for a 400-dimensional covariance.
     """
     length = fake_videos.shape[1] if hasattr(fake_videos, "shape") else len(np.asarray(fake_videos[0]))
-    points = []
-    for k in range(length // frames):
-        window = Clips(fake_videos, k * frames, frames)  # (N,frames,H,W,3), read lazily
-        feats = i3d_features(window, model, batch_size, device, progress, desc=f"clip {k}")
-        points.append({"clip": k, "start": k * frames, "end": (k + 1) * frames,
+    points, span = [], frames * pool
+    for k in range(length // span):
+        feats = np.concatenate([  # (N*pool, 400)
+            i3d_features(Clips(fake_videos, k * span + j * frames, frames), model, batch_size, device, progress,
+                         desc=f"clip {k * pool + j}") for j in range(pool)])
+        points.append({"clip": k, "start": k * span, "end": (k + 1) * span,
                        "fvd": frechet_distance(real_feats, feats, protocol),
                        "kvd": kernel_distance(real_feats, feats)})
     return points

@@ -257,6 +257,8 @@ def study(argv=None):
     p.add_argument("--frames", type=int, default=1024); p.add_argument("--n", type=int, default=16)
     p.add_argument("--real-n", type=int, default=256, help="real synthetic clips for the reference statistics")
     p.add_argument("--steps", type=int, default=50); p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pool", type=int, default=1, help="score this many consecutive 16-frame clips of every "
+                   "video together (n*pool clips per point; fvd.fvd_curve)")
     p.add_argument("--only", action="append", help="run only these settings (repeatable)")
     p.add_argument("--out", default="runs/study")
     args = p.parse_args(argv)
@@ -276,7 +278,7 @@ def study(argv=None):
                      "--n", str(args.n), "--batch-size", str(args.n), "--steps", str(args.steps),
                      "--cond-noise", str(s), "--guidance", str(w), "--seed", str(args.seed), "--out", out])
         videos = np.load(os.path.join(out, "long.npy"), mmap_mode="r")
-        curves[f"{name} (s={s}, w={w})"] = F.fvd_curve(real_feats, videos, model, progress=False)
+        curves[f"{name} (s={s}, w={w})"] = F.fvd_curve(real_feats, videos, model, pool=args.pool)
         print(name, " ".join(f"{c['fvd']:.0f}" for c in curves[f"{name} (s={s}, w={w})"]), flush=True)
     with D.atomic_path(os.path.join(args.out, "study.csv")) as tmp, open(tmp, "w", newline="") as f:
         wr = csv.writer(f)
@@ -285,7 +287,8 @@ def study(argv=None):
             for c in pts:
                 wr.writerow([name, c["clip"], c["start"], c["end"], f"{c['fvd']:.3f}", f"{c['kvd']:.5f}"])
     F.plot_curve(os.path.join(args.out, "study.png"), curves,
-                 f"FVD per 16-frame clip, {args.n} videos x {args.frames} frames vs {args.real_n} real clips")
+                 f"FVD of {args.n * args.pool} 16-frame clips per point ({args.n} videos x {args.frames} frames) "
+                 f"vs {args.real_n} real clips")
     print(f"wrote {args.out}/study.csv and study.png")
 
 

@@ -73,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 DDPM-like)")
     p.add_argument("--cond-noise", type=int, default=100, help="conditional latent perturbation level s (§3.3)")
-    p.add_argument("--guidance", type=float, default=0.0, help="unconditional guidance strength w, Eq. (9)")
+    p.add_argument("--guidance", type=float, default=0.1, help="unconditional guidance strength w, Eq. (9) (0 = off)")
     p.add_argument("--k", type=int, default=1, help="latents each autoregressive step conditions on")
     p.add_argument("--chunk", type=int, default=16, help="latents decoded at a time in long modes")
     p.add_argument("--out"); p.add_argument("--npz", action="store_true")

@@ -1272,6 +1272,39 @@ def test_diffusion_training_loss_eq7():
     assert 0 <= int(seen[0].min()) and int(seen[0].max()) < 1000
 
 
+@_diffusion_single_thread
+def test_diffusion_v_prediction():
+    """prediction="v": the loss scores v = √ᾱ ε - √(1-ᾱ) z_0 (= ε-error / ᾱ for l2), and a v-model
+    samples exactly like the ε-model it is equivalent to, for DDPM and DDIM."""
+    d, dv = _diffusion_ldm(), GaussianDiffusion(make_betas("linear", 1000, 0.0015, 0.0155), prediction="v")
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(4, 2, 3, 5, 5, generator=g, dtype=torch.float64)
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 7, 500, 999])
+    abar = torch.from_numpy(np.cumprod(1 - d.betas))[t].reshape(4, 1, 1, 1, 1)
+    true_v = lambda x_t, tt: torch.sqrt(abar) * noise - torch.sqrt(1 - abar) * x0
+    assert dv.training_loss(true_v, x0, t, noise).abs().max() < 1e-18
+    f = lambda x_t, tt: torch.sin(3 * x_t)  # any network: its v-error is its ε-error / √ᾱ
+    as_eps = lambda x_t, tt: torch.sqrt(abar) * f(x_t, tt) + torch.sqrt(1 - abar) * x_t
+    torch.testing.assert_close(dv.training_loss(f, x0, t, noise),
+                               d.training_loss(as_eps, x0, t, noise) / abar.flatten())
+    # sampling: the exact ε of Gaussian data, handed over as v
+    eps = _diffusion_exact_eps(d.alphas_cumprod, 0.5, 0.7)
+    ab = torch.from_numpy(d.alphas_cumprod)
+
+    def v_of_eps(x, tt):
+        a = ab[tt].to(x.dtype)[:, None]
+        x0_hat = (x - torch.sqrt(1 - a) * eps(x, tt)) / torch.sqrt(a)
+        return torch.sqrt(a) * eps(x, tt) - torch.sqrt(1 - a) * x0_hat
+    zT = torch.randn(256, 1, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(dv.ddim_sample_loop(v_of_eps, zT.shape, 20, noise=zT),
+                               d.ddim_sample_loop(eps, zT.shape, 20, noise=zT))
+    torch.testing.assert_close(dv.p_sample_loop(v_of_eps, zT.shape, noise=zT, generator=torch.Generator().manual_seed(4)),
+                               d.p_sample_loop(eps, zT.shape, noise=zT, generator=torch.Generator().manual_seed(4)))
+    with pytest.raises(UserError, match="prediction"):
+        GaussianDiffusion(d.betas, prediction="x0")
+
+
 # ----------------------------------------------------------------------------- samplers
 _DIFF_MU = np.array([-0.5, 0.0, 0.5, 1.0])
 _DIFF_SD = np.array([0.5, 0.7, 1.0, 0.6])
@@ -1828,7 +1861,8 @@ def test_sample_cli_equals_direct_ddim_and_decode(tmp_path):
     ref = U.UNet3D(net.cfg)
     ref.load_state_dict(ema)
     ref.eval()
-    diffusion = G.GaussianDiffusion(G.make_betas("linear", 100, 0.0015, 0.0155))
+    # the demo preset's U-Net predicts v: the checkpoint's train_args must reach the sampler
+    diffusion = G.GaussianDiffusion(G.make_betas("linear", 100, 0.0015, 0.0155), prediction="v")
     g = torch.Generator("cpu").manual_seed(3)
     with torch.no_grad():
         z = diffusion.ddim_sample_loop(lambda z, t: ref(z, t), (2, 4, 2, 4, 4), 4, eta=0.0, generator=g)
@@ -2109,6 +2143,11 @@ def test_curve_over_64_frames_has_4_points_of_the_right_clips():
         assert p["fvd"] == pytest.approx(fvd.frechet_distance(real, feats), rel=1e-12)
         assert p["kvd"] == pytest.approx(fvd.kernel_distance(real, feats), rel=1e-12)
     assert points[1]["fvd"] != points[0]["fvd"]
+    pooled = fvd.fvd_curve(real, videos, model, frames=16, pool=2)  # clips 0+1 and 2+3 of every video
+    assert [(p["start"], p["end"]) for p in pooled] == [(0, 32), (32, 64)]
+    for p in pooled:
+        feats = np.concatenate([fvd.i3d_features(videos[:, s:s + 16], model) for s in (p["start"], p["start"] + 16)])
+        assert p["fvd"] == pytest.approx(fvd.frechet_distance(real, feats), rel=1e-12)
 
 
 def test_cli_fvd16_uses_real_cache_and_curve_writes_png_csv(tmp_path, monkeypatch, capsys):

@@ -57,7 +57,7 @@ STAGE_DEFAULTS = {
     ("vae", "paper"): dict(steps=100_000, batch_size=2, lr=3.6e-5, schedule_lr="constant", warmup=0, betas=(0.5, 0.9),
                            ema=0.0, disc_start=50_001, kl_weight=1e-6,
                            disc_weight=0.5, perceptual_weight=1.0, save_every=2000, sample_every=2000),
-    ("lvdm", "demo"):  dict(steps=4000, batch_size=8, lr=1e-3, schedule_lr="cosine", warmup=50, ema=0.999,
+    ("lvdm", "demo"):  dict(steps=2500, batch_size=8, lr=1e-3, schedule_lr="cosine", warmup=50, ema=0.999,
                             prediction="v", save_every=500, sample_every=1000,
                             latent_cache=2048),
     ("lvdm", "paper"): dict(steps=400_000, batch_size=4, lr=6e-5, schedule_lr="constant", warmup=0, ema=0.9999,

@@ -50,9 +50,9 @@ PRESETS = {
 STAGE_DEFAULTS = {
     # The demo autoencoder trains on 8-frame clips (it is fully convolutional, so it encodes the
     # 16-frame clips of later stages too) with a cosine schedule; its GAN term starts late.
-    ("vae", "demo"):  dict(steps=1200, batch_size=4, frames=8, lr=2e-3, schedule_lr="cosine", warmup=20,
-                           ema=0.0, disc_start=1000, kl_weight=1e-6, disc_weight=0.5, perceptual_weight=1.0,
-                           betas=(0.5, 0.9),
+    ("vae", "demo"):  dict(steps=800, batch_size=4, frames=8, lr=2e-3, schedule_lr="cosine", warmup=20,
+                           ema=0.0, disc_start=600, kl_weight=1e-6, disc_weight=0.5, perceptual_weight=1.0,
+                           betas=(0.9, 0.999),
                            save_every=300, sample_every=300),
     ("vae", "paper"): dict(steps=100_000, batch_size=2, lr=3.6e-5, schedule_lr="constant", warmup=0, betas=(0.5, 0.9),
                            ema=0.0, disc_start=50_001, kl_weight=1e-6,

@@ -344,7 +344,7 @@ def i3d_features(videos, model, batch_size=8, device=None, progress=False, desc=
     for i in range(0, n, batch_size):
         clips = []
         for j in range(i, min(i + batch_size, n)):
-            clip = torch.as_tensor(np.asarray(videos[j])).to(device)
+            clip = torch.as_tensor(np.array(videos[j])).to(device)  # a copy: memmaps are read-only
             if clip.dtype != torch.uint8:
                 raise UserError(f"I3D features need uint8 videos, got {clip.dtype}; save samples as uint8.")
             clips.append(clip.permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0)  # (T,H,W,3) -> (1,3,T,H,W)

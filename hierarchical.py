@@ -239,7 +239,7 @@ def study(argv=None):
     """FVD of every 16-frame clip across long videos, for the long-video settings of §4.4.
 
     python hierarchical.py study --pred runs/demo/pred.pt --interp runs/demo/interp.pt \\
-        --ar-pred runs/demo-ar/pred.pt --i3d i3d-kinetics-400.ckpt --frames 256 --n 16
+        --ar-pred runs/demo-ar/pred.pt --i3d i3d-kinetics-400.ckpt --frames 256 --n 16 --pool 4
     Writes OUT/study.csv and OUT/study.png (one curve per setting)."""
     import argparse
     import csv

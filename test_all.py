@@ -3,7 +3,7 @@
 Each section checks one file against closed forms, independent references, invariants or
 round trips, never against its own earlier output.
 """
-from dataclasses import asdict
+from dataclasses import asdict, replace as dc_replace
 import functools
 import io
 import json
@@ -1849,6 +1849,26 @@ def test_checkpoint_round_trip_reproduces_the_model(tmp_path):
     with torch.no_grad():
         assert torch.equal(raw(x, t), net.eval()(x, t))
     assert diffusion.num_timesteps == 100 and targs["stage"] == "lvdm"
+
+
+def test_pred_starts_as_the_unconditional_model_and_refuses_another_prediction(tmp_path):
+    """§4.1: pred/interp start from lvdm.pt; the zeroed mask-channel weights and s-embedding output
+    make the new network compute exactly the unconditional one, whatever the mask and s."""
+    path, net, ema, _ = _sample_fixture(tmp_path)
+    cfg = dc_replace(net.cfg, mask_channel=True, s_embedding=True)
+    cond = U.UNet3D(cfg)
+    train.init_from_unconditional(cond, train.load_checkpoint(path))
+    ref = U.UNet3D(net.cfg)
+    ref.load_state_dict(ema)
+    x, t = torch.randn(2, 4, 2, 4, 4), torch.tensor([3, 70])
+    mask = torch.tensor([1.0, 0.0]).reshape(1, 1, 2, 1, 1).expand(2, 1, 2, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(cond.eval()(x, t, mask=mask, s=torch.tensor([0, 40])), ref.eval()(x, t))
+    # the fixture's lvdm.pt predicts v (the demo preset); an eps run must not start from it
+    with pytest.raises(UserError, match="--prediction v"):
+        train.main(["--stage", "pred", "--preset", "demo", "--size", "32", "--frames", "8", "--timesteps", "100",
+                    "--prediction", "eps", "--init", path, "--vae", str(tmp_path / "vae.pt"),
+                    "--out", str(tmp_path / "run"), "--steps", "1"])
 
 
 def test_sample_cli_equals_direct_ddim_and_decode(tmp_path):

@@ -573,8 +573,9 @@ def write_video(path, frames, fps=8):
     """Write uint8 (T,H,W,3): .gif (Pillow, loops forever; 256 colors per frame, and Pillow merges
     identical consecutive frames), .png (one row of frames), or a PyAV video (.mp4/.mkv/.mov/.avi:
     libx264 yuv420p crf 18, .webm: vp9; odd sizes padded to even by repeating the edge)."""
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+    if not hasattr(frames, "shape"):  # arrays and array-likes (a lazy frame reader) pass through uncopied
+        frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or len(frames.shape) != 4 or frames.shape[-1] != 3:
         raise ValueError(f"write_video wants uint8 (T,H,W,3), got {frames.dtype} {frames.shape}")
     ext = _ext(path)
     with atomic_path(path) as tmp:
@@ -586,13 +587,13 @@ def write_video(path, frames, fps=8):
         elif ext in VIDEO_EXTS:
             av = _import_av(f"writing {path}")
             T, H, W, _ = frames.shape
-            frames = np.pad(frames, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)), mode="edge")
             with av.open(tmp, "w") as container:
                 stream = container.add_stream("libvpx-vp9" if ext == ".webm" else "libx264", rate=round(fps))
                 stream.width, stream.height, stream.pix_fmt = W + W % 2, H + H % 2, "yuv420p"
                 if ext != ".webm":
                     stream.options = {"crf": "18"}
-                for f in frames:
+                for f in frames:  # frame by frame: a long video is never copied whole
+                    f = np.pad(np.asarray(f), ((0, H % 2), (0, W % 2), (0, 0)), mode="edge")
                     container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
                 container.mux(stream.encode())
         else:

@@ -134,8 +134,9 @@ def main(argv=None):
     l = targs["frames"] // ft
     path = os.path.join(out, "long.npy")
     tmp = os.path.join(out, ".long.npy.tmp")
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(args.n, frames, targs["size"],
-                                                                            targs["size"], 3))
+    # The file, at its final size; chunks are written below, each through a short-lived map (one map
+    # held for the whole run would keep every written page resident, so memory would grow with length).
+    np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(args.n, frames, targs["size"], targs["size"], 3))
     interp = None
     if args.mode == "hierarchical":
         if not args.interp:
@@ -155,16 +156,17 @@ def main(argv=None):
         chunks = Hr.stream_decode(vae, rechunk(latents, args.chunk)) if vae is not None else latents
         for x in chunks:                                                     # (B,3,n,H,W)
             u8 = D.to_uint8(x)[:, : frames - t]                               # (B,n,H,W,3)
+            arr = np.load(tmp, mmap_mode="r+")
             arr[b:b + B, t:t + u8.shape[1]] = u8
+            arr.flush()
+            del arr
             t += u8.shape[1]
             print(f"\rvideos {b + 1}-{b + B}: {t}/{frames} frames", end="", flush=True)
         print()
-    arr.flush()
-    del arr
     os.replace(tmp, path)
     videos = np.load(path, mmap_mode="r")
     for i in range(args.n):
-        write_one(os.path.join(out, f"long_{i:03d}"), videos[i], args.fps, long=True)
+        write_one(os.path.join(out, f"long_{i:03d}"), NpyFrames(path, i), args.fps, long=True)
     D.write_grid(os.path.join(out, "grid.png"), videos[:8, ::16][:, :32])  # every 16th frame
     if args.npz:
         D.save_npz(os.path.join(out, "samples.npz"), np.asarray(videos))
@@ -182,6 +184,26 @@ def rechunk(chunks, n):
             buf = buf[:, :, n:]
     if buf is not None and buf.shape[2] > 0:
         yield buf
+
+
+class NpyFrames:
+    """Video i of a uint8 (N,T,H,W,3) .npy, iterated a block of frames at a time through a
+    short-lived memory map, so encoding a long video does not keep all of it resident."""
+
+    def __init__(self, path, i, block=64):
+        m = np.load(path, mmap_mode="r")
+        self.path, self.i, self.block, self.shape, self.dtype = path, i, block, m.shape[1:], m.dtype
+        del m
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, sl):  # a slice of frames, read into memory
+        return np.array(np.load(self.path, mmap_mode="r")[self.i, sl])
+
+    def __iter__(self):
+        for t in range(0, self.shape[0], self.block):
+            yield from self[t:t + self.block]
 
 
 def write_one(stem, video, fps, long=False):

@@ -1910,6 +1910,8 @@ def test_sample_autoregressive_writes_exact_length(tmp_path):
     long = np.load(os.path.join(out, "long.npy"))
     assert long.shape == (1, 36, 32, 32, 3)
     assert long[:, -4:].std() > 0  # the last frames were written, not left as zeros
+    lazy = sample.NpyFrames(os.path.join(out, "long.npy"), 0, block=5)  # the mp4 writer's reader
+    assert lazy.shape == long.shape[1:] and np.array_equal(np.stack(list(lazy)), long[0])
 
 
 def test_study_writes_every_setting_and_its_fvd_curve(tmp_path, monkeypatch):

@@ -396,9 +396,10 @@ def build_diffusion(args, device, master_process, world):
             raise UserError(f"--stage {args.stage} is resumed from the unconditional model (§4.1): "
                             f"pass --init RUN/lvdm.pt.")
         init = load_checkpoint(args.init, "lvdm")
-        if init["train_args"].get("prediction", "eps") != args.prediction:
-            raise UserError(f"--init {args.init} predicts {init['train_args'].get('prediction', 'eps')}, this run "
-                            f"{args.prediction}; pass --prediction {init['train_args'].get('prediction', 'eps')}.")
+        init_prediction = init["train_args"].get("prediction", "eps")  # checkpoints before --prediction: eps
+        if init_prediction != args.prediction:
+            raise UserError(f"--init {args.init} predicts {init_prediction}, this run {args.prediction}; "
+                            f"pass --prediction {init_prediction}.")
         init_from_unconditional(model, init)
     diffusion = G.GaussianDiffusion(G.make_betas(args.schedule, args.timesteps, args.beta_start, args.beta_end),
                                     loss_type=args.loss, prediction=args.prediction)

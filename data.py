@@ -17,7 +17,6 @@ Dotfiles and `_broken_clips` are skipped. Video-file frame counts are cached in
 Commands:
   python data.py prepare SRC DST --size 256        # videos -> JPEG frame folders (resumable)
   python data.py preview synthetic out.gif --frames 64 --size 64   # look at a dataset
-  python data.py throughput /tmp/lvdm_bench --make  # clips/s of the loader at 256x256, T=16
 """
 
 import argparse
@@ -29,20 +28,13 @@ import os
 import re
 import sys
 import tempfile
-import time
 import zipfile
 
 import numpy as np
 import torch
 from PIL import Image
 
-
-class UserError(Exception):
-    """A mistake the user can fix (bad path, wrong size, missing weights).
-
-    Raised with one sentence that names the fix; the command-line entry points
-    print it and exit with status 2 instead of showing a traceback.
-    """
+from common import UserError, atomic_path, current_umask, main_guard
 
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
@@ -508,33 +500,15 @@ def make_dataset(data, frames, size, stride=1, split="train", random_start=True,
 
 
 # ----------------------------------------------------------------------------- reading / writing
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def to_uint8(x, rounding="round"):
+    """float (B,3,T,H,W) in [-1,1] -> numpy uint8 (B,T,H,W,3).
 
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path` (same suffix); os.replace it onto `path` on success."""
-    folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=_ext(name), dir=folder)
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def to_uint8(x):
-    """float (B,3,T,H,W) in [-1,1] -> numpy uint8 (B,T,H,W,3), rounding to the nearest level
-    (the public LVDM release truncates, which biases every pixel down by half a level)."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 4, 1).cpu().numpy()  # (B,3,T,H,W) -> (B,T,H,W,3)
+    round: to the nearest level, which recovers the stored bytes of data read by this file.
+    truncate: floor((x+1)*255/2), what the public LVDM/TATS evaluation does (fvd.py's `lvdm`
+    protocol); it biases every pixel down by half a level and loses one level on 63 byte values."""
+    y = (x.detach().float().clamp(-1, 1) + 1) * 127.5
+    y = y.floor() if rounding == "truncate" else y.round()
+    return y.to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()  # (B,3,T,H,W) -> (B,T,H,W,3)
 
 
 def save_npz(path, videos):
@@ -629,7 +603,7 @@ def _prepare_one(job):
             n += 1
         if n == 0:
             raise ValueError("no frames")
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700 folders
         os.replace(tmp, dst)
         return "done"
     except Exception as e:
@@ -686,43 +660,6 @@ def prepare(src, dst, size=256, layout="preserved", fmt="jpg", quality=95, worke
     return stats
 
 
-# ----------------------------------------------------------------------------- loader speed
-def measure_loader(dataset, batch_size=8, workers=2, n_batches=20):
-    """Clips per second through a shuffling DataLoader, timed after the first batch (worker start)."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                         drop_last=True, generator=torch.Generator().manual_seed(0))
-    it = iter(loader)
-    next(it)
-    t0, clips = time.perf_counter(), 0
-    for _ in range(n_batches):
-        try:
-            clips += next(it).shape[0]
-        except StopIteration:
-            it = iter(loader)
-            clips += next(it).shape[0]
-    return clips / (time.perf_counter() - t0)
-
-
-def make_frame_folders(dst, n=32, frames=64, width=320, height=256, seed=0):
-    """n synthetic videos as width x height JPEG frame folders under dst (for throughput checks)."""
-    ds = SyntheticVideos(n=n, frames=frames, size=width, seed=seed)
-    for i in range(n):
-        folder = os.path.join(dst, f"video{i:03d}")
-        if os.path.isdir(folder):
-            continue
-        video = ds.render(i)[:, (width - height) // 2:(width - height) // 2 + height]  # (T,W,W,3) -> (T,H,W,3)
-        tmp = tempfile.mkdtemp(prefix=".tmp", dir=dst)
-        for k, f in enumerate(video):
-            Image.fromarray(f).save(os.path.join(tmp, f"frame{k}.jpg"), quality=95)
-        os.chmod(tmp, 0o777 & ~_umask())
-        os.replace(tmp, folder)
-
-
-def loader_throughput(root, frames=16, size=256, batch_size=8, workers=2, n_batches=20):
-    """Clips/s of VideoDataset(root) at size x size, `frames` frames, through `workers` workers."""
-    return measure_loader(VideoDataset(root, frames, size), batch_size, workers, n_batches)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -738,37 +675,27 @@ def main(argv=None):
     v.add_argument("--frames", type=int, default=16), v.add_argument("--size", type=int, default=64)
     v.add_argument("--stride", type=int, default=1), v.add_argument("--split", default="train")
     v.add_argument("--n", type=int, default=4)
-    b = sub.add_parser("throughput", help="measure loader clips/s")
-    b.add_argument("root"), b.add_argument("--make", action="store_true", help="first write 32 test videos")
-    b.add_argument("--frames", type=int, default=16), b.add_argument("--size", type=int, default=256)
-    b.add_argument("--batch-size", type=int, default=8), b.add_argument("--workers", type=int, default=2)
-    b.add_argument("--batches", type=int, default=20)
-    args = ap.parse_args(argv)
-    try:
-        if args.cmd == "prepare":
-            prepare(args.src, args.dst, args.size, args.split_layout, args.format, args.quality, args.workers)
-        elif args.cmd == "preview":
-            ds = make_dataset(args.data, args.frames, args.size, args.stride, args.split, random_start=False)
-            videos = to_uint8(torch.stack([ds[i] for i in range(min(args.n, len(ds)))]))
-            if _ext(args.out) == ".png":
-                write_grid(args.out, videos)
-            else:
-                write_video(args.out, videos[0])
-            if isinstance(ds, SyntheticVideos):
-                for i in range(len(videos)):
-                    print(json.dumps(ds.params(i)))
-            print(f"wrote {args.out}")
-        else:
-            if args.make:
-                os.makedirs(args.root, exist_ok=True)
-                make_frame_folders(args.root)
-            speed = loader_throughput(args.root, args.frames, args.size, args.batch_size, args.workers, args.batches)
-            print(f"loader: {speed:.1f} clips/s ({args.frames}x{args.size}x{args.size}, batch {args.batch_size}, "
-                  f"{args.workers} workers)")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sub.add_parser("throughput", help="moved: python bench.py loader", add_help=False)
+    args, rest = ap.parse_known_args(argv)
+    if args.cmd == "throughput":  # the old spelling of the loader benchmark, which lives in bench.py now
+        bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")
+        os.execv(sys.executable, [sys.executable, bench, "loader", *rest])
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.cmd == "prepare":
+        prepare(args.src, args.dst, args.size, args.split_layout, args.format, args.quality, args.workers)
+        return
+    ds = make_dataset(args.data, args.frames, args.size, args.stride, args.split, random_start=False)
+    videos = to_uint8(torch.stack([ds[i] for i in range(min(args.n, len(ds)))]))
+    if _ext(args.out) == ".png":
+        write_grid(args.out, videos)
+    else:
+        write_video(args.out, videos[0])
+    if isinstance(ds, SyntheticVideos):
+        for i in range(len(videos)):
+            print(json.dumps(ds.params(i)))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)

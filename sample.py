@@ -14,50 +14,41 @@ are decoded and written chunk by chunk (hierarchical.stream_decode) into long.np
 import argparse
 import math
 import os
-import sys
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-import data as D
-from data import UserError
+import data
+import diffusion as diffusion_lib
+import hierarchical
+import unet3d
+import vae as vae_lib
+from common import UserError, atomic_path, load_checkpoint, main_guard
 
 
 def load_model(path, device, use_ema=True):
     """A diffusion checkpoint (stage lvdm, pred or interp) -> (unet, GaussianDiffusion, train_args)."""
-    import diffusion as G
-    import unet3d as U
-    from train import load_checkpoint
     ckpt = load_checkpoint(path)
     if ckpt.get("stage") not in ("lvdm", "pred", "interp"):
         raise UserError(f"{path} is a '{ckpt.get('stage')}' checkpoint; sample.py needs one from --stage lvdm, "
                         f"pred or interp.")
-    net = U.UNet3D(U.UNetConfig(**ckpt["model_args"]))
+    net = unet3d.UNet3D(unet3d.UNetConfig(**ckpt["model_args"]))
     weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
     net.load_state_dict(weights)
     a = ckpt["train_args"]
-    diffusion = G.GaussianDiffusion(G.make_betas(a["schedule"], a["timesteps"], a["beta_start"], a["beta_end"]),
-                                    loss_type=a["loss"], prediction=a.get("prediction", "eps"))
-    return net.to(device).eval(), diffusion, dict(a, stage=ckpt["stage"], vae_path=ckpt.get("vae_path"))
+    return net.to(device).eval(), diffusion_lib.from_train_args(a), dict(a, stage=ckpt["stage"],
+                                                                          vae_path=ckpt.get("vae_path"))
 
 
 def load_decoder(args_of_ckpt, override, device):
     """The frozen autoencoder the model was trained on (None for --space pixel)."""
     if args_of_ckpt["space"] == "pixel":
         return None
-    import vae as V
     path = override or args_of_ckpt.get("vae_path")
     if not path or not os.path.isfile(path):
         raise UserError(f"the autoencoder {path} the model was trained with is not there; pass --vae PATH.")
-    return V.load_vae(path, device).eval()
-
-
-def unconditional_fn(net):
-    """model_fn for unconditional sampling; a conditional (pred/interp) network gets all masks zero."""
-    if not net.cfg.mask_channel:
-        return lambda z, t: net(z, t)
-    return lambda z, t: net(z, t, mask=torch.zeros_like(z[:, :1]),
-                            s=torch.zeros(z.shape[0], dtype=torch.long, device=z.device))
+    return vae_lib.load_vae(path, device).eval()
 
 
 def parse_args(argv=None):
@@ -68,7 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--mode", default="short", choices=["short", "autoregressive", "hierarchical"])
     p.add_argument("--n", type=int, default=8, help="number of videos")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--frames", type=int, help="frames per video (long modes; default: the training length)")
+    p.add_argument("--length", "--frames", dest="length", type=int,
+                   help="frames per video (long modes; default: the training clip length)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 DDPM-like)")
@@ -91,52 +83,42 @@ def main(argv=None):
     vae = load_decoder(targs, args.vae, device)
     fs, ft = (vae.fs, vae.ft) if vae is not None else (1, 1)
     c = net.cfg.out_channels
-    h = w = targs["size"] // fs
+    hw = targs["size"] // fs                                          # latent height = width
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"samples-{args.mode}")
     os.makedirs(out, exist_ok=True)
-    steps = None if args.sampler == "ddpm" else args.steps
+    steps = None if args.sampler == "ddpm" else args.steps            # None: DDPM over all T steps
     g = torch.Generator(device).manual_seed(args.seed)
     print(f"sample.py: {args.mode}, {args.n} videos, {args.sampler}"
           f"{'' if steps is None else f' {steps} steps eta {args.eta}'} -> {out}")
 
     if args.mode == "short":
-        l = (targs["gap"] + 1) if targs["stage"] == "interp" else targs["frames"] // ft
+        clip_len = (targs["gap"] + 1) if targs["stage"] == "interp" else targs["frames"] // ft  # in latents
         videos = []
         for b in range(0, args.n, args.batch_size):
-            shape = (min(args.batch_size, args.n - b), c, l, h, w)
-            fn = unconditional_fn(net)
-            if steps is None:  # DDPM ancestral sampling, Eq. (4)-(5)
-                z = diffusion.p_sample_loop(fn, shape, generator=g, device=device, progress=True)
-            else:
-                z = diffusion.ddim_sample_loop(fn, shape, steps, eta=args.eta, generator=g, device=device,
-                                               progress=True)
+            shape = (min(args.batch_size, args.n - b), c, clip_len, hw, hw)
+            z = diffusion.sample_loop(hierarchical.unconditional_fn(net), shape, steps, eta=args.eta,
+                                      generator=g, device=device, progress=True)
             x = vae.decode_latents(z) if vae is not None else z
-            videos.append(D.to_uint8(x))                                   # (B,T,H,W,3)
-        videos = np.concatenate(videos)
+            videos.append(data.to_uint8(x))                                # (B,3,T,H,W) -> (B,T,H,W,3)
+        videos = np.concatenate(videos)                                    # (N,T,H,W,3)
         for i, v in enumerate(videos):
             write_one(os.path.join(out, f"video_{i:03d}"), v, args.fps)
-        D.write_grid(os.path.join(out, "grid.png"), videos[:16])
+        data.write_grid(os.path.join(out, "grid.png"), videos[:16])
         if args.npz:
-            D.save_npz(os.path.join(out, "samples.npz"), videos)
+            data.save_npz(os.path.join(out, "samples.npz"), videos)
         print(f"wrote {len(videos)} videos of {videos.shape[1]} frames to {out}")
         return out
 
     # ---- long videos (§3.3): latents come from a generator and are decoded chunk by chunk
-    import hierarchical as Hr
     if targs["stage"] != "pred":
         raise UserError(f"--mode {args.mode} needs the prediction model (--stage pred) as --ckpt, "
                         f"not a '{targs['stage']}' checkpoint.")
     if args.mode == "autoregressive" and targs["gap"] != 1:
         raise UserError(f"this prediction model was trained on latents {targs['gap']} apart (keyframes for "
                         f"--mode hierarchical); for --mode autoregressive train one with --stage pred --gap 1.")
-    frames = args.frames or targs["frames"]
-    n_latents = math.ceil(frames / ft)
-    l = targs["frames"] // ft
-    path = os.path.join(out, "long.npy")
-    tmp = os.path.join(out, ".long.npy.tmp")
-    # The file, at its final size; chunks are written below, each through a short-lived map (one map
-    # held for the whole run would keep every written page resident, so memory would grow with length).
-    np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(args.n, frames, targs["size"], targs["size"], 3))
+    length = args.length or targs["frames"]                             # frames per output video
+    n_latents = math.ceil(length / ft)
+    clip_len = targs["frames"] // ft                                     # latents per sampled clip
     interp = None
     if args.mode == "hierarchical":
         if not args.interp:
@@ -145,32 +127,39 @@ def main(argv=None):
         if iargs["stage"] != "interp" or iargs["gap"] != targs["gap"]:
             raise UserError(f"--interp must be an interp checkpoint with the prediction model's gap "
                             f"({targs['gap']}); got stage {iargs['stage']} gap {iargs['gap']}.")
-    for b in range(0, args.n, args.batch_size):
-        B = min(args.batch_size, args.n - b)
-        common = dict(k=args.k, s=args.cond_noise, w=args.guidance, steps=steps, eta=args.eta, generator=g)
-        if args.mode == "autoregressive":
-            latents = Hr.autoregressive(net, diffusion, (B, c, l, h, w), n_latents, **common)
-        else:
-            latents = Hr.hierarchical(net, interp, diffusion, (B, c, l, h, w), n_latents, gap=targs["gap"], **common)
-        t = 0
-        chunks = Hr.stream_decode(vae, rechunk(latents, args.chunk)) if vae is not None else latents
-        for x in chunks:                                                     # (B,3,n,H,W)
-            u8 = D.to_uint8(x)[:, : frames - t]                               # (B,n,H,W,3)
-            arr = np.load(tmp, mmap_mode="r+")
-            arr[b:b + B, t:t + u8.shape[1]] = u8
-            arr.flush()
-            del arr
-            t += u8.shape[1]
-            print(f"\rvideos {b + 1}-{b + B}: {t}/{frames} frames", end="", flush=True)
-        print()
-    os.replace(tmp, path)
+    path = os.path.join(out, "long.npy")
+    with atomic_path(path) as tmp:  # long.npy appears only once every video is complete
+        # The file at its final size; chunks are written below, each through a short-lived map (one map
+        # held for the whole run would keep every written page resident, so memory would grow with length).
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                  shape=(args.n, length, targs["size"], targs["size"], 3))
+        bar = tqdm(total=args.n * length, desc=f"{args.mode} frames", unit="frame")
+        for b in range(0, args.n, args.batch_size):
+            B = min(args.batch_size, args.n - b)
+            kw = dict(k=args.k, s=args.cond_noise, w=args.guidance, steps=steps, eta=args.eta, generator=g)
+            if args.mode == "autoregressive":
+                latents = hierarchical.autoregressive(net, diffusion, (B, c, clip_len, hw, hw), n_latents, **kw)
+            else:
+                latents = hierarchical.hierarchical(net, interp, diffusion, (B, c, clip_len, hw, hw), n_latents,
+                                                    gap=targs["gap"], **kw)
+            t = 0
+            chunks = hierarchical.stream_decode(vae, rechunk(latents, args.chunk)) if vae is not None else latents
+            for x in chunks:                                                 # (B,3,n,H,W)
+                u8 = data.to_uint8(x)[:, : length - t]                       # (B,3,n,H,W) -> (B,n,H,W,3)
+                arr = np.load(tmp, mmap_mode="r+")
+                arr[b:b + B, t:t + u8.shape[1]] = u8
+                arr.flush()
+                del arr
+                t += u8.shape[1]
+                bar.update(B * u8.shape[1])
+        bar.close()
     videos = np.load(path, mmap_mode="r")
     for i in range(args.n):
         write_one(os.path.join(out, f"long_{i:03d}"), NpyFrames(path, i), args.fps, long=True)
-    D.write_grid(os.path.join(out, "grid.png"), videos[:8, ::16][:, :32])  # every 16th frame
+    data.write_grid(os.path.join(out, "grid.png"), videos[:8, ::16][:, :32])  # every 16th frame
     if args.npz:
-        D.save_npz(os.path.join(out, "samples.npz"), np.asarray(videos))
-    print(f"wrote {args.n} videos of {frames} frames to {path}")
+        data.save_npz(os.path.join(out, "samples.npz"), np.asarray(videos))
+    print(f"wrote {args.n} videos of {length} frames to {path}")
     return out
 
 
@@ -210,16 +199,12 @@ def write_one(stem, video, fps, long=False):
     """A video as mp4 when PyAV is installed, else gif (long videos: their first 256 frames)."""
     try:
         import av  # noqa: F401
-        D.write_video(stem + ".mp4", video, fps)
+        data.write_video(stem + ".mp4", video, fps)
         if not long:
-            D.write_video(stem + ".gif", video, fps)
+            data.write_video(stem + ".gif", video, fps)
     except ImportError:
-        D.write_video(stem + ".gif", np.asarray(video[:256] if long else video), fps)
+        data.write_video(stem + ".gif", np.asarray(video[:256] if long else video), fps)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    main_guard(main)

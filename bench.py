@@ -31,7 +31,7 @@ import diffusion
 import fvd
 import sample
 import unet3d
-from common import atomic_path, count_params, current_umask, main_guard
+from common import atomic_path, count_params, current_umask, main_guard, plot_lines
 
 
 def machine():
@@ -276,7 +276,7 @@ def study(argv):
         for name, pts in curves.items():
             for c in pts:
                 wr.writerow([name, c["clip"], c["start"], c["end"], f"{c['fvd']:.3f}", f"{c['kvd']:.5f}"])
-    fvd.plot_curve(os.path.join(args.out, "study.png"), curves,
+    plot_lines(os.path.join(args.out, "study.png"), curves,
                  f"FVD of {args.n * args.pool} 16-frame clips per point ({args.n} videos x {args.frames} frames) "
                  f"vs {args.real_n} real clips")
     print(f"wrote {args.out}/study.csv and study.png")

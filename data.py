@@ -25,7 +25,9 @@ import hashlib
 import io
 import json
 import os
+import multiprocessing
 import re
+import shutil
 import sys
 import tempfile
 import zipfile
@@ -33,6 +35,7 @@ import zipfile
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from common import UserError, atomic_path, current_umask, main_guard
 
@@ -609,17 +612,13 @@ def _prepare_one(job):
     except Exception as e:
         return f"{source[1]}: {type(e).__name__}: {e}"
     finally:
-        if os.path.isdir(tmp):
-            for f in os.listdir(tmp):
-                os.remove(os.path.join(tmp, f))
-            os.rmdir(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful os.replace
 
 
 def prepare(src, dst, size=256, layout="preserved", fmt="jpg", quality=95, workers=1):
     """Convert every video under src (any layout) to frame folders under dst, mirroring relative
     paths (layout="flat" keeps only the split folder: dst/train/<video>/000000.jpg, as LVDM's UCF
     loader wants). Atomic per video and resumable: finished videos are skipped."""
-    from tqdm import tqdm
     _check_size("size", size)
     if not os.path.exists(src):
         raise UserError(f"{src} does not exist; pass the folder that holds your videos.")
@@ -641,12 +640,8 @@ def prepare(src, dst, size=256, layout="preserved", fmt="jpg", quality=95, worke
         raise UserError(f"no videos found under {src}; accepted layouts are {LAYOUTS}.")
     if any(j[0][0] == "file" and _ext(j[0][1]) != ".gif" for j in jobs):
         _import_av(f"converting the video files under {src}")
-    if workers > 1:
-        import multiprocessing
-        pool = multiprocessing.Pool(workers)
-        results = pool.imap_unordered(_prepare_one, jobs)
-    else:
-        pool, results = None, map(_prepare_one, jobs)
+    pool = multiprocessing.Pool(workers) if workers > 1 else None
+    results = pool.imap_unordered(_prepare_one, jobs) if pool else map(_prepare_one, jobs)
     stats = {"done": 0, "skipped": 0, "failed": 0}
     for r in tqdm(results, total=len(jobs), desc="prepare"):
         if r in stats:

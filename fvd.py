@@ -51,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from common import UserError, atomic_path, load_numpy_pickle, main_guard
+from common import UserError, atomic_path, load_numpy_pickle, main_guard, plot_lines
 
 I3D_SIZE = 224          # spatial input size of the Kinetics I3D
 I3D_MIN_FRAMES = 9      # the 2x7x7 average pool needs >= 2 frames after 3 temporal /2 stages
@@ -537,7 +537,7 @@ def open_real(args, fake_hw):
 
 
 # ----------------------------------------------------------------------------------------
-# Outputs: CSV and a PNG plot drawn with Pillow (no matplotlib needed)
+# Outputs: CSV (the PNG plot is common.plot_lines)
 # ----------------------------------------------------------------------------------------
 
 def write_csv(path, points):
@@ -545,56 +545,6 @@ def write_csv(path, points):
         w = csv.DictWriter(f, fieldnames=["clip", "start", "end", "fvd", "kvd"])
         w.writeheader()
         w.writerows(points)
-
-
-def plot_curve(path, points, title, width=720, height=420):
-    """Line plot of FVD against the last frame of each clip, as a PNG (Pillow only).
-
-    points: one curve's list of {"end", "fvd"} dicts, or a dict label -> such a list (one colored
-    line each, with a legend)."""
-    from PIL import Image, ImageDraw, ImageFont
-    series = points if isinstance(points, dict) else {"": points}
-    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
-    img = Image.new("RGB", (width, height), "white")
-    draw, font = ImageDraw.Draw(img), ImageFont.load_default()
-    left, right, top, bottom = 70, width - 30, 40, height - 50
-    xs = sorted({p["end"] for pts in series.values() for p in pts})
-    ys = [p["fvd"] for pts in series.values() for p in pts]
-    x_lo, x_hi = 0, max(xs)
-    raw = max(max(ys) - min(0.0, min(ys)), 1e-9) / 5  # y ticks: 1, 2 or 5 times a power of ten
-    step = min(m * 10 ** np.floor(np.log10(raw)) for m in (1, 2, 5, 10) if m * 10 ** np.floor(np.log10(raw)) >= raw)
-    y_lo, y_hi = np.floor(min(0.0, min(ys)) / step) * step, np.ceil(max(ys) / step) * step
-
-    def px(x, y):  # data -> pixel coordinates
-        return (left + (x - x_lo) / (x_hi - x_lo) * (right - left),
-                bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
-
-    draw.line([(left, top), (left, bottom), (right, bottom)], fill="black", width=1)
-    for y in np.arange(y_lo, y_hi + step / 2, step):
-        _, yy = px(x_lo, y)
-        draw.line([(left - 4, yy), (left, yy)], fill="black")
-        draw.line([(left + 1, yy), (right, yy)], fill=(230, 230, 230))
-        draw.text((left - 8, yy), f"{y:.4g}", fill="black", font=font, anchor="rm")
-    step = max(1, len(xs) // 10)
-    for x in [0] + xs[step - 1::step]:
-        xx, _ = px(x, y_lo)
-        draw.line([(xx, bottom), (xx, bottom + 4)], fill="black")
-        draw.text((xx, bottom + 6), str(x), fill="black", font=font, anchor="mt")
-    for k, (label, pts) in enumerate(series.items()):
-        color = colors[k % len(colors)]
-        line = [px(p["end"], p["fvd"]) for p in pts]
-        if len(line) > 1:
-            draw.line(line, fill=color, width=2)
-        for cx, cy in line:
-            draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=color)
-        if label:  # legend, top left inside the axes
-            draw.line([(left + 10, top + 8 + 14 * k), (left + 30, top + 8 + 14 * k)], fill=color, width=2)
-            draw.text((left + 36, top + 8 + 14 * k), label, fill="black", font=font, anchor="lm")
-    draw.text(((left + right) / 2, height - 18), "frame (end of each clip)", fill="black", font=font, anchor="mm")
-    draw.text((10, top - 20), "FVD", fill="black", font=font)
-    draw.text(((left + right) / 2, 14), title, fill="black", font=font, anchor="mm")
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
 
 
 # ----------------------------------------------------------------------------------------
@@ -681,7 +631,7 @@ def run_curve(args, model, real, real_id, real_desc, fake):
         print(f"{q['clip']:>5} {q['start']:>5}-{q['end'] - 1:<5} {q['fvd']:>10.2f} {q['kvd']:>10.2f}")
     out = args.out or os.path.splitext(os.path.abspath(args.fake.rstrip("/")))[0] + "_fvd_curve"
     write_csv(out + ".csv", points)
-    plot_curve(out + ".png", points, f"FVD per {args.frames}-frame clip ({args.protocol}, "
+    plot_lines(out + ".png", points, f"FVD per {args.frames}-frame clip ({args.protocol}, "
                                      f"{len(fake)} fake vs {len(real_feats)} real)")
     print(f"wrote {out}.csv and {out}.png")
 

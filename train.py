@@ -41,7 +41,8 @@ import diffusion
 import hierarchical
 import unet3d
 import vae
-from common import UserError, count_params, load_checkpoint, main_guard, make_config, parse_overrides, save_checkpoint
+from common import (UserError, count_params, load_checkpoint, main_guard, make_config, parse_overrides, rng_state,
+                    save_checkpoint, set_rng_state)
 
 # ----------------------------------------------------------------------------- defaults
 # Dataset presets (§4.1): 256², 16 frames; Taichi uses frame stride 4, UCF-101 and
@@ -155,24 +156,6 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- helpers
-def rng_state():
-    """Everything random in this process, as plain tensors/lists (loads with weights_only=True)."""
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].copy(),
-          "numpy_pos": int(np.random.get_state()[2]), "python": list(random.getstate()[1])}
-    st["numpy"] = torch.from_numpy(st["numpy"].astype(np.int64))
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state()
-    return st
-
-
-def set_rng_state(st):
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(("MT19937", st["numpy"].numpy().astype(np.uint32), st["numpy_pos"], 0, 0.0))
-    random.setstate((3, tuple(st["python"]), None))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state(st["cuda"])
-
-
 class EMA:
     """Exponential moving average of weights with LDM's warm-up: decay_n = min(decay, (1+n)/(10+n))."""
 

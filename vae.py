@@ -38,7 +38,6 @@ from common import UserError, count_params, load_checkpoint, load_numpy_pickle
 
 
 # --------------------------------------------------------------------------- config
-
 @dataclass
 class VAEConfig:
     in_channels: int = 3
@@ -88,7 +87,6 @@ def vae_presets():
 
 
 # --------------------------------------------------------------------------- building blocks
-
 def same_pad(kernel, stride):
     """F.pad amounts (last dim first) so a conv with this kernel/stride maps n -> n/stride.
     Total padding k - s per dim, the odd one on the left (as TATS / the LVDM release)."""
@@ -355,7 +353,6 @@ class VideoAutoencoder(nn.Module):
 
 
 # --------------------------------------------------------------------------- LPIPS
-
 VGG16_WIDTHS = (64, 128, 256, 512, 512)
 VGG16_DEPTHS = (2, 2, 3, 3, 3)  # convs per block; taps after the last ReLU of each block
 
@@ -465,7 +462,6 @@ def load_lpips(path):
 
 
 # --------------------------------------------------------------------------- discriminator + loss
-
 class PatchDiscriminator(nn.Module):
     """PatchGAN (pix2pix NLayerDiscriminator, as in taming/LDM and the LVDM release): a 2D
     net scoring overlapping ~70x70 patches of single frames (B*T,3,H,W) -> (B*T,1,h,w).
@@ -533,13 +529,11 @@ class AutoencoderLoss(nn.Module):
 
     def describe(self):
         """One line for start-up logs saying which terms of Eq. (1) are on."""
-        parts = [f"pixel {self.pixel_loss}"]
-        parts.append(f"LPIPS x{self.perceptual_weight}" if self.perceptual_active
-                     else "LPIPS off (no weights given: pass --lpips vgg16.ckpt to enable)")
-        parts.append(f"KL x{self.kl_weight:g}")
-        parts.append(f"GAN hinge x{self.disc_weight} (adaptive) from step {self.disc_start}"
-                     if self.disc_active(float("inf")) else "GAN off")
-        return "AE loss: " + ", ".join(parts)
+        lpips = (f"LPIPS x{self.perceptual_weight}" if self.perceptual_active
+                 else "LPIPS off (no weights given: pass --lpips vgg16.ckpt to enable)")
+        gan = (f"GAN hinge x{self.disc_weight} (adaptive) from step {self.disc_start}"
+               if self.disc_active(float("inf")) else "GAN off")
+        return f"AE loss: pixel {self.pixel_loss}, {lpips}, KL x{self.kl_weight:g}, {gan}"
 
     def calculate_adaptive_weight(self, nll_loss, g_loss, last_layer):
         """VQGAN's balance: |grad_last L_rec| / |grad_last L_adv|, clamped, times disc_weight."""
@@ -590,7 +584,6 @@ class AutoencoderLoss(nn.Module):
 
 
 # --------------------------------------------------------------------------- latents + checkpoints
-
 @torch.no_grad()
 def latent_stats(model, batches):
     """Scalar (scale, shift) making posterior-mode latents zero-mean, unit-std over `batches`
@@ -617,10 +610,9 @@ def latent_stats(model, batches):
 def reconstruct(model, x, device):
     """Autoencoder reconstructions (posterior mode) of clips (N,3,T,H,W), 4 at a time, in [-1,1]."""
     model.eval()
-    out = torch.cat([model(x[i:i + 4].to(device), sample_posterior=False)[0].float().cpu()
-                     for i in range(0, len(x), 4)])
+    out = [model(x[i:i + 4].to(device), sample_posterior=False)[0].float().cpu() for i in range(0, len(x), 4)]
     model.train()
-    return out.clamp(-1, 1)
+    return torch.cat(out).clamp(-1, 1)
 
 
 def psnr(a, b):
@@ -645,8 +637,7 @@ def load_vae(path, device="cpu"):
         raise UserError(f"{path} has autoencoder settings {unknown} this vae.py does not know; "
                         "load it with the vae.py version that wrote it.")
     model = VideoAutoencoder(VAEConfig(**ckpt["model_args"]))
-    state = ckpt.get("ema") or ckpt["model"]
-    model.load_state_dict(state)
+    model.load_state_dict(ckpt.get("ema") or ckpt["model"])
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -66,7 +66,7 @@ def replace_given(z_t, cond, m):
 
 def full_mask(m, z):
     """(B,1,l,1,1) -> (B,1,l,h,w): the mask channel concatenated to the U-Net input."""
-    return m.expand(z.shape[0], 1, z.shape[2], z.shape[3], z.shape[4])
+    return m.expand(z.shape[0], 1, z.shape[2], z.shape[3], z.shape[4])  # (B,1,l,1,1) -> (B,1,l,h,w)
 
 
 def perturb(diffusion, z0, s, noise):
@@ -90,14 +90,14 @@ def init_from_unconditional(model, ckpt):
             if k.startswith("s_embed.2."):  # the s-embedding's output layer: zero, so s adds nothing at first
                 v.zero_()
             continue
-        w = src[k]
-        if w.shape == v.shape:
-            v.copy_(w)
-        elif w.dim() == v.dim() and w.shape[1] + 1 == v.shape[1] and w.shape[0] == v.shape[0]:
+        saved = src[k]
+        if saved.shape == v.shape:
+            v.copy_(saved)
+        elif saved.dim() == v.dim() and saved.shape[1] + 1 == v.shape[1] and saved.shape[0] == v.shape[0]:
             v.zero_()
-            v[:, : w.shape[1]].copy_(w)  # (out, c, ...) -> (out, c+1, ...): mask channel weights = 0
+            v[:, : saved.shape[1]].copy_(saved)  # (out, c, ...) -> (out, c+1, ...): mask channel weights = 0
         else:
-            raise UserError(f"--init checkpoint does not match this U-Net at '{k}' ({tuple(w.shape)} vs "
+            raise UserError(f"--init checkpoint does not match this U-Net at '{k}' ({tuple(saved.shape)} vs "
                             f"{tuple(v.shape)}); use the same --preset and --model overrides as the lvdm run.")
 
 
@@ -109,9 +109,9 @@ def training_loss(diffusion, model, z0, stage, s_max=250, k=1, p_cond=None, gene
     s ~ U{0..s_max} with Eq. (3) (`perturb`) and s is fed to the network.
     Samples drawn unconditional (all masks zero) get s = 0.
     """
-    B, c, l = z0.shape[:3]
+    B, length = z0.shape[0], z0.shape[2]
     dev = z0.device
-    m = sample_train_masks(stage, B, l, k=k, p_cond=p_cond, generator=generator, device=dev)  # (B,1,l,1,1)
+    m = sample_train_masks(stage, B, length, k=k, p_cond=p_cond, generator=generator, device=dev)  # (B,1,l,1,1)
     conditioned = m.flatten(1).amax(1) > 0                                       # (B,1,l,1,1) -> (B,l) -> (B,)
     s = torch.randint(0, s_max + 1, (B,), generator=generator, device=dev) * conditioned.long()
     z_cond = perturb(diffusion, z0, s, torch.randn(z0.shape, generator=generator, device=dev))
@@ -215,7 +215,7 @@ def hierarchical(pred_model, interp_model, diffusion, clip_shape, n_latents, gap
     made = 0
     for i in range(n_key - 1):
         cond = torch.zeros(ishape, device=keys.device)
-        cond[:, :, 0], cond[:, :, gap] = keys[:, :, i], keys[:, :, i + 1]
+        cond[:, :, 0], cond[:, :, gap] = keys[:, :, i], keys[:, :, i + 1]  # (B,c,h,w) each: the pair's ends
         z = sample_clip(interp_model, diffusion, ishape, cond, m, s=s, w=w, steps=steps, eta=eta,
                         generator=generator)
         chunk = z[:, :, :gap] if i < n_key - 2 else z  # (B,c,gap,h,w): the right keyframe opens the next chunk
@@ -251,7 +251,7 @@ def stream_decode(vae, latent_chunks, context=None):
     prev = None    # latents already emitted, last `context` of them kept as left context
     pending = None
     for chunk in latent_chunks:
-        pending = chunk if pending is None else torch.cat([pending, chunk], 2)
+        pending = chunk if pending is None else torch.cat([pending, chunk], 2)  # (B,c,n1+n2,h,w)
         if pending.shape[2] <= context:
             continue
         emit = pending[:, :, : pending.shape[2] - context]  # keep `context` latents as right context
@@ -259,13 +259,13 @@ def stream_decode(vae, latent_chunks, context=None):
         window = torch.cat([left, pending], 2)               # (B,c,left+n,h,w)
         x = vae.decode_latents(window)
         a = left.shape[2] * ft
-        yield x[:, :, a: a + emit.shape[2] * ft]
-        prev = emit if prev is None else torch.cat([prev, emit], 2)[:, :, -context:]
+        yield x[:, :, a: a + emit.shape[2] * ft]             # (B,3,n_emit*ft,H,W)
+        prev = emit if prev is None else torch.cat([prev, emit], 2)[:, :, -context:]  # (B,c,<=context,h,w)
         pending = pending[:, :, emit.shape[2]:]
     if pending is not None and pending.shape[2] > 0:
         left = prev[:, :, -context:] if prev is not None else pending[:, :, :0]
-        x = vae.decode_latents(torch.cat([left, pending], 2))
-        yield x[:, :, left.shape[2] * ft:]
+        x = vae.decode_latents(torch.cat([left, pending], 2))  # (B,c,left+n,h,w) -> (B,3,(left+n)*ft,H,W)
+        yield x[:, :, left.shape[2] * ft:]                       # (B,3,n*ft,H,W)
 
 
 if __name__ == "__main__":  # the old spelling of the degradation study, which is a bench.py subcommand now

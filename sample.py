@@ -81,41 +81,53 @@ def main(argv=None):
     device = torch.device(args.device)
     net, diffusion, targs = load_model(args.ckpt, device, not args.no_ema)
     vae = load_decoder(targs, args.vae, device)
-    fs, ft = (vae.fs, vae.ft) if vae is not None else (1, 1)
-    c = net.cfg.out_channels
-    hw = targs["size"] // fs                                          # latent height = width
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"samples-{args.mode}")
     os.makedirs(out, exist_ok=True)
     steps = None if args.sampler == "ddpm" else args.steps            # None: DDPM over all T steps
     g = torch.Generator(device).manual_seed(args.seed)
     print(f"sample.py: {args.mode}, {args.n} videos, {args.sampler}"
           f"{'' if steps is None else f' {steps} steps eta {args.eta}'} -> {out}")
-
     if args.mode == "short":
-        clip_len = (targs["gap"] + 1) if targs["stage"] == "interp" else targs["frames"] // ft  # in latents
-        videos = []
-        for b in range(0, args.n, args.batch_size):
-            shape = (min(args.batch_size, args.n - b), c, clip_len, hw, hw)
-            z = diffusion.sample_loop(hierarchical.unconditional_fn(net), shape, steps, eta=args.eta,
-                                      generator=g, device=device, progress=True)
-            x = vae.decode_latents(z) if vae is not None else z
-            videos.append(data.to_uint8(x))                                # (B,3,T,H,W) -> (B,T,H,W,3)
-        videos = np.concatenate(videos)                                    # (N,T,H,W,3)
-        for i, v in enumerate(videos):
-            write_one(os.path.join(out, f"video_{i:03d}"), v, args.fps)
-        data.write_grid(os.path.join(out, "grid.png"), videos[:16])
-        if args.npz:
-            data.save_npz(os.path.join(out, "samples.npz"), videos)
-        print(f"wrote {len(videos)} videos of {videos.shape[1]} frames to {out}")
-        return out
+        return sample_short(args, net, diffusion, targs, vae, steps, g, device, out)
+    return sample_long(args, net, diffusion, targs, vae, steps, g, device, out)
 
-    # ---- long videos (§3.3): latents come from a generator and are decoded chunk by chunk
+
+def latent_shape(net, targs, vae):
+    """(channels, frames per latent ft, latent height = width) of a model's samples."""
+    fs, ft = (vae.fs, vae.ft) if vae is not None else (1, 1)
+    return net.cfg.out_channels, ft, targs["size"] // fs
+
+
+def sample_short(args, net, diffusion, targs, vae, steps, g, device, out):
+    """One clip per video (§3.2): unconditional samples of the model's training length."""
+    c, ft, hw = latent_shape(net, targs, vae)
+    clip_len = (targs["gap"] + 1) if targs["stage"] == "interp" else targs["frames"] // ft  # in latents
+    videos = []
+    for b in range(0, args.n, args.batch_size):
+        shape = (min(args.batch_size, args.n - b), c, clip_len, hw, hw)
+        z = diffusion.sample_loop(hierarchical.unconditional_fn(net), shape, steps, eta=args.eta,
+                                  generator=g, device=device, progress=True)
+        x = vae.decode_latents(z) if vae is not None else z
+        videos.append(data.to_uint8(x))                                    # (B,3,T,H,W) -> (B,T,H,W,3)
+    videos = np.concatenate(videos)                                        # (N,T,H,W,3)
+    for i, v in enumerate(videos):
+        write_one(os.path.join(out, f"video_{i:03d}"), v, args.fps)
+    data.write_grid(os.path.join(out, "grid.png"), videos[:16])
+    if args.npz:
+        data.save_npz(os.path.join(out, "samples.npz"), videos)
+    print(f"wrote {len(videos)} videos of {videos.shape[1]} frames to {out}")
+    return out
+
+
+def sample_long(args, net, diffusion, targs, vae, steps, g, device, out):
+    """Long videos (§3.3): latents come from a generator and are decoded and written chunk by chunk."""
     if targs["stage"] != "pred":
         raise UserError(f"--mode {args.mode} needs the prediction model (--stage pred) as --ckpt, "
                         f"not a '{targs['stage']}' checkpoint.")
     if args.mode == "autoregressive" and targs["gap"] != 1:
         raise UserError(f"this prediction model was trained on latents {targs['gap']} apart (keyframes for "
                         f"--mode hierarchical); for --mode autoregressive train one with --stage pred --gap 1.")
+    c, ft, hw = latent_shape(net, targs, vae)
     length = args.length or targs["frames"]                             # frames per output video
     n_latents = math.ceil(length / ft)
     clip_len = targs["frames"] // ft                                     # latents per sampled clip
@@ -167,9 +179,9 @@ def rechunk(chunks, n):
     """Regroup a stream of latent chunks (B,c,*,h,w) into chunks of n latents (the last may be shorter)."""
     buf = None
     for z in chunks:
-        buf = z if buf is None else torch.cat([buf, z], 2)
+        buf = z if buf is None else torch.cat([buf, z], 2)  # (B,c,n1+n2,h,w)
         while buf.shape[2] >= n:
-            yield buf[:, :, :n]
+            yield buf[:, :, :n]                               # (B,c,n,h,w)
             buf = buf[:, :, n:]
     if buf is not None and buf.shape[2] > 0:
         yield buf

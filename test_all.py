@@ -1309,7 +1309,6 @@ class TestUNet3D:
         x = torch.randn(1, 4, 4, 8, 8)
         assert demo(x, torch.tensor([10])).shape == x.shape
         # a config survives the checkpoint round trip (asdict -> lists -> UNetConfig)
-        from dataclasses import asdict
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(presets["paper"]).items()}
         assert UNetConfig(**d) == presets["paper"]
 
@@ -2053,11 +2052,9 @@ class TestFVD:
             assert p["fvd"] == pytest.approx(fvd.frechet_distance(real, feats), rel=1e-12)
 
     def test_cli_fvd16_uses_real_cache_and_curve_writes_png_csv(self, tmp_path, monkeypatch, capsys):
-        from data import save_npz
-        from PIL import Image
         monkeypatch.setattr(fvd, "load_i3d", lambda path, device="cpu": _FvdTinyFeatures())
         rng = np.random.default_rng(0)
-        save_npz(str(tmp_path / "s.npz"), rng.integers(0, 256, (6, 16, 16, 16, 3), dtype=np.uint8))
+        data.save_npz(str(tmp_path / "s.npz"), rng.integers(0, 256, (6, 16, 16, 16, 3), dtype=np.uint8))
         args = ["--real", "synthetic", "--fake", str(tmp_path / "s.npz"), "--n", "6", "--runs", "2",
                 "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
         fvd.main(args)
@@ -2071,7 +2068,7 @@ class TestFVD:
         fvd.main(args + ["--protocol", "stylegan-v"])  # rounds instead of truncating: other real clips
         assert "from cache" not in capsys.readouterr().out and len(os.listdir(tmp_path / "cache")) == 4
 
-        save_npz(str(tmp_path / "long.npz"), rng.integers(0, 256, (4, 64, 16, 16, 3), dtype=np.uint8))
+        data.save_npz(str(tmp_path / "long.npz"), rng.integers(0, 256, (4, 64, 16, 16, 3), dtype=np.uint8))
         fvd.main(["--curve", "--real", "synthetic", "--fake", str(tmp_path / "long.npz"), "--cache-dir", "",
                   "--out", str(tmp_path / "curve")])
         rows = (tmp_path / "curve.csv").read_text().strip().splitlines()

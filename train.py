@@ -342,7 +342,7 @@ def latent_cache(stage, args, dataset, device, master_process):
         dataset.set_epoch(0)
         zs = [stage.autoencoder.encode_latents(torch.stack([dataset[j] for j in range(i, min(i + 8, n))]).to(device))
               .cpu() for i in tqdm(range(0, n, 8), desc="latent cache")]  # batches of (8,3,T,H,W) -> (8,c,l,h,w)
-        save_checkpoint(path, {"latents": torch.cat(zs), "key": key})
+        save_checkpoint(path, {"latents": torch.cat(zs), "key": key})  # (N,c,l,h,w)
     if dist.is_initialized():
         dist.barrier()
     stage.latents_cached = True

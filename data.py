@@ -280,6 +280,7 @@ class VideoDataset(torch.utils.data.Dataset):
                             f"shorter than {self.span} frames ({self.frames} frames at stride {self.stride}); "
                             f"lower --frames or --stride.")
         self._zips, self._zips_pid = {}, None
+        self.unreadable = torch.zeros(len(self.videos), dtype=torch.uint8).share_memory_()  # see __getitem__
         if verbose:
             print(f"data: {len(self.videos)} videos ({split} split of {self.root}), skipped {self.num_short} "
                   f"shorter than {self.span} frames ({self.frames} frames at stride {self.stride}), "
@@ -367,14 +368,25 @@ class VideoDataset(torch.utils.data.Dataset):
                 clip.append(np.asarray(resize_center_crop(im.convert("RGB"), self.size)))
         return np.stack(clip)
 
+    @property
+    def skipped(self):
+        """Videos found unreadable while training (this process and its DataLoader workers)."""
+        return int(self.unreadable.sum())
+
     def __getitem__(self, i):
+        """The clip of item i; an unreadable video (broken frame, truncated file, changed on disk) is
+        skipped for the next one, deterministically (so resume stays exact), named once, and counted in
+        `skipped` through a shared-memory flag per video that DataLoader workers write too."""
         for attempt in range(len(self.videos)):
             j = (i + attempt) % len(self.videos)
+            if self.unreadable[j]:
+                continue
             try:
                 clip = self.read_clip(j)
-            except Exception as e:  # a broken frame mid-training: warn, use the next video
-                print(f"data: skipping unreadable {self.videos[j][1]} ({type(e).__name__}: {e})",
-                      file=sys.stderr)
+            except Exception as e:  # named once: later draws skip it without reading
+                self.unreadable[j] = 1
+                print(f"data: skipping unreadable {self.videos[j][1]} ({type(e).__name__}: {e}); "
+                      f"{self.skipped} of {len(self.videos)} videos skipped so far", file=sys.stderr)
                 continue
             return _uint8_to_clip(list(clip), self.clip_indices(j)[1])
         raise UserError(f"no video under {self.root} could be read; check the files or run "

@@ -24,7 +24,7 @@ import diffusion as diffusion_lib
 import hierarchical
 import unet3d
 import vae as vae_lib
-from common import UserError, atomic_path, load_checkpoint, main_guard
+from common import UserError, atomic_path, load_checkpoint, load_weights, main_guard
 
 
 def load_model(path, device, use_ema=True):
@@ -33,12 +33,15 @@ def load_model(path, device, use_ema=True):
     if ckpt.get("stage") not in ("lvdm", "pred", "interp"):
         raise UserError(f"{path} is a '{ckpt.get('stage')}' checkpoint; sample.py needs one from --stage lvdm, "
                         f"pred or interp.")
-    net = unet3d.UNet3D(unet3d.UNetConfig(**ckpt["model_args"]))
-    weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
-    net.load_state_dict(weights)
-    a = ckpt["train_args"]
-    return net.to(device).eval(), diffusion_lib.from_train_args(a), dict(a, stage=ckpt["stage"],
-                                                                          vae_path=ckpt.get("vae_path"))
+    try:
+        net = unet3d.UNet3D(unet3d.UNetConfig(**ckpt["model_args"]))
+        a = ckpt["train_args"]
+        gd = diffusion_lib.from_train_args(a)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path} lacks the model or training settings train.py stores ({type(e).__name__}: {e}); "
+                        f"pass a checkpoint written by train.py.") from None
+    load_weights(net, ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt.get("model"), path, "U-Net")
+    return net.to(device).eval(), gd, dict(a, stage=ckpt["stage"], vae_path=ckpt.get("vae_path"))
 
 
 def load_decoder(args_of_ckpt, override, device):

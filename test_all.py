@@ -453,6 +453,22 @@ class TestCommon:
         tree = common.load_numpy_pickle(str(good), fvd.WEIGHTS_HINT)
         assert tree["a"].tolist() == [[0, 1, 2], [3, 4, 5]] and tree["b"][0] == 2.5
 
+    def test_checked_numbers_and_typed_model_fields(self):
+        assert common.positive_int("3") == 3 and common.natural_int("0") == 0 and common.positive_float("1e-4") == 1e-4
+        for parse, text in ((common.positive_int, "0"), (common.positive_int, "-5"), (common.positive_int, "x"),
+                            (common.natural_float, "-0.1"), (common.positive_float, "0")):
+            with pytest.raises(Exception, match="must be"):
+                parse(text)
+        with pytest.raises(UserError, match="hidden takes an integer"):
+            common.make_config(vae.VAEConfig, {}, {"hidden": "abc"})
+        with pytest.raises(UserError, match="shortcut takes True or False"):
+            common.make_config(vae.VAEConfig, {}, {"shortcut": 1})
+        assert common.make_config(unet3d.UNetConfig, {}, {"dropout": 0, "context_dim": None}).dropout == 0
+        with pytest.raises(UserError, match="see --help"):
+            p = common.ArgumentParser()
+            p.add_argument("--n", type=common.positive_int)
+            p.parse_args(["--n", "0"])
+
 
 # =============================================================================
 class TestData:
@@ -598,6 +614,22 @@ class TestData:
         assert "2 videos" in line and "skipped 1 shorter than 10 frames" in line and f"{broken} unreadable" in line
         with pytest.raises(UserError, match="shorter than 25 frames.*--frames or --stride"):
             _data_ds(root, tmp_path, frames=25)
+
+    def test_unreadable_clip_is_skipped_named_once_and_counted_across_workers(self, tmp_path, capsys):
+        """A frame that breaks after indexing: the next video stands in (deterministically), the file is named
+        once however often it is drawn, and DataLoader workers' skips are counted in the parent."""
+        root = tmp_path / "v"
+        for k in range(4):
+            _data_write_folder(root / f"vid{k}", 6)
+        (root / "vid1" / "frame3.png").write_bytes(b"not a png")      # listed, but cannot be decoded
+        ds = _data_ds(root, tmp_path, frames=6, random_start=False)
+        assert len(ds) == 4 and ds.skipped == 0
+        first = ds[1]
+        assert torch.equal(first, ds[2]) and torch.equal(ds[1], first) and ds.skipped == 1
+        assert capsys.readouterr().err.count("skipping unreadable") == 1
+        fresh = _data_ds(root, tmp_path, frames=6, random_start=False)
+        batches = torch.cat(list(torch.utils.data.DataLoader(fresh, batch_size=1, num_workers=2)))  # (4,3,T,H,W)
+        assert fresh.skipped == 1 and torch.equal(batches[1], first) and torch.equal(batches[3], ds[3])
 
     def test_user_errors_name_the_fix(self, tmp_path):
         with pytest.raises(UserError, match="does not exist"):
@@ -1765,12 +1797,99 @@ class TestTrain:
         (["--size", "60"], "divisible"),
         (["--data", "/nonexistent/videos"], "/nonexistent/videos"),
         (["--model", "nonsense=3"], "unknown model field"),
+        (["--model", "hidden=abc"], "hidden takes an integer"),
+        (["--steps", "-5"], "--steps: must be a positive integer"),
+        (["--batch-size", "0"], "--batch-size: must be a positive integer"),
+        (["--lr", "-1"], "--lr: must be a positive number"),
+        (["--ema", "1"], "--ema must be below 1"),
+        (["--timesteps", "100", "--s-max", "101"], "at most 100"),
+        (["--flip", "2"], "--flip"),
     ])
     def test_user_errors_are_one_sentence(self, tmp_path, extra, words):
         with pytest.raises(UserError) as e:
             train.main(_TINY_VAE + ["--out", str(tmp_path), "--steps", "1"] + extra)
         msg = str(e.value)
         assert words in msg and "\n" not in msg
+
+    @pytest.mark.parametrize("content, words", [
+        (b"", "not a plain-tensor checkpoint"),                          # empty
+        (None, "not a plain-tensor checkpoint"),                         # truncated
+        ("lvdm", "not an autoencoder one"),                              # another stage's
+        ("arch", "does not hold weights for this autoencoder"),          # another architecture's
+        ("code", "not a plain-tensor checkpoint"),                       # a pickled callable
+    ])
+    def test_bad_vae_files_are_one_sentence(self, tmp_path, content, words):
+        path = tmp_path / "vae.pt"
+        if content == "lvdm":
+            common.save_checkpoint(str(path), {"stage": "lvdm", "step": 1})
+        elif content == "arch":
+            cfg = vae.VAEConfig(hidden=8, ch_mult=(1, 1, 1))
+            other = vae.VideoAutoencoder(vae.VAEConfig(hidden=16, ch_mult=(1, 1, 1)))
+            common.save_checkpoint(str(path), {"stage": "vae", "model": other.state_dict(), "model_args": asdict(cfg)})
+        elif content == "code":
+            torch.save({"stage": "vae", "model": _VaeEvil()}, str(path))
+        elif content is None:
+            common.save_checkpoint(str(path), {"stage": "vae", "model": torch.zeros(1000)})
+            path.write_bytes(path.read_bytes()[:300])
+        else:
+            path.write_bytes(content)
+        with pytest.raises(UserError) as e:
+            train.main(["--stage", "lvdm", "--preset", "demo", "--size", "32", "--out", str(tmp_path / "run"),
+                        "--vae", str(path), "--steps", "1"])
+        assert words in str(e.value) and "\n" not in str(e.value)
+        assert not (tmp_path / "pwned").exists()
+
+    def test_sigterm_saves_the_step_and_resume_equals_a_straight_run(self, tmp_path):
+        """SIGTERM mid-run: the step finishes, a checkpoint is written at it, the exit status is 128 + 15, and
+        --resume ends bitwise equal to a run that was never stopped."""
+        a, b = str(tmp_path / "a"), str(tmp_path / "b")
+        run = _TINY_VAE + ["--steps", "30", "--save-every", "1000", "--sample-every", "1000", "--ema", "0.9"]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        p = subprocess.Popen([sys.executable, "train.py", *run, "--out", b], cwd=_HERE, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        log = os.path.join(b, "log-vae.jsonl")
+        deadline = time.time() + 120
+        while time.time() < deadline and not (os.path.exists(log) and len(open(log).readlines()) >= 3):
+            time.sleep(0.02)
+        p.send_signal(15)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 128 + 15, err[-2000:]
+        stopped = torch.load(os.path.join(b, "vae.pt"), weights_only=True)
+        assert 3 <= stopped["step"] < 30 and "--resume" in out and not os.path.exists(os.path.join(b, "vae.lock"))
+        assert [json.loads(line)["step"] for line in open(log)][-1] == stopped["step"]
+        train.main(run + ["--out", b, "--resume"])
+        train.main(run + ["--out", a])
+        ca, cb = torch.load(os.path.join(a, "vae.pt"), weights_only=True), torch.load(os.path.join(b, "vae.pt"),
+                                                                                       weights_only=True)
+        for key in ("model", "ema", "discriminator", "optimizer", "optimizer_d", "rng", "data_state"):
+            _assert_same_tensors(ca[key], cb[key], key)
+        assert [json.loads(line)["step"] for line in open(log) if "step" in line] == list(range(1, 31))
+
+    def test_second_run_into_the_same_folder_is_refused_and_a_stale_lock_taken_over(self, tmp_path):
+        out = tmp_path / "run"
+        out.mkdir()
+        sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            (out / "vae.lock").write_text(json.dumps({"pid": sleeper.pid, "host": __import__("socket").gethostname(),
+                                                      "start": common._process_start(sleeper.pid)}))
+            with pytest.raises(UserError, match="another run .* is writing to"):
+                train.main(_TINY_VAE + ["--out", str(out), "--steps", "1", "--sample-every", "1000"])
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+        train.main(_TINY_VAE + ["--out", str(out), "--steps", "1", "--sample-every", "1000"])  # its owner is gone
+        assert torch.load(out / "vae.pt", weights_only=True)["step"] == 1 and not (out / "vae.lock").exists()
+
+    def test_mostly_unreadable_data_stops_the_run_in_one_sentence(self, tmp_path):
+        root = tmp_path / "v"
+        for k in range(3):
+            _data_write_folder(root / f"vid{k}", 8, w=32, h=32)
+        for k in (0, 2):
+            (root / f"vid{k}" / "frame5.png").write_bytes(b"broken")
+        with pytest.raises(UserError, match="2 of the 3 videos could not be read"):
+            train.main(_TINY_VAE + ["--data", str(root), "--batch-size", "1", "--out", str(tmp_path / "r"),
+                                    "--steps", "6", "--sample-every", "1000"])
+        assert not (tmp_path / "r" / "vae.pt").exists()
 
     def test_paper_preset_without_data_and_cli_exit_code(self, tmp_path):
         r = subprocess.run([sys.executable, "train.py", "--stage", "vae", "--preset", "sky", "--out", str(tmp_path)],

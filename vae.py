@@ -27,14 +27,14 @@ LPIPS weights (optional; without them the perceptual term is off):
 import math
 import os
 import zipfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, count_params, load_checkpoint, load_numpy_pickle
+from common import UserError, count_params, load_checkpoint, load_numpy_pickle, load_weights
 
 
 # --------------------------------------------------------------------------- config
@@ -631,13 +631,12 @@ def load_vae(path, device="cpu"):
     if ckpt.get("stage") != "vae":
         raise UserError(f"{path} is a {ckpt.get('stage')!r} checkpoint, not an autoencoder one; pass the "
                         "checkpoint written by `python train.py --stage vae`.")
-    known = {f.name for f in fields(VAEConfig)}
-    unknown = sorted(set(ckpt["model_args"]) - known)
-    if unknown:
-        raise UserError(f"{path} has autoencoder settings {unknown} this vae.py does not know; "
-                        "load it with the vae.py version that wrote it.")
-    model = VideoAutoencoder(VAEConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt.get("ema") or ckpt["model"])
+    try:
+        model = VideoAutoencoder(VAEConfig(**ckpt["model_args"]))
+    except (KeyError, TypeError, ValueError) as e:  # missing settings, or ones this vae.py does not know
+        raise UserError(f"{path} has no autoencoder settings this vae.py can use ({type(e).__name__}: {e}); pass "
+                        "the checkpoint written by `python train.py --stage vae` of this version.") from None
+    load_weights(model, ckpt.get("ema") or ckpt.get("model"), path, "autoencoder")
     return model.to(device).eval().requires_grad_(False)
 
 

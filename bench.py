@@ -6,6 +6,8 @@
     python bench.py long --pred runs/demo/pred.pt --interp runs/demo/interp.pt   # 1024/4096-frame sampling
     python bench.py study --pred runs/demo/pred.pt --interp runs/demo/interp.pt --ar-pred runs/demo-ar/pred.pt \
         --i3d PATH --frames 256 --n 16 --pool 4   # §4.4, Fig. 6-7: FVD along long videos, per setting
+    python bench.py faults                 # SIGKILL / SIGTERM + --resume, bitwise; 40 bad inputs, one sentence each
+    python bench.py smoke [--device cuda]  # every stage at the paper presets, a few steps: time and peak memory
     python bench.py all --i3d PATH
 
 Every number is a wall-clock measurement in this process (after a warm-up); ratios are taken
@@ -14,8 +16,12 @@ imports this one.
 """
 import argparse
 import csv
+import json
 import os
+import pickle
 import platform
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -31,7 +37,7 @@ import diffusion
 import fvd
 import sample
 import unet3d
-from common import atomic_path, count_params, current_umask, main_guard, plot_lines
+from common import process_start_time, atomic_path, count_params, current_umask, main_guard, plot_lines
 
 
 def machine():
@@ -200,28 +206,272 @@ def i3d(args):
     return f"Machine: {machine()}.\n\n| measure | value |\n|---|---|\n" + "\n".join(rows)
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+PEAK = ("import resource, runpy, sys, torch\n"
+        "sys.argv = {argv!r}\n"
+        "try:\n    runpy.run_path({script!r}, run_name='__main__')\n"
+        "finally:\n    cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0\n"
+        "    print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, cuda, flush=True)\n")
+
+
+def run_script(script, argv, nproc=1, timeout=3600, env=None):
+    """Run a project script in a fresh process (under torchrun when nproc > 1); returns a dict: rc, wall (s),
+    rss and cuda (peak MiB of the first process), out, err."""
+    code = PEAK.format(argv=[script, *argv], script=os.path.join(HERE, script))
+    cmd = [sys.executable, "-c", code]
+    if nproc > 1:
+        fd, path = tempfile.mkstemp(suffix=".py")
+        with os.fdopen(fd, "w") as f:
+            f.write(code)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", path]
+    t = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=timeout, env=env)
+    peak = [line.split() for line in res.stdout.splitlines() if line.startswith("PEAK")]
+    rss, cuda = (int(peak[0][1]) / 1024, int(peak[0][2]) / 2 ** 20) if peak else (float("nan"), float("nan"))
+    return {"rc": res.returncode, "wall": time.perf_counter() - t, "rss": rss, "cuda": cuda,
+            "out": res.stdout, "err": res.stderr}
+
+
 def long(args):
     """Wall time and peak resident memory of sample.py long modes, each in a fresh process."""
     rows = ["| mode | frames | wall (s) | peak RSS (MiB) |", "|---|---|---|---|"]
     peaks = {}
-    for mode in ("hierarchical",):
-        for frames in (1024, 4096):
-            out = tempfile.mkdtemp(prefix="lvdm-long-")
-            code = ("import resource, sample; sample.main({argv!r}); "
-                    "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-            argv = ["--ckpt", args.pred, "--interp", args.interp, "--mode", mode, "--frames", str(frames),
-                    "--n", "1", "--steps", str(args.steps), "--out", out]
-            t = time.perf_counter()
-            res = subprocess.run([sys.executable, "-c", code.format(argv=argv)], capture_output=True, text=True)
-            wall = time.perf_counter() - t
-            if res.returncode != 0:
-                return f"long: sample.py failed:\n{res.stderr[-2000:]}"
-            peak = int(res.stdout.strip().split("PEAK")[-1]) / 1024
-            peaks[frames] = peak
-            rows.append(f"| {mode} DDIM-{args.steps} | {frames} | {wall:.0f} | {peak:.0f} |")
+    for frames in (1024, 4096):
+        r = run_script("sample.py", ["--ckpt", args.pred, "--interp", args.interp, "--mode", "hierarchical",
+                                     "--frames", str(frames), "--n", "1", "--steps", str(args.steps),
+                                     "--out", tempfile.mkdtemp(prefix="lvdm-long-")])
+        if r["rc"] != 0:
+            return f"long: sample.py failed:\n{r['err'][-2000:]}"
+        peaks[frames] = r["rss"]
+        rows.append(f"| hierarchical DDIM-{args.steps} | {frames} | {r['wall']:.0f} | {r['rss']:.0f} |")
     rows.append("")
     rows.append(f"peak(4096) / peak(1024) = {peaks[4096] / peaks[1024]:.3f}")
     return f"Machine: {machine()}.\n\n" + "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- faults
+TINY = ["--preset", "demo", "--size", "32", "--frames", "8", "--batch-size", "2", "--model", "hidden=8",
+        "--model", "ch_mult=(1,1,1)", "--disc-start", "2", "--eval-clips", "2", "--log-every", "1",
+        "--sample-every", "1000", "--ema", "0.9"]
+
+
+def _same(a, b):
+    """Bitwise equality of two checkpoints' training state."""
+    ca, cb = (torch.load(p, weights_only=True) for p in (a, b))
+
+    def eq(x, y):
+        if torch.is_tensor(x):
+            return torch.equal(x, y)
+        if isinstance(x, dict):
+            return set(x) == set(y) and all(eq(x[k], y[k]) for k in x)
+        if isinstance(x, (list, tuple)):
+            return len(x) == len(y) and all(eq(u, v) for u, v in zip(x, y))
+        return x == y
+    return all(eq(ca[k], cb[k]) for k in ("step", "model", "ema", "discriminator", "optimizer", "optimizer_d",
+                                          "rng", "data_state"))
+
+
+def _tiny_checkpoints(root):
+    """A tiny vae, lvdm and pred run (a few steps each) for the catalogue's sample.py rows."""
+    for stage in ("vae", "lvdm", "pred"):
+        extra = ["--steps", "1"] if stage == "vae" else ["--steps", "1", "--batch-size", "1", "--latent-cache", "4",
+                                                        "--model", "model_channels=32", "--timesteps", "100"]
+        argv = ["--stage", stage, *(TINY if stage == "vae" else TINY[:6]), "--out", root, *extra]
+        r = run_script("train.py", argv)
+        if r["rc"] != 0:
+            raise RuntimeError(f"making the tiny {stage} checkpoint failed:\n{r['err'][-2000:]}")
+
+
+def catalogue(root):
+    """(description, script, argv) of bad inputs; each must end in one `error:` sentence and exit status 2."""
+    def write(name, content):
+        path = os.path.join(root, name)
+        with open(path, "wb") as f:
+            f.write(content)
+        return path
+    os.makedirs(os.path.join(root, "empty", "train"), exist_ok=True)
+    short = os.path.join(root, "short", "clip")
+    os.makedirs(short, exist_ok=True)
+    for k in range(3):
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(os.path.join(short, f"{k}.png"))
+    vae_pt, lvdm_pt, pred_pt = (os.path.join(root, f"{s}.pt") for s in ("vae", "lvdm", "pred"))
+    good = open(vae_pt, "rb").read()
+    evil = write("evil.pt", pickle.dumps({"stage": "vae", "model": _Evil()}))
+    other = write("other_arch.pt", b"")
+    torch.save({**torch.load(vae_pt, weights_only=True), "model": {"encoder.conv_in.conv.weight": torch.zeros(1)},
+                "ema": None}, other)
+    bad_npz = os.path.join(root, "float.npz")
+    np.savez(bad_npz, arr_0=np.zeros((2, 16, 8, 8, 3), np.float32))
+    i3d_evil = write("i3d_evil.ckpt", pickle.dumps({"params": _Evil()}))
+    i3d_random = os.path.join(root, "i3d_random.pt")  # the right shapes, random values
+    torch.save(fvd.InceptionI3d().state_dict(), i3d_random)
+    good_npz = os.path.join(root, "u8.npz")
+    np.savez(good_npz, arr_0=np.zeros((2, 16, 32, 32, 3), np.uint8))
+    lock_dir = os.path.join(root, "locked")
+    os.makedirs(lock_dir, exist_ok=True)
+    with open(os.path.join(lock_dir, "vae.lock"), "w") as f:  # held by this (live) process
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "start": process_start_time(os.getpid())}, f)
+    train = ["--stage", "vae", *TINY, "--steps", "1", "--out", os.path.join(root, "r")]
+    lvdm = ["--stage", "lvdm", *TINY[:6], "--steps", "1", "--out", os.path.join(root, "r2")]
+    return [
+        ("train: --steps -5", "train.py", train + ["--steps", "-5"]),
+        ("train: --batch-size 0", "train.py", train + ["--batch-size", "0"]),
+        ("train: --lr -1", "train.py", train + ["--lr", "-1"]),
+        ("train: --lr abc", "train.py", train + ["--lr", "abc"]),
+        ("train: --model hidden=abc (wrong type)", "train.py", train + ["--model", "hidden=abc"]),
+        ("train: --model nonsense=3 (unknown field)", "train.py", train + ["--model", "nonsense=3"]),
+        ("train: --model hidden=0 (cannot build)", "train.py", train + ["--model", "hidden=0"]),
+        ("train: --frames 10 (not divisible by ft)", "train.py", train + ["--frames", "10"]),
+        ("train: --size 60 (not divisible by fs)", "train.py", train + ["--size", "60"]),
+        ("train: --data of a missing folder", "train.py", train + ["--data", os.path.join(root, "missing")]),
+        ("train: --data of an empty split folder", "train.py", train + ["--data", os.path.join(root, "empty")]),
+        ("train: --data whose videos are all too short", "train.py", train + ["--data", os.path.join(root, "short")]),
+        ("train: --preset sky without --data", "train.py", ["--stage", "vae", "--preset", "sky"]),
+        ("train: --ema 1", "train.py", train + ["--ema", "1"]),
+        ("train: --s-max above --timesteps", "train.py", lvdm + ["--timesteps", "100", "--s-max", "101"]),
+        ("train: --betas 0.5 (one number)", "train.py", train + ["--betas", "0.5"]),
+        ("train: --flip 2", "train.py", train + ["--flip", "2"]),
+        ("train: --stage unknown", "train.py", ["--stage", "video"]),
+        ("train: --resume without a checkpoint", "train.py", train + ["--out", os.path.join(root, "none"), "--resume"]),
+        ("train: --vae an empty file", "train.py", lvdm + ["--vae", write("empty.pt", b"")]),
+        ("train: --vae a truncated checkpoint", "train.py", lvdm + ["--vae", write("cut.pt", good[:len(good) // 2])]),
+        ("train: --vae a pickle that runs code", "train.py", lvdm + ["--vae", evil]),
+        ("train: --vae an lvdm checkpoint", "train.py", lvdm + ["--vae", lvdm_pt]),
+        ("train: --vae another architecture's weights", "train.py", lvdm + ["--vae", other]),
+        ("train: --init a vae checkpoint", "train.py", ["--stage", "pred", *TINY[:6], "--steps", "1", "--vae", vae_pt,
+                                                        "--init", vae_pt, "--out", os.path.join(root, "r3")]),
+        ("train: --lpips a missing file", "train.py", train + ["--lpips", os.path.join(root, "missing.ckpt")]),
+        ("train: --lpips random bytes", "train.py", train + ["--lpips", write("noise.ckpt", os.urandom(4000))]),
+        ("train: a run folder another live run holds", "train.py", train + ["--out", lock_dir]),
+        ("sample: --ckpt missing", "sample.py", ["--ckpt", os.path.join(root, "missing.pt")]),
+        ("sample: --ckpt a vae checkpoint", "sample.py", ["--ckpt", vae_pt]),
+        ("sample: --ckpt truncated", "sample.py", ["--ckpt", write("cut2.pt", open(lvdm_pt, "rb").read()[:5000])]),
+        ("sample: hierarchical without --interp", "sample.py", ["--ckpt", pred_pt, "--mode", "hierarchical"]),
+        ("sample: autoregressive from a gap-4 model", "sample.py", ["--ckpt", pred_pt, "--mode", "autoregressive"]),
+        ("sample: --n 0", "sample.py", ["--ckpt", lvdm_pt, "--n", "0"]),
+        ("sample: --steps above T", "sample.py", ["--ckpt", lvdm_pt, "--steps", "5000", "--out",
+                                                 os.path.join(root, "s")]),
+        ("fvd: --fake missing", "fvd.py", ["--real", "synthetic", "--fake", os.path.join(root, "x.npz"), "--i3d",
+                                          i3d_random]),
+        ("fvd: --fake an npz of floats", "fvd.py", ["--real", "synthetic", "--fake", bad_npz, "--i3d", i3d_random]),
+        ("fvd: --frames 4 (too short for I3D)", "fvd.py", ["--real", "synthetic", "--fake", good_npz, "--i3d",
+                                                          i3d_random, "--frames", "4", "--n", "2", "--runs", "1",
+                                                          "--cache-dir", ""]),
+        ("fvd: --i3d a pickle that runs code", "fvd.py", ["--real", "synthetic", "--fake", bad_npz, "--i3d", i3d_evil]),
+        ("fvd: --i3d missing", "fvd.py", ["--real", "synthetic", "--fake", bad_npz, "--i3d",
+                                         os.path.join(root, "none.ckpt")]),
+        ("data: prepare from a missing folder", "data.py", ["prepare", os.path.join(root, "missing"),
+                                                            os.path.join(root, "out")]),
+        ("data: preview with an unknown split", "data.py", ["preview", "synthetic", os.path.join(root, "p.gif"),
+                                                            "--split", "bogus"]),
+    ]
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo this-should-never-run",))
+
+
+def faults(args):
+    """SIGKILL at random moments + --resume, SIGTERM + --resume (each compared bitwise with a straight run),
+    and a catalogue of bad inputs, each of which must end in one sentence and exit status 2."""
+    root = tempfile.mkdtemp(prefix="lvdm-faults-")
+    rng = np.random.default_rng(args.seed)
+    base = ["train.py", "--stage", "vae", *TINY, "--steps", str(args.fault_steps), "--save-every", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    straight = os.path.join(root, "straight")
+    t = time.perf_counter()
+    subprocess.run([sys.executable, *base, "--out", straight], cwd=HERE, env=env, capture_output=True, check=True)
+    duration = time.perf_counter() - t
+    rows = ["| fault | what happened | result |", "|---|---|---|"]
+    killed = os.path.join(root, "killed")
+    kills = []
+    for k in range(args.kills):  # each kill lands at a random moment of what is left of the run
+        resume = ["--resume"] if os.path.exists(os.path.join(killed, "vae.pt")) else []
+        p = subprocess.Popen([sys.executable, *base, "--out", killed, *resume], cwd=HERE, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(float(rng.uniform(0.3, 0.9)) * duration)
+        p.kill()
+        p.wait()
+        ck = os.path.join(killed, "vae.pt")
+        kills.append(torch.load(ck, weights_only=True)["step"] if os.path.exists(ck) else 0)
+    resume = ["--resume"] if os.path.exists(os.path.join(killed, "vae.pt")) else []
+    subprocess.run([sys.executable, *base, "--out", killed, *resume], cwd=HERE, env=env, capture_output=True,
+                   check=True)
+    ok = _same(os.path.join(straight, "vae.pt"), os.path.join(killed, "vae.pt"))
+    rows.append(f"| SIGKILL x{args.kills} at random moments, --resume after each | checkpoint steps on disk after "
+                f"the kills: {kills}; final run compared with a straight {args.fault_steps}-step run | "
+                f"{'pass (bitwise equal)' if ok else 'FAIL'} |")
+    termed = os.path.join(root, "termed")
+    p = subprocess.Popen([sys.executable, *base, "--out", termed], cwd=HERE, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    log = os.path.join(termed, "log-vae.jsonl")
+    while p.poll() is None and not (os.path.exists(log) and len(open(log).readlines()) >= 3):
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate()
+    step = torch.load(os.path.join(termed, "vae.pt"), weights_only=True)["step"]
+    logged = json.loads(open(log).readlines()[-1])["step"]
+    subprocess.run([sys.executable, *base, "--out", termed, "--resume"], cwd=HERE, env=env, capture_output=True,
+                   check=True)
+    ok = p.returncode == 128 + signal.SIGTERM and step == logged and _same(os.path.join(straight, "vae.pt"),
+                                                                           os.path.join(termed, "vae.pt"))
+    rows.append(f"| SIGTERM mid-run, then --resume | exit {p.returncode}, checkpoint at step {step} (last logged "
+                f"{logged}), '{out.strip().splitlines()[-1][:60]}...' | {'pass (bitwise equal)' if ok else 'FAIL'} |")
+    _tiny_checkpoints(root)
+    failed, cases = 0, catalogue(root)
+    for what, script, argv in cases:
+        r = run_script(script, argv, timeout=600)
+        last = (r["err"].strip().splitlines() or [""])[-1]
+        ok = r["rc"] == 2 and last.startswith("error: ") and "Traceback" not in r["err"]
+        failed += not ok
+        said = last if ok else f"exit {r['rc']}: {r['err'].strip()[-300:]}"
+        rows.append(f"| {what} | {said.replace('|', '/').replace(root, 'TMP')[:160]} | {'pass' if ok else 'FAIL'} |")
+    rows.append("")
+    rows.append(f"catalogue: {len(cases) - failed} of {len(cases)} bad inputs answered in one sentence, exit status 2")
+    return f"Machine: {machine()}.\n\n" + "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- smoke
+def smoke(args):
+    """Every stage at the paper presets for a few steps on synthetic 256² clips, with the device's AMP;
+    one line per stage with its wall time and peak memory. On a CPU the U-Net is narrowed (--width)."""
+    root = tempfile.mkdtemp(prefix="lvdm-smoke-")
+    on_gpu = args.device.startswith("cuda")
+    narrow = [] if on_gpu else ["--model", f"model_channels={args.width}"]
+    run = ["--preset", "sky", "--data", "synthetic", "--device", args.device, "--steps", str(args.smoke_steps),
+           "--batch-size", "1", "--save-every", str(args.smoke_steps), "--sample-every", "100000", "--eval-clips", "2",
+           "--log-every", "1", "--out", root]
+    weights = args.i3d
+    if not weights:  # random I3D weights: the FVD path runs, its numbers mean nothing
+        weights = os.path.join(root, "i3d_random.pt")
+        torch.save(fvd.InceptionI3d().state_dict(), weights)
+    ck = {s: os.path.join(root, f"{s}.pt") for s in ("vae", "lvdm", "pred", "interp")}
+    stages = [
+        ("vae: paper autoencoder, 256² x 16, batch 1", "train.py", ["--stage", "vae", *run], 1),
+        ("vae: the same, 2 processes (torchrun)", "train.py", ["--stage", "vae", *run, "--out", root + "-ddp"], 2),
+        ("lvdm: U-Net on 32² x 4 latents", "train.py", ["--stage", "lvdm", *run, *narrow], 1),
+        ("pred: from lvdm.pt, 64-frame clips", "train.py", ["--stage", "pred", *run, *narrow], 1),
+        ("interp: from lvdm.pt, 20-frame clips", "train.py", ["--stage", "interp", *run, *narrow], 1),
+        ("sample short: DDIM-4, 2 videos", "sample.py", ["--ckpt", ck["lvdm"], "--n", "2", "--steps", "4", "--npz",
+                                                       "--device", args.device]),
+        ("sample hierarchical: 64 frames, DDIM-2", "sample.py", ["--ckpt", ck["pred"], "--interp", ck["interp"],
+                                                                 "--mode", "hierarchical", "--frames", "64", "--n", "1",
+                                                                 "--steps", "2", "--device", args.device]),
+        ("fvd: 2 vs 2 clips", "fvd.py", ["--real", "synthetic", "--fake", os.path.join(root, "samples-short",
+                                                                                    "samples.npz"),
+                                          "--n", "2", "--runs", "1", "--i3d", weights, "--device", args.device,
+                                          "--cache-dir", ""]),
+    ]
+    rows = [f"Machine: {machine()}. {'Full widths' if on_gpu else f'CPU: U-Net model_channels={args.width}'}; "
+            f"I3D weights: {'given' if args.i3d else 'random (timing only)'}.", "",
+            "| stage | processes | wall (s) | peak RSS (MiB) | peak CUDA (MiB) | result |", "|---|---|---|---|---|---|"]
+    for what, script, argv, nproc in stages:
+        r = run_script(script, argv, nproc=nproc)
+        result = "ok" if r["rc"] == 0 else f"FAIL: {(r['err'].strip().splitlines() or [''])[-1][:100]}"
+        rows.append(f"| {what} | {nproc} | {r['wall']:.1f} | {r['rss']:.0f} | {r['cuda']:.0f} | {result} |")
+        print(rows[-1], flush=True)
+    return "\n".join(rows)
 
 
 STUDY = {  # name -> (mode, cond-noise s, guidance w); Fig. 6-7 of the paper
@@ -284,7 +534,8 @@ def study(argv):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", default="table2", choices=["table2", "loader", "i3d", "long", "study", "all"])
+    p.add_argument("what", nargs="?", default="table2",
+                   choices=["table2", "loader", "i3d", "long", "faults", "smoke", "study", "all"])
     p.add_argument("root", nargs="?", help="loader: folder of frame folders (default: a temporary one, made)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--width", type=int, default=64, help="U-Net model_channels (paper: 256; reduced on CPU)")
@@ -300,6 +551,9 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=8); p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--pred"); p.add_argument("--interp"); p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0, help="faults: seeds the kill moments")
+    p.add_argument("--kills", type=int, default=5); p.add_argument("--fault-steps", type=int, default=12)
+    p.add_argument("--smoke-steps", type=int, default=2)
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["study"]:  # its own flags

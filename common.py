@@ -110,7 +110,7 @@ def load_checkpoint(path, stage=None):
     """A checkpoint dict this project wrote, loaded with weights_only=True (no code runs from it);
     `stage` given: refuse a checkpoint of another stage."""
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist; check the path (or drop --resume to start fresh).")
+        raise UserError(f"checkpoint {path} does not exist; check the path.")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickled callables and other non-tensor objects are refused here
@@ -154,7 +154,7 @@ def load_weights(module, state, path, what):
 
 
 # ----------------------------------------------------------------------------- run lock
-def _process_start(pid):
+def process_start_time(pid):
     """Start time of a live process (to tell it from a later process with the same pid), or None if gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -176,7 +176,7 @@ class RunLock:
 
     def __init__(self, path):
         self.path, self.held = path, False
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "start": process_start_time(os.getpid())}
         for _ in range(2):
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -187,7 +187,7 @@ class RunLock:
                 except (OSError, ValueError):
                     owner = {}
                 gone = owner.get("host") == me["host"] and (
-                    owner.get("pid") == me["pid"] or _process_start(owner.get("pid", -1)) != owner.get("start"))
+                    owner.get("pid") == me["pid"] or process_start_time(owner.get("pid", -1)) != owner.get("start"))
                 if not gone:
                     raise UserError(f"another run (pid {owner.get('pid')} on {owner.get('host')}) is writing to "
                                     f"{os.path.dirname(path) or '.'}; wait for it, use another --out, or delete "

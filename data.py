@@ -19,7 +19,6 @@ Commands:
   python data.py preview synthetic out.gif --frames 64 --size 64   # look at a dataset
 """
 
-import argparse
 import contextlib
 import hashlib
 import io
@@ -37,7 +36,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from common import UserError, atomic_path, current_umask, main_guard
+from common import ArgumentParser, UserError, atomic_path, current_umask, main_guard, positive_int
 
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
@@ -668,20 +667,20 @@ def prepare(src, dst, size=256, layout="preserved", fmt="jpg", quality=95, worke
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="convert videos to frame folders")
     p.add_argument("src"), p.add_argument("dst")
-    p.add_argument("--size", type=int, default=256, help="short side in pixels (aspect kept)")
+    p.add_argument("--size", type=positive_int, default=256, help="short side in pixels (aspect kept)")
     p.add_argument("--split-layout", choices=["preserved", "flat"], default="preserved")
     p.add_argument("--format", choices=["jpg", "png"], default="jpg")
-    p.add_argument("--quality", type=int, default=95)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--quality", type=positive_int, default=95)
+    p.add_argument("--workers", type=positive_int, default=1)
     v = sub.add_parser("preview", help="write clips of a dataset as a gif/mp4 (first clip) or png grid")
     v.add_argument("data"), v.add_argument("out")
-    v.add_argument("--frames", type=int, default=16), v.add_argument("--size", type=int, default=64)
-    v.add_argument("--stride", type=int, default=1), v.add_argument("--split", default="train")
-    v.add_argument("--n", type=int, default=4)
+    v.add_argument("--frames", type=positive_int, default=16), v.add_argument("--size", type=positive_int, default=64)
+    v.add_argument("--stride", type=positive_int, default=1), v.add_argument("--split", default="train")
+    v.add_argument("--n", type=positive_int, default=4)
     sub.add_parser("throughput", help="moved: python bench.py loader", add_help=False)
     args, rest = ap.parse_known_args(argv)
     if args.cmd == "throughput":  # the old spelling of the loader benchmark, which lives in bench.py now

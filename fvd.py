@@ -37,7 +37,6 @@ per run in out/fvd_cache/ (--cache-dir, env LVDM_FVD_CACHE), keyed by dataset, c
 settings, seed, run, uint8 conversion and I3D weights, so repeated evaluations skip them.
 """
 
-import argparse
 import csv
 import hashlib
 import json
@@ -51,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from common import UserError, atomic_path, load_numpy_pickle, main_guard, plot_lines
+from common import ArgumentParser, UserError, atomic_path, load_numpy_pickle, main_guard, plot_lines, positive_int
 
 I3D_SIZE = 224          # spatial input size of the Kinetics I3D
 I3D_MIN_FRAMES = 9      # the 2x7x7 average pool needs >= 2 frames after 3 temporal /2 stages
@@ -552,21 +551,21 @@ def write_csv(path, points):
 # ----------------------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="FVD16 / KVD16 and long-video FVD curves (paper §4.1).")
+    p = ArgumentParser(description="FVD16 / KVD16 and long-video FVD curves (paper §4.1).")
     p.add_argument("--real", help="real videos: a dataset folder data.py reads, 'synthetic', or an .npz")
     p.add_argument("--fake", help="generated videos: an .npz of uint8 (N,T,H,W,3) or a folder of videos")
     p.add_argument("--i3d", default=os.environ.get("LVDM_I3D"), help="I3D weights (default $LVDM_I3D)")
     p.add_argument("--curve", action="store_true", help="FVD of every non-overlapping clip of long videos")
     p.add_argument("--bench", action="store_true", help="measure I3D clips/s (random weights if no --i3d)")
     p.add_argument("--protocol", default="lvdm", choices=PROTOCOLS)
-    p.add_argument("--runs", type=int, default=10, help="FVD16 runs, each with freshly drawn real clips")
-    p.add_argument("--n", type=int, default=None, help="clips per side (default 2048; curve: all fake videos)")
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--size", type=int, default=None, help="real clip size for data.py (default: fake size)")
-    p.add_argument("--stride", type=int, default=1)
+    p.add_argument("--runs", type=positive_int, default=10, help="FVD16 runs, each with freshly drawn real clips")
+    p.add_argument("--n", type=positive_int, default=None, help="clips per side (default 2048; curve: all fake videos)")
+    p.add_argument("--frames", type=positive_int, default=16)
+    p.add_argument("--size", type=positive_int, default=None, help="real clip size for data.py (default: fake size)")
+    p.add_argument("--stride", type=positive_int, default=1)
     p.add_argument("--split", default="train")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=positive_int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cache-dir", default=os.environ.get("LVDM_FVD_CACHE", os.path.join("out", "fvd_cache")),
                    help="real-feature cache ('' disables)")

@@ -24,7 +24,8 @@ import diffusion as diffusion_lib
 import hierarchical
 import unet3d
 import vae as vae_lib
-from common import UserError, atomic_path, load_checkpoint, load_weights, main_guard
+from common import (ArgumentParser, UserError, atomic_path, load_checkpoint, load_weights, main_guard,
+                    natural_float, natural_int, positive_int)
 
 
 def load_model(path, device, use_ema=True):
@@ -55,24 +56,24 @@ def load_decoder(args_of_ckpt, override, device):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="lvdm.pt (short) or pred.pt (long modes)")
     p.add_argument("--interp", help="interp.pt, for --mode hierarchical")
     p.add_argument("--vae", help="override the autoencoder path stored in the checkpoint")
     p.add_argument("--mode", default="short", choices=["short", "autoregressive", "hierarchical"])
-    p.add_argument("--n", type=int, default=8, help="number of videos")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--length", "--frames", dest="length", type=int,
+    p.add_argument("--n", type=positive_int, default=8, help="number of videos")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--length", "--frames", dest="length", type=positive_int,
                    help="frames per video (long modes; default: the training clip length)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 DDPM-like)")
-    p.add_argument("--cond-noise", type=int, default=100, help="conditional latent perturbation level s (§3.3)")
-    p.add_argument("--guidance", type=float, default=0.1, help="unconditional guidance strength w, Eq. (9) (0 = off)")
-    p.add_argument("--k", type=int, default=1, help="latents each autoregressive step conditions on")
-    p.add_argument("--chunk", type=int, default=16, help="latents decoded at a time in long modes")
+    p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps")
+    p.add_argument("--eta", type=natural_float, default=0.0, help="DDIM eta (0 deterministic, 1 DDPM-like)")
+    p.add_argument("--cond-noise", type=natural_int, default=100, help="conditional latent perturbation level s (§3.3)")
+    p.add_argument("--guidance", type=natural_float, default=0.1, help="unconditional guidance strength w, Eq. (9) (0 = off)")
+    p.add_argument("--k", type=positive_int, default=1, help="latents each autoregressive step conditions on")
+    p.add_argument("--chunk", type=positive_int, default=16, help="latents decoded at a time in long modes")
     p.add_argument("--out"); p.add_argument("--npz", action="store_true")
-    p.add_argument("--fps", type=int, default=8); p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fps", type=positive_int, default=8); p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     return p.parse_args(argv)

@@ -1871,7 +1871,7 @@ class TestTrain:
         sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
         try:
             (out / "vae.lock").write_text(json.dumps({"pid": sleeper.pid, "host": __import__("socket").gethostname(),
-                                                      "start": common._process_start(sleeper.pid)}))
+                                                      "start": common.process_start_time(sleeper.pid)}))
             with pytest.raises(UserError, match="another run .* is writing to"):
                 train.main(_TINY_VAE + ["--out", str(out), "--steps", "1", "--sample-every", "1000"])
         finally:

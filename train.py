@@ -506,6 +506,9 @@ def save_run(path, stage, args, step, stream, ema, scalers, ddp, master_process,
 
 def resume(path, stage, args, stream, ema, scalers, rank, world, master_process):
     """Restore a run from RUN/<stage>.pt; returns its step."""
+    if not os.path.isfile(path):
+        raise UserError(f"--resume: {path} does not exist; drop --resume to start fresh, or pass the --out of the "
+                        f"run to continue.")
     ckpt = load_checkpoint(path, args.stage)
     load_weights(stage.model, ckpt.get("model"), path, "model (--resume)")
     load_weights(stage.optimizer, ckpt.get("optimizer"), path, "optimizer (--resume)")
@@ -641,7 +644,7 @@ def main(argv=None):
     log_path = os.path.join(args.out, f"log-{args.stage}.jsonl")
     batches = iter(stream)
     pbar = tqdm(total=args.steps, initial=step, desc=args.stage, dynamic_ncols=True) if master_process else None
-    signals = StopSignals()  # SIGTERM / SIGINT: finish this step, save, exit
+    signals, stop = StopSignals(), 0  # SIGTERM / SIGINT: finish this step, save, exit
     t0 = time.time()
     while step < args.steps:
         gan = args.stage == "vae" and step >= args.disc_start  # the discriminator trains from --disc-start on
@@ -679,7 +682,7 @@ def main(argv=None):
         step += 1
         if master_process:
             pbar.update(1)
-            pbar.set_postfix({k: f"{v:.4g}" for k, v in list(logs.items())[:3]} | ({"skipped": skipped} if skipped else {}))
+            pbar.set_postfix({**{k: f"{v:.4g}" for k, v in list(logs.items())[:3]}, **({"skipped": skipped} if skipped else {})})
             if step % args.log_every == 0 or step == args.steps:
                 with open(log_path, "a") as f:
                     f.write(json.dumps({"step": step, "time": round(time.time() - t0, 2), **logs,

@@ -208,6 +208,7 @@ def i3d(args):
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEAK = ("import resource, runpy, sys, torch\n"
+        "sys.path.insert(0, {here!r})\n"
         "sys.argv = {argv!r}\n"
         "try:\n    runpy.run_path({script!r}, run_name='__main__')\n"
         "finally:\n    cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0\n"
@@ -217,7 +218,7 @@ PEAK = ("import resource, runpy, sys, torch\n"
 def run_script(script, argv, nproc=1, timeout=3600, env=None):
     """Run a project script in a fresh process (under torchrun when nproc > 1); returns a dict: rc, wall (s),
     rss and cuda (peak MiB of the first process), out, err."""
-    code = PEAK.format(argv=[script, *argv], script=os.path.join(HERE, script))
+    code = PEAK.format(argv=[script, *argv], script=os.path.join(HERE, script), here=HERE)
     cmd = [sys.executable, "-c", code]
     if nproc > 1:
         fd, path = tempfile.mkstemp(suffix=".py")
@@ -438,7 +439,8 @@ def smoke(args):
     one line per stage with its wall time and peak memory. On a CPU the U-Net is narrowed (--width)."""
     root = tempfile.mkdtemp(prefix="lvdm-smoke-")
     on_gpu = args.device.startswith("cuda")
-    narrow = [] if on_gpu else ["--model", f"model_channels={args.width}"]
+    narrow = [] if on_gpu else ["--model", f"model_channels={args.width}"]  # U-Net
+    narrow_ae = [] if on_gpu else ["--model", f"hidden={args.ae_hidden}"]  # one paper-size AE step: ~3 min here
     run = ["--preset", "sky", "--data", "synthetic", "--device", args.device, "--steps", str(args.smoke_steps),
            "--batch-size", "1", "--save-every", str(args.smoke_steps), "--sample-every", "100000", "--eval-clips", "2",
            "--log-every", "1", "--out", root]
@@ -448,22 +450,23 @@ def smoke(args):
         torch.save(fvd.InceptionI3d().state_dict(), weights)
     ck = {s: os.path.join(root, f"{s}.pt") for s in ("vae", "lvdm", "pred", "interp")}
     stages = [
-        ("vae: paper autoencoder, 256² x 16, batch 1", "train.py", ["--stage", "vae", *run], 1),
-        ("vae: the same, 2 processes (torchrun)", "train.py", ["--stage", "vae", *run, "--out", root + "-ddp"], 2),
+        ("vae: autoencoder, 256² x 16, batch 1", "train.py", ["--stage", "vae", *run, *narrow_ae], 1),
+        ("vae: the same, 2 processes (torchrun)", "train.py", ["--stage", "vae", *run, *narrow_ae, "--out",
+                                                               root + "-ddp"], 2),
         ("lvdm: U-Net on 32² x 4 latents", "train.py", ["--stage", "lvdm", *run, *narrow], 1),
         ("pred: from lvdm.pt, 64-frame clips", "train.py", ["--stage", "pred", *run, *narrow], 1),
         ("interp: from lvdm.pt, 20-frame clips", "train.py", ["--stage", "interp", *run, *narrow], 1),
         ("sample short: DDIM-4, 2 videos", "sample.py", ["--ckpt", ck["lvdm"], "--n", "2", "--steps", "4", "--npz",
-                                                       "--device", args.device]),
+                                                       "--device", args.device], 1),
         ("sample hierarchical: 64 frames, DDIM-2", "sample.py", ["--ckpt", ck["pred"], "--interp", ck["interp"],
                                                                  "--mode", "hierarchical", "--frames", "64", "--n", "1",
-                                                                 "--steps", "2", "--device", args.device]),
+                                                                 "--steps", "2", "--device", args.device], 1),
         ("fvd: 2 vs 2 clips", "fvd.py", ["--real", "synthetic", "--fake", os.path.join(root, "samples-short",
                                                                                     "samples.npz"),
                                           "--n", "2", "--runs", "1", "--i3d", weights, "--device", args.device,
-                                          "--cache-dir", ""]),
+                                          "--cache-dir", ""], 1),
     ]
-    rows = [f"Machine: {machine()}. {'Full widths' if on_gpu else f'CPU: U-Net model_channels={args.width}'}; "
+    rows = [f"Machine: {machine()}. {'Full widths' if on_gpu else f'CPU, narrowed: autoencoder hidden={args.ae_hidden}, U-Net model_channels={args.width}'}; "
             f"I3D weights: {'given' if args.i3d else 'random (timing only)'}.", "",
             "| stage | processes | wall (s) | peak RSS (MiB) | peak CUDA (MiB) | result |", "|---|---|---|---|---|---|"]
     for what, script, argv, nproc in stages:
@@ -554,6 +557,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="faults: seeds the kill moments")
     p.add_argument("--kills", type=int, default=5); p.add_argument("--fault-steps", type=int, default=12)
     p.add_argument("--smoke-steps", type=int, default=2)
+    p.add_argument("--ae-hidden", type=int, default=8, help="smoke on a CPU: autoencoder width (paper: 32)")
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["study"]:  # its own flags

@@ -8,6 +8,7 @@
         --i3d PATH --frames 256 --n 16 --pool 4   # §4.4, Fig. 6-7: FVD along long videos, per setting
     python bench.py faults                 # SIGKILL / SIGTERM + --resume, bitwise; 40 bad inputs, one sentence each
     python bench.py smoke [--device cuda]  # every stage at the paper presets, a few steps: time and peak memory
+    python bench.py contention             # the demo's training step next to a busy process: threads, wait policy
     python bench.py all --i3d PATH
 
 Every number is a wall-clock measurement in this process (after a warm-up); ratios are taken
@@ -477,6 +478,46 @@ def smoke(args):
     return "\n".join(rows)
 
 
+# ----------------------------------------------------------------------------- sharing the CPU
+STEP = """import os, sys, time, torch
+sys.path.insert(0, {here!r})
+import diffusion, unet3d
+torch.set_num_threads({threads})
+torch.manual_seed(0)
+net = unet3d.UNet3D(unet3d.unet_presets()["demo"])
+gd = diffusion.GaussianDiffusion(diffusion.make_betas("linear", 1000), prediction="v")
+opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+z = torch.randn(8, 4, 4, 8, 8)
+def step():
+    opt.zero_grad(); gd.training_loss(lambda x, t: net(x, t), z).mean().backward(); opt.step()
+for _ in range(5): step()
+t = time.perf_counter()
+for _ in range({n}): step()
+print((time.perf_counter() - t) / {n})
+"""
+BUSY = "import torch\ntorch.set_num_threads(2)\na = torch.randn(256, 256)\nwhile True:\n    a = (a @ a).tanh()\n"
+
+
+def contention(args):
+    """The demo U-Net's training step (batch 8, 8x8x4 latents), alone and next to another process doing 2-thread
+    matmuls, for torch's thread count and OpenMP wait policy: why a busy neighbour slows the demo."""
+    rows = ["| neighbour | threads | OMP_WAIT_POLICY | s/step |", "|---|---|---|---|"]
+    for neighbour in (False, True):
+        busy = subprocess.Popen([sys.executable, "-c", BUSY]) if neighbour else None
+        time.sleep(2 if neighbour else 0)
+        for threads, policy in ((2, None), (1, None), (2, "PASSIVE")):
+            env = dict(os.environ, **({"OMP_WAIT_POLICY": policy} if policy else {}))
+            times = [float(subprocess.run([sys.executable, "-c", STEP.format(here=HERE, threads=threads, n=40)],
+                                          env=env, capture_output=True, text=True, check=True).stdout)
+                     for _ in range(args.repeat)]
+            rows.append(f"| {'a 2-thread torch process' if neighbour else 'none'} | {threads} | {policy or 'default'} "
+                        f"| {np.median(times):.3f} |")
+        if busy is not None:
+            busy.kill()
+            busy.wait()
+    return f"Machine: {machine()}. Median of {args.repeat} runs of 40 steps each.\n\n" + "\n".join(rows)
+
+
 STUDY = {  # name -> (mode, cond-noise s, guidance w); Fig. 6-7 of the paper
     "hierarchical": ("hierarchical", 100, 0.1),
     "autoregressive": ("autoregressive", 100, 0.1),
@@ -538,7 +579,7 @@ def study(argv):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", default="table2",
-                   choices=["table2", "loader", "i3d", "long", "faults", "smoke", "study", "all"])
+                   choices=["table2", "loader", "i3d", "long", "faults", "smoke", "contention", "study", "all"])
     p.add_argument("root", nargs="?", help="loader: folder of frame folders (default: a temporary one, made)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--width", type=int, default=64, help="U-Net model_channels (paper: 256; reduced on CPU)")

@@ -467,18 +467,18 @@ class VideoFolder:
 
 
 def load_videos(path):
-    """uint8 (N,T,H,W,3) array from an .npz, or a lazy VideoFolder."""
+    """uint8 (N,T,H,W,3) videos from an .npz, a .npy (memory-mapped: sample.py's long.npy), or a folder."""
     if not os.path.exists(path):
         raise UserError(f"{path} does not exist; check the path (sample.py writes samples.npz with --npz).")
     if os.path.isdir(path):
         return VideoFolder(path)
-    if path.endswith(".npz"):
-        videos = data.load_npz(path)
-        if videos.dtype != np.uint8 or videos.ndim != 5 or videos.shape[-1] != 3:
-            raise UserError(f"{path} holds {videos.dtype} {videos.shape}, not uint8 (N,T,H,W,3); "
-                            f"save samples with data.save_npz.")
-        return videos
-    raise UserError(f"{path} is neither an .npz of uint8 (N,T,H,W,3) videos nor a folder of videos; check the path.")
+    if not path.endswith((".npz", ".npy")):
+        raise UserError(f"{path} is neither an .npz / .npy of uint8 (N,T,H,W,3) videos nor a folder of videos.")
+    videos = data.load_npz(path) if path.endswith(".npz") else np.load(path, mmap_mode="r")
+    if videos.dtype != np.uint8 or videos.ndim != 5 or videos.shape[-1] != 3:
+        raise UserError(f"{path} holds {videos.dtype} {videos.shape}, not uint8 (N,T,H,W,3); save samples with "
+                        f"data.save_npz.")
+    return videos
 
 
 def describe_protocol(args, model, real_desc, fake_desc):
@@ -529,10 +529,14 @@ def open_real(args, fake_hw):
         args.size = fake_hw[0]
     ds = data.make_dataset(args.real, args.frames, args.size, stride=args.stride, split=args.split,
                       random_start=True, flip=False, seed=args.seed)
-    ident = "synthetic" if str(args.real) == "synthetic" else os.path.abspath(args.real)
-    return ds, [ident, len(ds)], (f"{args.n_real} clips of {args.frames} frames (stride {args.stride}) from "
-                                  f"{args.real} split {args.split} ({len(ds)} videos), random start seeded "
-                                  f"by (seed, run), resized + center-cropped to {args.size}x{args.size} by data.py")
+    if str(args.real) == "synthetic":
+        return ds, ["synthetic", len(ds)], (f"{args.n_real} clips of {args.frames} frames (stride {args.stride}) of "
+                                            f"the built-in synthetic videos, split {args.split}, frames 0.. of each, "
+                                            f"rendered at {args.size}x{args.size} (seeded per video, no crop)")
+    return ds, [os.path.abspath(args.real), len(ds)], (
+        f"{args.n_real} clips of {args.frames} frames (stride {args.stride}) from {args.real} split {args.split} "
+        f"({len(ds)} videos), random start seeded by (seed, run), resized + center-cropped to "
+        f"{args.size}x{args.size} by data.py")
 
 
 # ----------------------------------------------------------------------------------------
@@ -563,7 +567,8 @@ def main(argv=None):
     p.add_argument("--frames", type=positive_int, default=16)
     p.add_argument("--size", type=positive_int, default=None, help="real clip size for data.py (default: fake size)")
     p.add_argument("--stride", type=positive_int, default=1)
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", default="test", help="real clips from this split (default test: held out; "
+                   "a dataset without split folders uses all its videos)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=positive_int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -596,7 +601,9 @@ def run(args):
     n_fake = min(len(fake), args.n_real)
     fake_desc = (f"first {args.frames} frames of {n_fake} of the {len(fake)} videos in {args.fake}"
                  + (", a fresh seeded subset per run" if len(fake) > n_fake else ", the same in every run"))
-    print(describe_protocol(args, model, real_desc, fake_desc))
+    clips = n_fake + args.n_real * args.runs
+    if str(args.device) == "cpu" and clips > 512:
+        print(f"note: {clips} clips through I3D at ~1.5 clips/s on a 2-core CPU is ~{clips / 90:.0f} min; lower --n/--runs")
     picks = [np.sort(np.random.default_rng([args.seed, r, 1]).permutation(len(fake))[:n_fake])
              for r in range(args.runs)]
     used = np.unique(np.concatenate(picks))  # the fake clips any run needs, each embedded once
@@ -610,9 +617,13 @@ def run(args):
         kvds.append(kernel_distance(real_feats, f))
         print(f"run {r}: FVD{args.frames} = {fvds[-1]:.2f}  KVD{args.frames} = {kvds[-1]:.2f}")
     print(describe_protocol(args, model, real_desc, fake_desc))
-    print(f"FVD{args.frames} = {np.mean(fvds):.2f} ± {np.std(fvds):.2f}   "
-          f"KVD{args.frames} = {np.mean(kvds):.2f} ± {np.std(kvds):.2f}   "
-          f"({args.runs} runs, {args.n_real} real vs {n_fake} fake clips, mean ± std)")
+    if args.runs == 1:
+        print(f"FVD{args.frames} = {fvds[0]:.2f}   KVD{args.frames} = {kvds[0]:.2f}   "
+              f"(1 run, {args.n_real} real vs {n_fake} fake clips)")
+    else:
+        print(f"FVD{args.frames} = {np.mean(fvds):.2f} ± {np.std(fvds):.2f}   "
+              f"KVD{args.frames} = {np.mean(kvds):.2f} ± {np.std(kvds):.2f}   "
+              f"({args.runs} runs, {args.n_real} real vs {n_fake} fake clips, mean ± std)")
 
 
 def run_curve(args, model, real, real_id, real_desc, fake):

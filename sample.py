@@ -172,7 +172,8 @@ def sample_long(args, net, diffusion, targs, vae, steps, g, device, out):
     videos = np.load(path, mmap_mode="r")
     for i in range(args.n):
         write_one(os.path.join(out, f"long_{i:03d}"), NpyFrames(path, i), args.fps, long=True)
-    data.write_grid(os.path.join(out, "grid.png"), videos[:8, ::16][:, :32])  # every 16th frame
+    every = max(16, -(-length // 32))  # at most 32 columns that reach the end of the video
+    data.write_grid(os.path.join(out, "grid.png"), videos[:8, ::every])  # (8, <=32, H, W, 3)
     if args.npz:
         data.save_npz(os.path.join(out, "samples.npz"), np.asarray(videos))
     print(f"wrote {args.n} videos of {length} frames to {path}")

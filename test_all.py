@@ -2195,6 +2195,17 @@ class TestFVD:
         img = np.asarray(Image.open(tmp_path / "curve.png").convert("L"))
         assert img.shape == (420, 720) and img.min() < 100  # something was drawn
 
+    def test_load_videos_reads_npz_npy_and_refuses_other_files(self, tmp_path):
+        videos = np.random.default_rng(0).integers(0, 256, (2, 16, 8, 8, 3), dtype=np.uint8)
+        np.save(tmp_path / "long.npy", videos)
+        data.save_npz(str(tmp_path / "s.npz"), videos)
+        for name in ("long.npy", "s.npz"):
+            assert np.array_equal(fvd.load_videos(str(tmp_path / name)), videos)
+        np.save(tmp_path / "f.npy", videos.astype(np.float32))
+        for name, words in (("f.npy", "not uint8"), ("missing.npz", "does not exist")):
+            with pytest.raises(UserError, match=words):
+                fvd.load_videos(str(tmp_path / name))
+
     def test_cli_errors_are_one_line(self, tmp_path, monkeypatch, capsys):
         monkeypatch.delenv("LVDM_I3D", raising=False)
         with pytest.raises(SystemExit) as e:

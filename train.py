@@ -105,6 +105,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=natural_int, default=0, help="DataLoader workers per process")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's, one per core); on cores "
+                   "that other processes also use, 1 is faster (README, 'Sharing the CPU')")
     p.add_argument("--save-every", type=positive_int); p.add_argument("--sample-every", type=positive_int)
     p.add_argument("--log-every", type=positive_int, default=10)
     p.add_argument("--resume", action="store_true", help="continue from RUN/<stage>.pt exactly")
@@ -594,6 +596,13 @@ def setup_processes(args):
             args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(args.device)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if device.type == "cpu" and rank == 0 and load > 0.5 and not args.threads:
+        print(f"note: other processes keep the CPU busy (load {load:.1f}, {os.cpu_count()} cores); torch's "
+              f"{torch.get_num_threads()} threads spin-wait for each other and can run several times slower on "
+              f"shared cores: --threads 1 (or OMP_WAIT_POLICY=PASSIVE) helps")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

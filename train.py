@@ -43,9 +43,9 @@ import diffusion
 import hierarchical
 import unet3d
 import vae
-from common import (ArgumentParser, RunLock, StopSignals, UserError, atomic_path, count_params, load_checkpoint,
-                    load_weights, main_guard, make_config, natural_float, natural_int, parse_overrides, positive_float,
-                    positive_int, rng_state, save_checkpoint, set_rng_state)
+from common import (ArgumentParser, RunLock, StopSignals, UserError, atomic_path, build_model, count_params,
+                    load_checkpoint, load_weights, main_guard, make_config, natural_float, natural_int,
+                    parse_overrides, positive_float, positive_int, rng_state, save_checkpoint, set_rng_state)
 
 # ----------------------------------------------------------------------------- defaults
 # Dataset presets (§4.1): 256², 16 frames; Taichi uses frame stride 4, UCF-101 and
@@ -173,6 +173,8 @@ def check_args(args):
     if not args.beta_start <= args.beta_end < 1:
         raise UserError(f"the betas must satisfy --beta-start <= --beta-end < 1, got {args.beta_start} and "
                         f"{args.beta_end}; pass e.g. --beta-start 0.0015 --beta-end 0.0155.")
+    if args.betas is not None and (len(args.betas) != 2 or not all(0 <= b < 1 for b in args.betas)):
+        raise UserError(f"--betas takes two numbers in [0, 1) like 0.5,0.9; got {args.betas}.")
     if args.s_max > args.timesteps:
         raise UserError(f"--s-max {args.s_max} is more noise steps than --timesteps {args.timesteps}; pass an "
                         f"--s-max of at most {args.timesteps}.")
@@ -254,14 +256,6 @@ def write_visuals(args, name, videos):
 
 
 # ----------------------------------------------------------------------------- stages
-def build_model(cls, cfg):
-    try:
-        return cls(cfg)
-    except (RuntimeError, ValueError, ZeroDivisionError) as e:
-        raise UserError(f"the model settings {asdict(cfg)} cannot build a {cls.__name__} ({e}); "
-                        f"check the --model values.") from None
-
-
 @dataclass
 class Stage:
     """What the loop trains in one stage, built by build_vae_stage or build_diffusion_stage."""
@@ -294,8 +288,6 @@ def build_vae_stage(args, device, master_process):
                                   perceptual_weight=args.perceptual_weight, disc_weight=args.disc_weight,
                                   disc_start=args.disc_start, lpips_frames=args.lpips_frames).to(device)
     # Adam for both players; LDM's betas are (0.5, 0.9) (the paper preset).
-    if len(args.betas) != 2 or not all(0 <= b < 1 for b in args.betas):
-        raise UserError(f"--betas takes two numbers in [0, 1) like 0.5,0.9; got {args.betas}.")
     opt_g = torch.optim.Adam(model.parameters(), lr=args.lr, betas=args.betas)
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=args.betas)
     if master_process:

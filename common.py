@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import tempfile
+from dataclasses import asdict
 
 import numpy as np
 import torch

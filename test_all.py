@@ -464,6 +464,8 @@ class TestCommon:
         with pytest.raises(UserError, match="shortcut takes True or False"):
             common.make_config(vae.VAEConfig, {}, {"shortcut": 1})
         assert common.make_config(unet3d.UNetConfig, {}, {"dropout": 0, "context_dim": None}).dropout == 0
+        with pytest.raises(UserError, match="cannot build a VideoAutoencoder"):
+            common.build_model(vae.VideoAutoencoder, vae.VAEConfig(hidden=0, shortcut=True))  # the demo preset
         with pytest.raises(UserError, match="see --help"):
             p = common.ArgumentParser()
             p.add_argument("--n", type=common.positive_int)

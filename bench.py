@@ -21,6 +21,7 @@ import json
 import os
 import pickle
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -431,6 +432,7 @@ def faults(args):
         rows.append(f"| {what} | {said.replace('|', '/').replace(root, 'TMP')[:160]} | {'pass' if ok else 'FAIL'} |")
     rows.append("")
     rows.append(f"catalogue: {len(cases) - failed} of {len(cases)} bad inputs answered in one sentence, exit status 2")
+    shutil.rmtree(root, ignore_errors=True)
     return f"Machine: {machine()}.\n\n" + "\n".join(rows)
 
 
@@ -475,6 +477,8 @@ def smoke(args):
         result = "ok" if r["rc"] == 0 else f"FAIL: {(r['err'].strip().splitlines() or [''])[-1][:100]}"
         rows.append(f"| {what} | {nproc} | {r['wall']:.1f} | {r['rss']:.0f} | {r['cuda']:.0f} | {result} |")
         print(rows[-1], flush=True)
+    for folder in (root, root + "-ddp"):
+        shutil.rmtree(folder, ignore_errors=True)
     return "\n".join(rows)
 
 

@@ -6,7 +6,7 @@
     python bench.py long --pred runs/demo/pred.pt --interp runs/demo/interp.pt   # 1024/4096-frame sampling
     python bench.py study --pred runs/demo/pred.pt --interp runs/demo/interp.pt --ar-pred runs/demo-ar/pred.pt \
         --i3d PATH --frames 256 --n 16 --pool 4   # §4.4, Fig. 6-7: FVD along long videos, per setting
-    python bench.py faults                 # SIGKILL / SIGTERM + --resume, bitwise; 40 bad inputs, one sentence each
+    python bench.py faults                 # SIGKILL / SIGTERM + --resume, bitwise; 42 bad inputs, one sentence each
     python bench.py smoke [--device cuda]  # every stage at the paper presets, a few steps: time and peak memory
     python bench.py contention             # the demo's training step next to a busy process: threads, wait policy
     python bench.py all --i3d PATH
@@ -157,11 +157,6 @@ def make_frame_folders(dst, n=32, frames=64, width=320, height=256, seed=0):
         os.replace(tmp, folder)
 
 
-def loader_throughput(root, frames=16, size=256, batch_size=8, workers=2, n_batches=20):
-    """Clips/s of VideoDataset(root) at size x size, `frames` frames, through `workers` workers."""
-    return measure_loader(data.VideoDataset(root, frames, size), batch_size, workers, n_batches)
-
-
 def loader(args):
     """Loader clips/s from JPEG frame folders (made under ROOT with --make, or a temporary folder)."""
     root = args.root or tempfile.mkdtemp(prefix="lvdm-bench-")
@@ -228,7 +223,11 @@ def run_script(script, argv, nproc=1, timeout=3600, env=None):
             f.write(code)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", path]
     t = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=timeout, env=env)
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=timeout, env=env)
+    finally:
+        if nproc > 1:
+            os.remove(path)
     peak = [line.split() for line in res.stdout.splitlines() if line.startswith("PEAK")]
     rss, cuda = (int(peak[0][1]) / 1024, int(peak[0][2]) / 2 ** 20) if peak else (float("nan"), float("nan"))
     return {"rc": res.returncode, "wall": time.perf_counter() - t, "rss": rss, "cuda": cuda,
@@ -439,7 +438,8 @@ def faults(args):
 # ----------------------------------------------------------------------------- smoke
 def smoke(args):
     """Every stage at the paper presets for a few steps on synthetic 256² clips, with the device's AMP;
-    one line per stage with its wall time and peak memory. On a CPU the U-Net is narrowed (--width)."""
+    one line per stage with its wall time and peak memory. On a CPU the autoencoder (--ae-hidden) and the
+    U-Net (--width) are narrowed."""
     root = tempfile.mkdtemp(prefix="lvdm-smoke-")
     on_gpu = args.device.startswith("cuda")
     narrow = [] if on_gpu else ["--model", f"model_channels={args.width}"]  # U-Net

@@ -481,8 +481,9 @@ def save_run(path, stage, args, step, stream, ema, scalers, ddp, master_process,
     extras = checkpoint_extras(stage, args, device, world, ema)
     if not master_process:
         return
-    dtype = next(iter(stage.model.state_dict().values())).dtype
-    ck = {"stage": args.stage, "step": step, "model": dict(stage.model.state_dict()),
+    state = dict(stage.model.state_dict())
+    dtype = next(iter(state.values())).dtype
+    ck = {"stage": args.stage, "step": step, "model": state,
           "ema": {k: v.to(dtype) for k, v in ema.shadow.items()} if ema is not None else None,
           "ema_state": ema.state_dict() if ema is not None else None,
           "optimizer": stage.optimizer.state_dict(),

@@ -61,7 +61,7 @@ def from_train_args(a):
     a = a if isinstance(a, dict) else vars(a)
     return GaussianDiffusion(make_betas(a["schedule"], a["timesteps"], a["beta_start"], a["beta_end"]),
                              loss_type=a["loss"], var_type=a.get("var_type") or "fixed_small",
-                             prediction=a.get("prediction") or "eps")
+                             prediction=a.get("prediction") or "eps", ddim_spacing=a.get("ddim_spacing") or "linspace")
 
 
 def _extract(arr, t, x):
@@ -89,19 +89,26 @@ class GaussianDiffusion:
       schedule) in ẑ_0, which a small, briefly trained network cannot avoid: its samples drift
       to 2-3x the data's spread (measured on the demo). With v the error in ẑ_0 stays ~δ.
       Both are linear in the network output, so Eq. (9)'s guidance reads the same for either.
+    ddim_spacing: which S of the T steps DDIM visits (ddim_timesteps). "linspace": evenly from 0 to T-1,
+      ending on the predicted ẑ_0 (this project). "release": the public LVDM release's sampler, kept for
+      its converted checkpoints (convert.py): every (T//S)-th step shifted by one, the last step landing
+      on ᾱ of index 0 instead of on ẑ_0.
     """
 
-    def __init__(self, betas, loss_type="l2", var_type="fixed_small", prediction="eps"):
+    def __init__(self, betas, loss_type="l2", var_type="fixed_small", prediction="eps", ddim_spacing="linspace"):
         if loss_type not in ("l2", "l1"):
             raise UserError(f"unknown loss type {loss_type!r}; use 'l2' or 'l1'.")
         if var_type not in ("fixed_small", "fixed_large"):
             raise UserError(f"unknown variance type {var_type!r}; use 'fixed_small' or 'fixed_large'.")
         if prediction not in ("eps", "v"):
             raise UserError(f"unknown prediction {prediction!r}; use 'eps' or 'v'.")
+        if ddim_spacing not in ("linspace", "release"):
+            raise UserError(f"unknown DDIM spacing {ddim_spacing!r}; use 'linspace' or 'release'.")
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
             raise UserError("betas must be a 1-D array with values in (0, 1]; build them with make_betas.")
         self.loss_type, self.var_type, self.prediction = loss_type, var_type, prediction
+        self.ddim_spacing = ddim_spacing
         self.num_timesteps = T = len(betas)
 
         # Eq. (3): q(z_t | z_{t-1}) = N(√(1-β_t) z_{t-1}, β_t I);  α_t = 1 - β_t.
@@ -232,9 +239,18 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ DDIM
     def ddim_timesteps(self, steps):
-        """Uniformly respaced training indices τ_1 < ... < τ_S, always ending at T-1 (pure noise)."""
+        """Uniformly respaced training indices τ_1 < ... < τ_S, always ending at T-1 (pure noise).
+
+        ddim_spacing "release": τ = (0, c, 2c, ...) + 1 with c = T // S, as the release's
+        make_ddim_timesteps; where S does not divide T that is more than S steps (T=1000, S=7: 7
+        strides of 142, 8 steps). An index that lands on T (e.g. S=3: 999+1, or S=T) lies past the
+        schedule, where the release fails with an IndexError; here it is clipped to T-1 (and a
+        repeated index dropped), so every S runs."""
         if not 1 <= steps <= self.num_timesteps:
             raise UserError(f"DDIM steps must be between 1 and {self.num_timesteps}, got {steps}; pass a valid --steps.")
+        if self.ddim_spacing == "release":
+            T = self.num_timesteps
+            return np.unique(np.minimum(np.arange(0, T, T // steps) + 1, T - 1))
         if steps == 1:
             return np.array([self.num_timesteps - 1])
         return np.round(np.linspace(0, self.num_timesteps - 1, steps)).astype(np.int64)
@@ -271,9 +287,10 @@ class GaussianDiffusion:
         """
         x = self._start(shape, noise, generator, device)
         seq = self.ddim_timesteps(steps)
+        last = 0 if self.ddim_spacing == "release" else -1  # the release's final step lands on ᾱ[0], not on ẑ_0
         for i in _progress(range(len(seq) - 1, -1, -1), progress, "DDIM"):
             t = torch.full((shape[0],), int(seq[i]), device=x.device, dtype=torch.long)
-            t_prev = torch.full_like(t, int(seq[i - 1]) if i > 0 else -1)
+            t_prev = torch.full_like(t, int(seq[i - 1]) if i > 0 else last)
             with torch.no_grad():
                 x = self.ddim_sample(model_fn, x, t, t_prev, eta, generator)["sample"]
             if after_step is not None:

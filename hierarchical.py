@@ -242,10 +242,35 @@ def temporal_reach(vae, probe=64):
 
 
 @torch.no_grad()
+def overlapped_decode(vae, latent_chunks, window=4, overlap=1):
+    """For autoencoders whose GroupNorm statistics span the whole clip (the release's, converted by
+    convert.py), where no decode of a part equals the one-shot decode: decode windows of `window`
+    latents (the release's training clip: 16 frames = 4 latents) that overlap by 2*overlap, and keep
+    each window's frames but its first and last `overlap` latents (the release's overlapped_decode).
+    Yields frame chunks (B,3,n*ft,H,W) in order; each window is decoded as a clip of its own."""
+    if window <= 2 * overlap:
+        raise UserError(f"the decode window ({window} latents) must exceed twice the overlap ({overlap}).")
+    ft, buf, first = vae.ft, None, True
+    for chunk in latent_chunks:
+        buf = chunk if buf is None else torch.cat([buf, chunk], 2)   # (B,c,n1+n2,h,w)
+        while buf.shape[2] > window:                                  # more follows this window: emit its middle
+            x = vae.decode_latents(buf[:, :, :window])                # (B,c,window,h,w) -> (B,3,window*ft,H,W)
+            yield x[:, :, (0 if first else overlap) * ft:(window - overlap) * ft]
+            buf, first = buf[:, :, window - 2 * overlap:], False      # the next window re-reads 2*overlap latents
+    if buf is not None:
+        yield vae.decode_latents(buf)[:, :, (0 if first else overlap) * ft:]
+
+
+@torch.no_grad()
 def stream_decode(vae, latent_chunks, context=None):
     """Decode a stream of latent chunks (B,c,n,h,w) into frame chunks (B,3,n*ft,H,W), keeping at most
     the current chunk plus `context` latents on each side in memory. With context >= the decoder's
-    temporal reach (the default), every frame equals the one-shot decode of the whole video."""
+    temporal reach (the default), every frame equals the one-shot decode of the whole video.
+    An autoencoder with whole-clip GroupNorm (vae.cfg.norm_over == "clip") has no finite reach:
+    it is decoded in overlapping windows instead (overlapped_decode), which is not exact."""
+    if vae.cfg.norm_over == "clip":
+        yield from overlapped_decode(vae, latent_chunks)
+        return
     ft = vae.ft
     context = temporal_reach(vae) if context is None else context
     prev = None    # latents already emitted, last `context` of them kept as left context

@@ -1166,6 +1166,39 @@ class TestVAE:
             c_b = clip_norm.encode(x[:, :, ft:]).mean
         assert not torch.allclose(c_b[:, :, 10:15], c_a[:, :, 11:16], atol=1e-6)
 
+    def test_clip_norm_is_group_norm_over_the_whole_clip_and_quant_convs_wrap_the_latent(self):
+        """Release compatibility: norm_over="clip" normalizes each group over (C/G,T,H,W), written out
+        here; quant_conv / post_quant_conv are 1x1x1 convs on the moments and on z."""
+        torch.manual_seed(0)
+        norm = vae.Normalize(8, 4, over="clip").double()
+        nn.init.normal_(norm.weight), nn.init.normal_(norm.bias)
+        x = torch.randn(2, 8, 3, 4, 5, dtype=torch.float64)
+        g = x.reshape(2, 4, -1)                                          # (B, G, C/G*T*H*W)
+        ref = ((g - g.mean(-1, keepdim=True)) / torch.sqrt(g.var(-1, unbiased=False, keepdim=True) + 1e-6))
+        ref = ref.reshape(x.shape) * norm.weight.view(1, 8, 1, 1, 1) + norm.bias.view(1, 8, 1, 1, 1)
+        torch.testing.assert_close(norm(x), ref)
+        frame = vae.Normalize(8, 4).double()
+        frame.load_state_dict(norm.state_dict())
+        assert not torch.allclose(frame(x), ref)                         # per frame is another computation
+        model = _vae_tiny(norm_over="clip", quant_conv=True).double().eval()
+        _diffusion_randomize(model)
+        x = _vae_smooth_video(B=1, dtype=torch.float64)
+        with torch.no_grad():
+            moments = model.encoder(x)
+            q = model.quant_conv.conv
+            ref = torch.einsum("oc,bcthw->bothw", q.weight[:, :, 0, 0, 0], moments) + q.bias.view(1, -1, 1, 1, 1)
+            post = model.encode(x)
+            torch.testing.assert_close(post.mean, ref[:, :2])
+            torch.testing.assert_close(post.logvar, ref[:, 2:].clamp(-30, 20))
+            z = torch.randn(1, 2, 2, 2, 2, dtype=torch.float64)
+            p = model.post_quant_conv.conv
+            zq = torch.einsum("oc,bcthw->bothw", p.weight[:, :, 0, 0, 0], z) + p.bias.view(1, -1, 1, 1, 1)
+            torch.testing.assert_close(model.decode(z), model.decoder(zq))
+            # whole-clip statistics: changing the last frame changes the first frame's latent
+            y = x.clone()
+            y[:, :, -1] += 1
+            assert not torch.allclose(model.encode(y).mean[:, :, 0], post.mean[:, :, 0])
+
     def test_psnr_closed_form(self):
         x = torch.zeros(2, 3, 4, 8, 8)
         y = x + 0.02  # mse = 4e-4 on a range of 2 -> 10 log10(4 / 4e-4) = 40 dB
@@ -1281,6 +1314,54 @@ class TestUNet3D:
                 for a, (tt, i, j) in enumerate(tokens):
                     ref[b, :, tt, i, j] = x[b, :, tt, i, j] + o[a]
         torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
+
+    def test_release_relative_attention_matches_explicit_loop(self):
+        """relative_form="release": the release's QKVAttention with relative positions, written as loops:
+        logit_ij = q_i·k_j/√d + d^-1/4 q_j·aK[clip(i-j)], out_i = Σ_j w_ij (v_j + aV[clip(j-i)])."""
+        torch.manual_seed(0)
+        N, heads, L, d, M = 2, 2, 6, 4, 2
+        q, k, v = (torch.randn(N, heads, L, d, dtype=torch.float64) for _ in range(3))
+        tk, tv = torch.randn(2 * M + 1, d, dtype=torch.float64), torch.randn(2 * M + 1, d, dtype=torch.float64)
+        out = unet3d.release_relative_attention(q, k, v, tk, tv, M)
+        clip = lambda r: max(-M, min(M, r)) + M
+        ref = torch.zeros_like(out)
+        for n in range(N):
+            for h in range(heads):
+                logits = torch.zeros(L, L, dtype=torch.float64)
+                for i in range(L):
+                    for j in range(L):
+                        logits[i, j] = q[n, h, i] @ k[n, h, j] / math.sqrt(d) + d ** -0.25 * (q[n, h, j] @ tk[clip(i - j)])
+                w = torch.softmax(logits, dim=-1)
+                for i in range(L):
+                    ref[n, h, i] = sum(w[i, j] * (v[n, h, j] + tv[clip(j - i)]) for j in range(L))
+        torch.testing.assert_close(out, ref)
+
+    def test_clip_norms_and_release_temporal_norm(self):
+        """norm_over="clip": ResBlock and output norms are nn.GroupNorm on the 5D tensor (frames interact);
+        the temporal attention normalizes each position over (C/G, T), written out here."""
+        torch.manual_seed(0)
+        att = SelfAttention(32, 2, "temporal", 2, norm_over="clip", relative_form="release").double()
+        assert att.rel_v is not None and att.rel_v.shape == att.rel_k.shape
+        x = torch.randn(1, 32, 4, 2, 3, dtype=torch.float64)
+        nn.init.normal_(att.norm.weight), nn.init.normal_(att.norm.bias)
+        g = x.reshape(1, 32, 4, 6).permute(0, 3, 1, 2).reshape(1, 6, 32, 4)   # per position (C, T)
+        gg = g.reshape(1, 6, 32, -1)                                          # 32 groups of one channel each
+        ref = (gg - gg.mean(-1, keepdim=True)) / torch.sqrt(gg.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        ref = ref.reshape(1, 6, 32, 4) * att.norm.weight.view(1, 1, 32, 1) + att.norm.bias.view(1, 1, 32, 1)
+        ref = ref.reshape(1, 2, 3, 32, 4).permute(0, 3, 4, 1, 2)
+        seen = {}
+        att.qkv.register_forward_hook(lambda m, inp, out: seen.update(h=inp[0]))
+        att(x)
+        torch.testing.assert_close(seen["h"], ref.permute(0, 3, 4, 2, 1).reshape(6, 4, 32))  # (B*H*W, T, C)
+        net = _diffusion_tiny(norm_over="clip", relative_form="release", attention_resolutions=())
+        _diffusion_randomize(net)
+        x, t = _diffusion_input(B=1, T=3)
+        y = x.clone()
+        y[:, :, -1] += 1.0
+        with torch.no_grad():  # no attention at all, yet the last frame reaches the first through the norms
+            assert not torch.allclose(net(x, t)[:, :, 0], net(y, t)[:, :, 0])
+        with pytest.raises(UserError, match="factorized"):
+            UNetConfig(attention="joint", relative_form="release")
 
     def test_unet_optional_inputs(self):
         x, t = _diffusion_input()
@@ -1552,6 +1633,31 @@ class TestDiffusion:
         ts = [int(c[1][0]) for c in calls]
         assert len(ts) == 7 and ts[0] == 999 and ts[-1] == 0 and all(x > y for x, y in zip(ts, ts[1:]))
 
+    @pytest.mark.parametrize("S", [10, 7, 3])
+    def test_release_ddim_spacing_follows_the_release_formula(self, S):
+        """ddim_spacing="release": timesteps range(0, T, T//S) + 1, ᾱ_prev of the first = ᾱ[0], eta 0;
+        the release's update written out in numpy. S=3 lands on T=1000, past the table: clipped to 999."""
+        T = 1000
+        gd = GaussianDiffusion(make_betas("linear", T, 0.0015, 0.0155), ddim_spacing="release")
+        steps = np.arange(0, T, T // S) + 1
+        if S == 3:
+            assert steps[-1] == T
+            steps[-1] = T - 1
+        assert gd.ddim_timesteps(S).tolist() == steps.tolist()
+        ac = np.cumprod(1 - make_betas("linear", T, 0.0015, 0.0155))
+        alphas, alphas_prev = ac[steps], np.concatenate([[ac[0]], ac[steps[:-1]]])
+        model = lambda x, t: torch.sin(x) * 0.5 + 1e-3 * t.view(-1, 1).double()
+        x_T = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        x = x_T.numpy().copy()
+        for i in reversed(range(len(steps))):
+            e = np.sin(x) * 0.5 + 1e-3 * steps[i]
+            pred_x0 = (x - np.sqrt(1 - alphas[i]) * e) / np.sqrt(alphas[i])
+            x = np.sqrt(alphas_prev[i]) * pred_x0 + np.sqrt(1 - alphas_prev[i]) * e
+        out = gd.ddim_sample_loop(model, x_T.shape, S, noise=x_T)
+        np.testing.assert_allclose(out.numpy(), x, rtol=1e-10, atol=1e-12)
+        assert diffusion.from_train_args(dict(schedule="linear", timesteps=T, beta_start=0.0015, beta_end=0.0155,
+                                              loss="l1", ddim_spacing="release")).ddim_spacing == "release"
+
     def test_after_step_hook_and_generator(self):
         d = GaussianDiffusion(make_betas("linear", 50, 1e-3, 0.2))
         model_fn = lambda x_t, t: 0.5 * x_t
@@ -1726,6 +1832,22 @@ class TestHierarchical:
         short = torch.cat(list(hierarchical.stream_decode(model, iter(chunks), context=reach // 2)), 2)
         assert not torch.allclose(short, full, atol=1e-4)
 
+
+    def test_clip_norm_autoencoder_is_decoded_in_overlapping_windows(self):
+        """Whole-clip GroupNorm (a converted release autoencoder) has no finite temporal reach: stream_decode
+        decodes windows of 4 latents overlapping by 2 and keeps the middles, as written out here."""
+        torch.manual_seed(0)
+        model = vae.VideoAutoencoder(vae.VAEConfig(hidden=8, ch_mult=(1, 1, 1), norm_over="clip")).eval().double()
+        z = torch.randn(1, 4, 9, 2, 2, dtype=torch.float64)
+        chunks = [z[:, :, i:i + 2] for i in range(0, 9, 2)]
+        streamed = torch.cat(list(hierarchical.stream_decode(model, iter(chunks))), 2)
+        with torch.no_grad():
+            dec = lambda a, b: model.decode_latents(z[:, :, a:b])
+            ft = model.ft
+            ref = torch.cat([dec(0, 4)[:, :, :3 * ft], dec(2, 6)[:, :, ft:3 * ft], dec(4, 8)[:, :, ft:3 * ft],
+                             dec(6, 9)[:, :, ft:]], 2)
+            torch.testing.assert_close(streamed, ref)
+            assert not torch.allclose(streamed, model.decode_latents(z), atol=1e-4)  # not exact: said in the docs
 
 # =============================================================================
 class TestTrain:

@@ -315,15 +315,17 @@ def build_diffusion_stage(args, device, master_process):
     clip_frames = {"lvdm": args.frames, "pred": args.frames * args.gap, "interp": (args.gap + 1) * ft}[args.stage]
     if autoencoder is not None:
         autoencoder.check_input(torch.empty(1, 3, clip_frames, args.size, args.size, device="meta"))
-    base = dict(asdict(unet3d.unet_presets()[args.model_preset]), in_channels=channels, out_channels=channels,
-                mask_channel=conditional, s_embedding=conditional)
-    cfg = make_config(unet3d.UNetConfig, base, parse_overrides(args.model))
-    model = build_model(unet3d.UNet3D, cfg).to(device)
-    if conditional:
+    base = asdict(unet3d.unet_presets()[args.model_preset])
+    if conditional:  # pred/interp take the U-Net of the model they start from (a converted release one too)
         if not args.init:
             raise UserError(f"--stage {args.stage} is resumed from the unconditional model (§4.1): "
                             f"pass --init RUN/lvdm.pt.")
         init = load_checkpoint(args.init, "lvdm")
+        base = dict(init.get("model_args") or base)
+    base.update(in_channels=channels, out_channels=channels, mask_channel=conditional, s_embedding=conditional)
+    cfg = make_config(unet3d.UNetConfig, base, parse_overrides(args.model))
+    model = build_model(unet3d.UNet3D, cfg).to(device)
+    if conditional:
         init_prediction = (init.get("train_args") or {}).get("prediction", "eps")  # older checkpoints: eps
         if init_prediction != args.prediction:
             raise UserError(f"--init {args.init} predicts {init_prediction}, this run {args.prediction}; "

@@ -27,6 +27,8 @@ per frame (so layers without temporal attention really treat frames
 independently), and the relative positions enter only on the key side, as an
 additive attention bias, so every attention is one call to
 F.scaled_dot_product_attention (the release also adds a value-side table).
+Both are config fields (norm_over="clip", relative_form="release") that
+convert.py sets for the release's own checkpoints.
 
 Print the preset sizes:
     python unet3d.py
@@ -60,12 +62,24 @@ class UNetConfig:
     s_embedding: bool = False
     context_dim: int = None            # None: no cross-attention
     use_checkpoint: bool = False
+    # Release compatibility (convert.py sets these for the public LVDM checkpoints):
+    norm_over: str = "frame"           # "clip": ResBlock/output GroupNorm over the whole clip and the temporal
+                                       # attention's over (C/G,T) per position, as the release (frames then interact)
+    relative_form: str = "key"         # "key": Shaw et al.'s key term as one SDPA bias; "release": the release's
+                                       # transposed key term d^-1/4 q_j·a(i-j) plus a value table (explicit softmax)
 
     def __post_init__(self):  # checkpoints store asdict(cfg): lists come back, make them tuples again
         self.channel_mult = tuple(self.channel_mult)
         self.attention_resolutions = tuple(self.attention_resolutions)
         if self.attention not in ("factorized", "joint", "spatial"):
             raise UserError(f"unknown attention {self.attention!r}; use 'factorized', 'joint' or 'spatial'.")
+        if self.norm_over not in ("frame", "clip"):
+            raise UserError(f"norm_over must be 'frame' or 'clip', not {self.norm_over!r}.")
+        if self.relative_form not in ("key", "release"):
+            raise UserError(f"relative_form must be 'key' or 'release', not {self.relative_form!r}.")
+        if self.relative_form == "release" and self.attention == "joint":
+            raise UserError("relative_form='release' is the release's temporal attention; use it with "
+                            "attention='factorized'.")
         for ch in (self.model_channels, *(m * self.model_channels for m in self.channel_mult)):
             if ch % 32 or ch % self.num_heads:
                 raise UserError(f"channel count {ch} must be divisible by 32 (GroupNorm) and by num_heads="
@@ -102,9 +116,10 @@ def conv_1x3x3(cin, cout, stride=1):
     return nn.Conv3d(cin, cout, (1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1))
 
 
-def GroupNorm32(channels):
-    """GroupNorm(32) with statistics per frame (vae.FrameGroupNorm): (B,C,T,H,W) normalized as B*T images."""
-    return FrameGroupNorm(32, channels)
+def GroupNorm32(channels, over="frame"):
+    """GroupNorm(32) with statistics per frame (vae.FrameGroupNorm: (B,C,T,H,W) normalized as B*T images),
+    or over the whole clip (C/G,T,H,W) as the release (nn.GroupNorm on the 5D tensor)."""
+    return FrameGroupNorm(32, channels) if over == "frame" else nn.GroupNorm(32, channels)
 
 
 class ResBlock(nn.Module):
@@ -112,12 +127,12 @@ class ResBlock(nn.Module):
     h = conv(SiLU(GN(x))); h = GN(h)·(1 + scale) + shift with (scale, shift) = Linear(SiLU(emb));
     out = skip(x) + conv(SiLU(h)), the second conv zero-initialized so the block starts as the identity."""
 
-    def __init__(self, channels, emb_channels, out_channels, dropout=0.0, use_checkpoint=False):
+    def __init__(self, channels, emb_channels, out_channels, dropout=0.0, use_checkpoint=False, norm_over="frame"):
         super().__init__()
         self.use_checkpoint = use_checkpoint
-        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), conv_1x3x3(channels, out_channels))
+        self.in_layers = nn.Sequential(GroupNorm32(channels, norm_over), nn.SiLU(), conv_1x3x3(channels, out_channels))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels))
-        self.out_norm = GroupNorm32(out_channels)
+        self.out_norm = GroupNorm32(out_channels, norm_over)
         self.out_layers = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), zero_module(conv_1x3x3(out_channels, out_channels)))
         self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv3d(channels, out_channels, 1)
 
@@ -169,6 +184,23 @@ def relative_position_bias(q, table, frame_index, max_dist):
     return bias / math.sqrt(q.shape[-1])
 
 
+def release_relative_attention(q, k, v, table_k, table_v, max_dist):
+    """The release's temporal attention with relative positions (its QKVAttention with rp), written out.
+
+    logits[i, j] = q_i·k_j/√d + d^-1/4 q_j·a^K_{clip(i-j)}     (its key term: transposed and scaled once)
+    out_i = Σ_j w_ij (v_j + a^V_{clip(j-i)}),   w = softmax_j(logits)   (Shaw et al.'s value term)
+    q, k, v: (N, heads, L, d) over the frames of each position; tables (2·max_dist+1, d)."""
+    L, d = q.shape[2], q.shape[3]
+    pos = torch.arange(L, device=q.device)
+    ij = pos[:, None] - pos[None, :]                                   # (L,L): i - j
+    a_k = table_k.to(q.dtype)[ij.clamp(-max_dist, max_dist) + max_dist]   # (L,L,d): a^K_{i-j}
+    a_v = table_v.to(q.dtype)[(-ij).clamp(-max_dist, max_dist) + max_dist]  # (L,L,d): a^V_{j-i}
+    logits = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d)        # (N,h,L,d)@(N,h,d,L) -> (N,h,L,L)
+    logits = logits + torch.einsum("nhjc,ijc->nhij", q, a_k) * d ** -0.25
+    w = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(q.dtype)
+    return torch.matmul(w, v) + torch.einsum("nhij,ijc->nhic", w, a_v)  # (N,h,L,d)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention over one axis of a (B,C,T,H,W) tensor, with a residual connection.
 
@@ -178,20 +210,30 @@ class SelfAttention(nn.Module):
     The output projection is zero-initialized, so the block starts as the identity.
     """
 
-    def __init__(self, channels, num_heads, kind, max_relative_position=None):
+    def __init__(self, channels, num_heads, kind, max_relative_position=None, norm_over="frame",
+                 relative_form="key"):
         super().__init__()
         self.kind, self.num_heads, self.max_dist = kind, num_heads, max_relative_position
-        self.norm = GroupNorm32(channels)
+        # The release normalizes its temporal attention's input per position over (C/G, T); else per frame.
+        self.norm_per_position = norm_over == "clip" and kind == "temporal"
+        self.norm = nn.GroupNorm(32, channels) if self.norm_per_position else GroupNorm32(channels, norm_over)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj_out = zero_module(nn.Linear(channels, channels))
-        self.rel_k = None
+        self.rel_k = self.rel_v = None
         if kind != "spatial" and max_relative_position is not None:
             self.rel_k = nn.Parameter(torch.empty(2 * max_relative_position + 1, channels // num_heads))
             nn.init.xavier_uniform_(self.rel_k)
+            if relative_form == "release":
+                self.rel_v = nn.Parameter(torch.empty(2 * max_relative_position + 1, channels // num_heads))
+                nn.init.xavier_uniform_(self.rel_v)
 
     def forward(self, x):
         B, C, T, H, W = x.shape
-        h = self.norm(x)
+        if self.norm_per_position:
+            h = self.norm(x.permute(0, 3, 4, 1, 2).reshape(B * H * W, C, T))  # (B,C,T,H,W) -> (B*H*W,C,T)
+            h = h.reshape(B, H, W, C, T).permute(0, 3, 4, 1, 2)               # (B*H*W,C,T) -> (B,C,T,H,W)
+        else:
+            h = self.norm(x)
         if self.kind == "spatial":
             tok = h.permute(0, 2, 3, 4, 1).reshape(B * T, H * W, C)  # (B,C,T,H,W) -> (B*T,H*W,C)
             frame_index = None
@@ -203,10 +245,13 @@ class SelfAttention(nn.Module):
             frame_index = torch.arange(T, device=x.device).repeat_interleave(H * W)
         N, L, _ = tok.shape
         q, k, v = self.qkv(tok).reshape(N, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (N,L,3C) -> 3×(N,heads,L,d)
-        bias = None
-        if self.rel_k is not None:
-            bias = relative_position_bias(q, self.rel_k, frame_index, self.max_dist)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # softmax(q·k/√d + bias) v
+        if self.rel_v is not None:  # the release's form (temporal only)
+            out = release_relative_attention(q, k, v, self.rel_k, self.rel_v, self.max_dist)
+        else:
+            bias = None
+            if self.rel_k is not None:
+                bias = relative_position_bias(q, self.rel_k, frame_index, self.max_dist)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # softmax(q·k/√d + bias) v
         out = self.proj_out(out.transpose(1, 2).reshape(N, L, C))  # (N,heads,L,d) -> (N,L,C)
         if self.kind == "spatial":
             out = out.reshape(B, T, H, W, C).permute(0, 4, 1, 2, 3)  # (B*T,H*W,C) -> (B,C,T,H,W)
@@ -249,9 +294,10 @@ class AttentionBlock(nn.Module):
         self.use_checkpoint = cfg.use_checkpoint
         rel = cfg.max_relative_position if cfg.use_relative_position else None
         first = "joint" if cfg.attention == "joint" else "spatial"
-        self.attn_s = SelfAttention(channels, cfg.num_heads, first, rel)
+        self.attn_s = SelfAttention(channels, cfg.num_heads, first, rel, cfg.norm_over)
         self.cross = CrossAttention(channels, cfg.context_dim, cfg.num_heads) if cfg.context_dim else None
-        self.attn_t = SelfAttention(channels, cfg.num_heads, "temporal", rel) if cfg.attention == "factorized" else None
+        self.attn_t = (SelfAttention(channels, cfg.num_heads, "temporal", rel, cfg.norm_over, cfg.relative_form)
+                       if cfg.attention == "factorized" else None)
 
     def forward(self, x, context=None):
         if self.use_checkpoint and torch.is_grad_enabled():
@@ -292,7 +338,7 @@ class UNet3D(nn.Module):
         self.s_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)) if cfg.s_embedding else None
 
         def res(cin, cout):
-            return ResBlock(cin, emb_dim, cout, cfg.dropout, cfg.use_checkpoint)
+            return ResBlock(cin, emb_dim, cout, cfg.dropout, cfg.use_checkpoint, cfg.norm_over)
 
         cin = cfg.in_channels + (1 if cfg.mask_channel else 0)
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential([conv_1x3x3(cin, mc)])])
@@ -321,7 +367,7 @@ class UNet3D(nn.Module):
                     layers.append(Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(layers))
-        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), zero_module(conv_1x3x3(mc, cfg.out_channels)))
+        self.out = nn.Sequential(GroupNorm32(ch, cfg.norm_over), nn.SiLU(), zero_module(conv_1x3x3(mc, cfg.out_channels)))
 
     def forward(self, x, t, mask=None, s=None, context=None):
         """x: (B, in_channels, T, H, W); t: LongTensor (B,) in [0, steps); mask: (B,1,T,H,W) binary frame

@@ -49,6 +49,10 @@ class VAEConfig:
     decoder_strides: tuple = None         # up-stages coarse->fine; None mirrors the encoder
     norm_groups: int = 32                 # GroupNorm groups (reduced to gcd with the width)
     shortcut: bool = False                # space<->channel shortcuts (demo; not in the release)
+    # Release compatibility (convert.py sets these for the public LVDM checkpoints):
+    norm_over: str = "frame"              # GroupNorm statistics per "frame" (see FrameGroupNorm) or over the
+                                          # whole "clip" (release; not shift-equivariant, not chunk-decodable)
+    quant_conv: bool = False              # the release's 1x1x1 quant_conv after E and post_quant_conv before D
 
     def __post_init__(self):  # checkpoints store tuples as lists; make them tuples again
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
@@ -58,6 +62,8 @@ class VAEConfig:
         if any(st[1] != st[2] for st in self.strides):
             raise UserError(f"strides {self.strides} downsample height and width differently; "
                             "use equal (h, w) strides in every stage.")
+        if self.norm_over not in ("frame", "clip"):
+            raise UserError(f"norm_over must be 'frame' or 'clip', not {self.norm_over!r}.")
         if len(self.ch_mult) != len(self.strides):
             raise UserError(f"ch_mult has {len(self.ch_mult)} entries but strides has "
                             f"{len(self.strides)}; give one channel multiplier per stage.")
@@ -141,18 +147,20 @@ class FrameGroupNorm(nn.GroupNorm):
         return y.reshape(B, T, C, H, W).transpose(1, 2)                  # (B*T,C,H,W) -> (B,C,T,H,W)
 
 
-def Normalize(channels, groups):
-    return FrameGroupNorm(math.gcd(groups, channels), channels, eps=1e-6, affine=True)
+def Normalize(channels, groups, over="frame"):
+    """GroupNorm(groups) with statistics per frame (this project) or over the whole clip (release)."""
+    norm = FrameGroupNorm if over == "frame" else nn.GroupNorm   # nn.GroupNorm on (B,C,T,H,W): over (C/G,T,H,W)
+    return norm(math.gcd(groups, channels), channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
     """GroupNorm-SiLU-conv, twice, plus a skip (3x3x3 replicate-padded convs)."""
 
-    def __init__(self, cin, cout, groups):
+    def __init__(self, cin, cout, groups, over="frame"):
         super().__init__()
-        self.norm1 = Normalize(cin, groups)
+        self.norm1 = Normalize(cin, groups, over)
         self.conv1 = SamePadConv3d(cin, cout, 3)
-        self.norm2 = Normalize(cout, groups)
+        self.norm2 = Normalize(cout, groups, over)
         self.conv2 = SamePadConv3d(cout, cout, 3)
         self.skip = SamePadConv3d(cin, cout, 3) if cin != cout else nn.Identity()
 
@@ -215,10 +223,10 @@ class Encoder(nn.Module):
             stage.downsample = SamePadConv3d(widths[i], widths[i + 1], 4, stride=stride)
             if cfg.shortcut:
                 _check_shortcut(widths[i] * math.prod(stride), widths[i + 1])
-            stage.block = nn.Sequential(*[ResnetBlock(widths[i + 1], widths[i + 1], cfg.norm_groups)
+            stage.block = nn.Sequential(*[ResnetBlock(widths[i + 1], widths[i + 1], cfg.norm_groups, cfg.norm_over)
                                           for _ in range(cfg.num_res_blocks)])
             self.down.append(stage)
-        self.norm_out = Normalize(widths[-1], cfg.norm_groups)
+        self.norm_out = Normalize(widths[-1], cfg.norm_groups, cfg.norm_over)
         self.conv_out = SamePadConv3d(widths[-1], 2 * cfg.z_channels, 3)
         self.strides, self.shortcut, self.z_channels = cfg.strides, cfg.shortcut, cfg.z_channels
         if cfg.shortcut:
@@ -257,7 +265,7 @@ class Decoder(nn.Module):
             stage.upsample = SamePadConvTranspose3d(cin, width, 4, stride=stride)
             if cfg.shortcut:
                 _check_shortcut(cin, width * math.prod(stride))
-            stage.block = nn.Sequential(*[ResnetBlock(width, width, cfg.norm_groups)
+            stage.block = nn.Sequential(*[ResnetBlock(width, width, cfg.norm_groups, cfg.norm_over)
                                           for _ in range(cfg.num_res_blocks + 1)])
             self.up.append(stage)
             cin = width
@@ -305,6 +313,9 @@ class VideoAutoencoder(nn.Module):
         self.fs, self.ft = cfg.fs, cfg.ft
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+        if cfg.quant_conv:  # the release's 1x1x1 convs on the moments and on z (kept, not folded, so keys map back)
+            self.quant_conv = SamePadConv3d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
+            self.post_quant_conv = SamePadConv3d(cfg.z_channels, cfg.z_channels, 1)
         # z0 = (mode - shift) * scale has unit variance on the training data (latent_stats)
         self.register_buffer("latent_scale", torch.tensor(1.0))
         self.register_buffer("latent_shift", torch.tensor(0.0))
@@ -327,9 +338,14 @@ class VideoAutoencoder(nn.Module):
 
     def encode(self, x):
         self.check_input(x)
-        return DiagonalGaussian(self.encoder(x))
+        moments = self.encoder(x)
+        if self.cfg.quant_conv:
+            moments = self.quant_conv(moments)
+        return DiagonalGaussian(moments)
 
     def decode(self, z):
+        if self.cfg.quant_conv:
+            z = self.post_quant_conv(z)
         return self.decoder(z)
 
     def forward(self, x, sample_posterior=True):

@@ -10,9 +10,11 @@ import json
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 import time
+import types
 import zipfile
 from dataclasses import asdict, replace as dc_replace
 
@@ -26,6 +28,7 @@ from scipy import ndimage
 
 import bench
 import common
+import convert
 import data
 import diffusion
 import fvd
@@ -2356,6 +2359,186 @@ class TestFVD:
         assert logits.mean() == pytest.approx(0.0028256773948669434, abs=1e-3)
         assert logits.std() == pytest.approx(4.448949337005615, abs=1e-3)
 
+
+def _convert_fake_lightning(monkeypatch):
+    """Importable stand-ins for the Lightning classes a release checkpoint names (only while pickling)."""
+    names = ["pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"]
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    cls = type("ModelCheckpoint", (), {"__module__": names[-1]})
+    sys.modules[names[-1]].ModelCheckpoint = cls
+    return cls
+
+
+def _convert_release_files(tmp_path, monkeypatch):
+    """Release-format Lightning checkpoints (ae.ckpt, lvdm.ckpt) of small random models, with what real ones
+    carry: SamePadConv3d alias keys, loss.* keys, LitEma copies, schedule buffers, a callback class as key."""
+    torch.manual_seed(0)
+    strides = ((2, 2, 2), (2, 2, 2), (1, 2, 2))
+    ae = vae.VideoAutoencoder(vae.VAEConfig(hidden=32, ch_mult=(1, 1, 2), strides=strides, decoder_strides=strides,
+                                            norm_over="clip", quant_conv=True))
+    _diffusion_randomize(ae)
+    ae_sd = convert.project_to_release({k: v for k, v in ae.state_dict().items() if not k.startswith("latent_")},
+                                       convert.AE_KEYS)
+    ae_sd.update({k[: -len("conv.weight")] + "weight": v for k, v in list(ae_sd.items()) if k.endswith(".conv.weight")})
+    net = UNet3D(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+                            num_heads=2, max_relative_position=4, norm_over="clip", relative_form="release"))
+    _diffusion_randomize(net)
+    unet_sd = convert.project_to_release(net.state_dict(), convert.UNET_KEYS)
+    ema = {k: v + 0.01 for k, v in unet_sd.items()}
+    ckpt_cls = _convert_fake_lightning(monkeypatch)
+    extras = {"epoch": 3, "global_step": 1234, "pytorch-lightning_version": "1.4.2",
+              "callbacks": {ckpt_cls: {"monitor": "val/loss", "best_model_score": torch.tensor(0.5)}},
+              "optimizer_states": [{"state": {}, "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999)}]}],
+              "lr_schedulers": []}
+    torch.save({**extras, "state_dict": {**ae_sd, "loss.logvar": torch.zeros(())}}, tmp_path / "ae.ckpt")
+    lvdm_sd = {**{"model.diffusion_model." + k: v for k, v in unet_sd.items()},
+               **{"model_ema.diffusion_model" + k.replace(".", ""): v for k, v in ema.items()},
+               "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(7),
+               **{"first_stage_model." + k: v for k, v in ae_sd.items()},
+               "betas": torch.from_numpy(make_betas("linear", 1000)).float()}
+    torch.save({**extras, "state_dict": lvdm_sd}, tmp_path / "lvdm.ckpt")
+    for name in list(sys.modules):  # the stand-ins are gone before anything loads the files
+        if name.startswith("pytorch_lightning"):
+            monkeypatch.delitem(sys.modules, name)
+    return ae.eval(), net.eval(), ema
+
+
+# =============================================================================
+class TestConvert:
+    """convert.py: the release's Lightning files read safely, mapped key by key, run through this code."""
+
+    def test_release_keys_map_to_this_project_and_back(self):
+        """Keys as the release's modules name them (aemodules3d, openaimodel3d, STAttentionBlock) -> vae.py /
+        unet3d.py names, and the whole state dicts round trip release -> project -> release."""
+        spot = {"encoder.conv_first.conv.weight": "encoder.conv_in.conv.weight",
+                "encoder.conv_blocks.2.res.conv2.conv.bias": "encoder.down.2.block.0.conv2.conv.bias",
+                "encoder.conv_blocks.0.res.norm1.weight": "encoder.down.0.block.0.norm1.weight",
+                "encoder.final_block.2.conv.weight": "encoder.conv_out.conv.weight",
+                "decoder.conv_blocks.1.up.convt.bias": "decoder.up.1.upsample.convt.bias",
+                "decoder.conv_blocks.0.res2.norm1.weight": "decoder.up.0.block.1.norm1.weight"}
+        assert {k: convert._rename(k, convert.AE_KEYS) for k in spot} == spot
+        spot = {"middle_block.0.out_layers.3.weight": "middle_block.0.out_layers.2.weight",
+                "output_blocks.2.0.out_layers.0.bias": "output_blocks.2.0.out_norm.bias",
+                "input_blocks.4.1.qkv_t.bias": "input_blocks.4.1.attn_t.qkv.bias",
+                "input_blocks.4.1.relative_position_v.embeddings_table": "input_blocks.4.1.attn_t.rel_v",
+                "middle_block.1.norm_s.weight": "middle_block.1.attn_s.norm.weight",
+                "out.2.weight": "out.2.weight", "time_embed.0.bias": "time_embed.0.bias"}
+        assert {k: convert._rename(k, convert.UNET_KEYS) for k in spot} == spot
+        ae = vae.VideoAutoencoder(vae.VAEConfig(hidden=32, ch_mult=(1, 1, 2), norm_over="clip", quant_conv=True))
+        net = _diffusion_tiny(norm_over="clip", relative_form="release")
+        for model, pairs in ((ae, convert.AE_KEYS), (net, convert.UNET_KEYS)):
+            own = {k: v for k, v in model.state_dict().items() if not k.startswith("latent_")}
+            release = convert.project_to_release(own, pairs)
+            assert all(v.dim() == 3 for k, v in release.items() if re.search(r"(qkv|proj_out)_[st]\.weight$", k))
+            back = convert.release_to_project(release, pairs, "x", "model")
+            _assert_same_tensors(back, own)
+            _assert_same_tensors(convert.project_to_release(back, pairs), release)
+        with pytest.raises(UserError, match="encoder.extra.weight"):
+            convert.release_to_project({"encoder.extra.weight": torch.zeros(1)}, convert.AE_KEYS, "x", "autoencoder")
+
+    def test_convert_writes_checkpoints_that_compute_the_original_models(self, tmp_path, monkeypatch, capsys):
+        ae, net, ema = _convert_release_files(tmp_path, monkeypatch)
+        out = tmp_path / "run"
+        convert.main(["--preset", "sky", "--ae", str(tmp_path / "ae.ckpt"), "--lvdm", str(tmp_path / "lvdm.ckpt"),
+                      "--out", str(out), "--model", "num_heads=2", "--size", "64", "--frames", "16"])
+        for name in ("vae.pt", "lvdm.pt"):  # plain project checkpoints
+            torch.load(out / name, weights_only=True)
+        loaded = vae.load_vae(str(out / "vae.pt"))
+        assert loaded.cfg == ae.cfg
+        x = _vae_smooth_video(B=1, T=16, H=32, W=32)
+        with torch.no_grad():
+            _assert_same_tensors({"e": loaded.encode(x).mean, "d": loaded.decode(torch.ones(1, 4, 1, 4, 4))},
+                                 {"e": ae.encode(x).mean, "d": ae.decode(torch.ones(1, 4, 1, 4, 4))})
+            # the release's scale·(E(x) + shift) and D(z/scale - shift), sky's yaml values
+            torch.testing.assert_close(loaded.encode_latents(x), 0.33422927 * (ae.encode(x).mode() + 1.4606637))
+            z = torch.randn(1, 4, 1, 4, 4)
+            torch.testing.assert_close(loaded.decode_latents(z), ae.decode(z / 0.33422927 - 1.4606637))
+        unet, gd, targs = sample.load_model(str(out / "lvdm.pt"), "cpu")
+        assert unet.cfg == net.cfg and gd.ddim_spacing == "release" and targs["loss"] == "l1"
+        assert (targs["size"], targs["frames"], targs["stage"]) == (64, 16, "lvdm")
+        xt, t = torch.randn(1, 4, 4, 8, 8), torch.tensor([500])
+        with torch.no_grad():
+            assert torch.equal(unet(xt, t), net(xt, t))
+        convert.main(["--preset", "sky", "--lvdm", str(tmp_path / "lvdm.ckpt"), "--out", str(tmp_path / "e"),
+                      "--model", "num_heads=2", "--weights", "ema"])      # autoencoder from first_stage_model.*
+        unet_ema, *_ = sample.load_model(str(tmp_path / "e" / "lvdm.pt"), "cpu")
+        _assert_same_tensors(unet_ema.state_dict(), convert.release_to_project(ema, convert.UNET_KEYS, "x", "U-Net"))
+        assert "M params" in capsys.readouterr().out
+
+    def test_pred_trains_from_a_converted_model_with_its_architecture(self, tmp_path, monkeypatch):
+        """§3.3 from the release's weights: pred takes the converted U-Net's settings (clip norms, release
+        attention, 2 heads) from --init, not from the preset, and starts as that model."""
+        ae, net, _ = _convert_release_files(tmp_path, monkeypatch)
+        run = tmp_path / "run"
+        convert.main(["--preset", "sky", "--lvdm", str(tmp_path / "lvdm.ckpt"), "--out", str(run),
+                      "--model", "num_heads=2", "--size", "32", "--frames", "16"])
+        train.main(["--stage", "pred", "--preset", "sky", "--data", "synthetic", "--size", "32", "--frames", "16",
+                    "--gap", "1", "--init", str(run / "lvdm.pt"), "--vae", str(run / "vae.pt"), "--out", str(run),
+                    "--steps", "1", "--batch-size", "1", "--lr", "1e-12", "--ema", "0", "--save-every", "1",
+                    "--sample-every", "100", "--latent-cache", "0", "--eval-clips", "1"])
+        pred, _, _ = sample.load_model(str(run / "pred.pt"), "cpu")
+        assert (pred.cfg.norm_over, pred.cfg.relative_form, pred.cfg.num_heads, pred.cfg.mask_channel) == \
+               ("clip", "release", 2, True)
+        xt, t = torch.randn(1, 4, 4, 4, 4), torch.tensor([10])
+        with torch.no_grad():
+            torch.testing.assert_close(pred(xt, t), net(xt, t), atol=1e-5, rtol=1e-4)  # lr 1e-12: one tiny step
+
+    def test_unsafe_or_foreign_files_are_refused_in_one_sentence(self, tmp_path, monkeypatch):
+        class Evil:
+            def __reduce__(self):
+                return (print, ("ran code from the file",))
+        torch.save({"state_dict": {"a": torch.zeros(1)}, "hyper_parameters": Evil()}, tmp_path / "evil.ckpt")
+        with pytest.raises(UserError, match=r"builtin\w*\.print"):
+            convert.load_release(str(tmp_path / "evil.ckpt"))
+        torch.save({"state_dict": {"a": os.system}}, tmp_path / "fn.ckpt")
+        with pytest.raises(UserError, match="system"):
+            convert.load_release(str(tmp_path / "fn.ckpt"))
+        _convert_fake_lightning(monkeypatch)     # an allowed placeholder class inside the state dict is refused too
+        cls = sys.modules["pytorch_lightning.callbacks.model_checkpoint"].ModelCheckpoint
+        torch.save({"state_dict": {"a": cls}}, tmp_path / "obj.ckpt")
+        monkeypatch.delitem(sys.modules, "pytorch_lightning.callbacks.model_checkpoint")
+        with pytest.raises(UserError, match="non-tensor"):
+            convert.load_release(str(tmp_path / "obj.ckpt"))
+        common.save_checkpoint(str(tmp_path / "own.pt"), {"stage": "lvdm", "model": {}})
+        with pytest.raises(UserError, match="this project"):
+            convert.load_release(str(tmp_path / "own.pt"))
+        (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+        with pytest.raises(UserError, match="not a readable"):
+            convert.load_release(str(tmp_path / "junk.ckpt"))
+        long_sd = {"input_blocks.0.0.weight": torch.zeros(32, 5, 1, 3, 3), "label_emb.weight": torch.zeros(251, 128)}
+        with pytest.raises(UserError, match="long-video"):
+            convert.unet_fields(long_sd, "pred.ckpt")
+        with pytest.raises(UserError, match="nothing to convert"):
+            convert.parse_args(["--preset", "sky", "--out", str(tmp_path)])
+
+    @pytest.mark.slow
+    @pytest.mark.skipif(not os.path.isdir(os.environ.get("LVDM_RELEASE_REF", "")),
+                        reason="set LVDM_RELEASE_REF to a folder made with the release's code (README)")
+    def test_matches_the_release_code_on_the_same_weights(self, tmp_path):
+        """Outputs of the release's own modules (built from its source with seeded weights, README) against
+        the converted models: autoencoder, U-Net (model and EMA weights), DDIM with S=10 and S=7."""
+        ref_dir = os.environ["LVDM_RELEASE_REF"]
+        ref = torch.load(os.path.join(ref_dir, "ref_small.pt"), weights_only=True)
+        for weights in ("model", "ema"):
+            convert.main(["--preset", "sky", "--ae", os.path.join(ref_dir, "ae_small.ckpt"), "--lvdm",
+                          os.path.join(ref_dir, "lvdm_small.ckpt"), "--out", str(tmp_path / weights),
+                          "--model", "num_heads=2", "--size", "64", "--frames", "16", "--weights", weights])
+        ae = vae.load_vae(str(tmp_path / "model" / "vae.pt"))
+        rel = lambda a, b: float((a - b).abs().max() / b.abs().max())
+        with torch.no_grad():
+            post = ae.encode(ref["x"])
+            assert rel(post.mean, ref["posterior_mean"]) < 1e-4 and rel(post.logvar, ref["posterior_logvar"]) < 1e-4
+            assert rel(ae.decode(ref["decode_z"]), ref["decoded"]) < 1e-4
+            assert rel(ae.encode_latents(ref["x"]), ref["latent_mode_scaled"]) < 1e-4
+            unet, gd, _ = sample.load_model(str(tmp_path / "model" / "lvdm.pt"), "cpu")
+            assert rel(unet(ref["unet_x"], ref["unet_t"]), ref["unet_out"]) < 1e-4
+            unet_ema, _, _ = sample.load_model(str(tmp_path / "ema" / "lvdm.pt"), "cpu")
+            assert rel(unet_ema(ref["unet_x"], ref["unet_t"]), ref["unet_out_ema"]) < 1e-4
+            for S in (10, 7):
+                assert gd.ddim_timesteps(S).tolist() == ref[f"ddim{S}_steps"].tolist()
+                out = gd.ddim_sample_loop(lambda x, t: unet(x, t), ref["ddim_xT"].shape, S, noise=ref["ddim_xT"])
+                assert rel(out, ref[f"ddim{S}"]) < 1e-3
 
 # =============================================================================
 class TestBench:

@@ -214,9 +214,11 @@ class SelfAttention(nn.Module):
                  relative_form="key"):
         super().__init__()
         self.kind, self.num_heads, self.max_dist = kind, num_heads, max_relative_position
-        # The release normalizes its temporal attention's input per position over (C/G, T); else per frame.
+        # The release normalizes its spatial attention's input per frame and its temporal attention's per
+        # position over (C/G, T); this project normalizes both per frame.
         self.norm_per_position = norm_over == "clip" and kind == "temporal"
-        self.norm = nn.GroupNorm(32, channels) if self.norm_per_position else GroupNorm32(channels, norm_over)
+        self.norm = nn.GroupNorm(32, channels) if self.norm_per_position else \
+            GroupNorm32(channels, "clip" if norm_over == "clip" and kind == "joint" else "frame")
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj_out = zero_module(nn.Linear(channels, channels))
         self.rel_k = self.rel_v = None

@@ -9,6 +9,7 @@
     python bench.py faults                 # SIGKILL / SIGTERM + --resume, bitwise; 42 bad inputs, one sentence each
     python bench.py smoke [--device cuda]  # every stage at the paper presets, a few steps: time and peak memory
     python bench.py contention             # the demo's training step next to a busy process: threads, wait policy
+    python bench.py release [--ae A --lvdm L]   # convert + sample the release's paper-size Sky models: time, memory
     python bench.py all --i3d PATH
 
 Every number is a wall-clock measurement in this process (after a warm-up); ratios are taken
@@ -34,11 +35,13 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+import convert
 import data
 import diffusion
 import fvd
 import sample
 import unet3d
+import vae
 from common import process_start_time, atomic_path, count_params, current_umask, main_guard, plot_lines
 
 
@@ -482,6 +485,76 @@ def smoke(args):
     return "\n".join(rows)
 
 
+# ----------------------------------------------------------------------------- the release's models
+RELEASE_SAMPLE = """import json, statistics, sys, time, torch
+import sample, vae
+net, gd, targs = sample.load_model(sys.argv[1], sys.argv[3])
+ae = vae.load_vae(targs["vae_path"], sys.argv[3])
+shape = (1, net.cfg.in_channels, targs["frames"] // ae.ft, targs["size"] // ae.fs, targs["size"] // ae.fs)
+times = []
+def model_fn(x, t):
+    start = time.perf_counter(); out = net(x, t); times.append(time.perf_counter() - start); return out
+with torch.no_grad():
+    z = gd.ddim_sample_loop(model_fn, shape, int(sys.argv[2]), generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter(); x = ae.decode_latents(z); decode = time.perf_counter() - start
+print("RESULT", json.dumps(dict(steps=len(times), first=times[0], step=statistics.median(times[1:]), decode=decode,
+                                shape=list(x.shape))))
+"""
+
+
+def release_files(root):
+    """Random-weight stand-ins for ae_sky.ckpt and short_sky.ckpt at the release's paper sizes, in its
+    Lightning layout (alias keys, loss.* keys, LitEma copies, a callback state): shapes and names only."""
+    torch.manual_seed(0)
+    ae = vae.VideoAutoencoder(vae.VAEConfig(**{**vae.vae_presets()["paper"], "norm_over": "clip", "quant_conv": True}))
+    ae_sd = convert.project_to_release({k: v for k, v in ae.state_dict().items() if not k.startswith("latent_")},
+                                       convert.AE_KEYS)
+    ae_sd.update({k[: -len("conv.weight")] + "weight": v for k, v in list(ae_sd.items()) if k.endswith(".conv.weight")})
+    net = unet3d.UNet3D(unet3d.UNetConfig(**{**vars(unet3d.unet_presets()["paper"]), "max_relative_position": 4,
+                                            "norm_over": "clip", "relative_form": "release"}))
+    unet_sd = convert.project_to_release(net.state_dict(), convert.UNET_KEYS)
+    extra = {"epoch": 1, "global_step": 1, "pytorch-lightning_version": "1.4.2", "optimizer_states": [],
+             "lr_schedulers": []}
+    paths = os.path.join(root, "ae_sky.ckpt"), os.path.join(root, "short_sky.ckpt")
+    torch.save({**extra, "state_dict": {**ae_sd, "loss.logvar": torch.zeros(())}}, paths[0])
+    torch.save({**extra, "state_dict": {**{"model.diffusion_model." + k: v for k, v in unet_sd.items()},
+                                        **{"model_ema.diffusion_model" + k.replace(".", ""): v for k, v in unet_sd.items()},
+                                        **{"first_stage_model." + k: v for k, v in ae_sd.items()}}}, paths[1])
+    return paths
+
+
+def release(args):
+    """convert.py on the release's Sky models at their real sizes (given files, or random stand-ins of the
+    same shapes), then one DDIM sample at 256² x 16 frames, batch 1: convert time and peak memory,
+    seconds per DDIM step, decode time."""
+    root = tempfile.mkdtemp(prefix="lvdm-release-")
+    try:
+        ae, lvdm = (args.ae, args.lvdm) if args.lvdm else release_files(root)
+        sizes = f"{os.path.getsize(ae) / 2 ** 20:.0f} MiB + {os.path.getsize(lvdm) / 2 ** 20:.0f} MiB"
+        out = os.path.join(root, "run")
+        conv = run_script("convert.py", ["--preset", "sky", "--ae", ae, "--lvdm", lvdm, "--out", out])
+        if conv["rc"]:
+            raise RuntimeError(conv["err"][-2000:])
+        script = os.path.join(root, "time_sample.py")
+        with open(script, "w") as f:
+            f.write(RELEASE_SAMPLE)
+        samp = run_script(script, [os.path.join(out, "lvdm.pt"), str(args.steps), args.device])
+        if samp["rc"]:
+            raise RuntimeError(samp["err"][-2000:])
+        res = json.loads(next(line for line in samp["out"].splitlines() if line.startswith("RESULT"))[7:])
+        rows = [f"Machine: {machine()}. Files: {'given' if args.lvdm else 'random weights of the release shapes'} "
+                f"({sizes}).", "", "| what | wall (s) | peak RSS (MiB) |", "|---|---|---|",
+                f"| convert.py --preset sky (autoencoder + U-Net) | {conv['wall']:.1f} | {conv['rss']:.0f} |",
+                f"| sample: load, DDIM-{args.steps} ({res['steps']} steps, release spacing), decode | {samp['wall']:.1f} "
+                f"| {samp['rss']:.0f} |",
+                f"| one DDIM step, U-Net on 1 x 4 x 4 x 32 x 32 latents (median after the first) | {res['step']:.2f} | |",
+                f"| first DDIM step | {res['first']:.2f} | |",
+                f"| decode to {res['shape']} | {res['decode']:.2f} | |"]
+        return "\n".join(rows)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------- sharing the CPU
 STEP = """import os, sys, time, torch
 sys.path.insert(0, {here!r})
@@ -583,7 +656,7 @@ def study(argv):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", default="table2",
-                   choices=["table2", "loader", "i3d", "long", "faults", "smoke", "contention", "study", "all"])
+                   choices=["table2", "loader", "i3d", "long", "faults", "smoke", "contention", "release", "study", "all"])
     p.add_argument("root", nargs="?", help="loader: folder of frame folders (default: a temporary one, made)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--width", type=int, default=64, help="U-Net model_channels (paper: 256; reduced on CPU)")
@@ -599,6 +672,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=8); p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--pred"); p.add_argument("--interp"); p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--ae", help="release: ae_sky.ckpt"); p.add_argument("--lvdm", help="release: short_sky.ckpt")
     p.add_argument("--seed", type=int, default=0, help="faults: seeds the kill moments")
     p.add_argument("--kills", type=int, default=5); p.add_argument("--fault-steps", type=int, default=12)
     p.add_argument("--smoke-steps", type=int, default=2)

@@ -604,7 +604,8 @@ STUDY = {  # name -> (mode, cond-noise s, guidance w); Fig. 6-7 of the paper
 
 
 def study(argv):
-    """FVD of every 16-frame clip across long videos, for the long-video settings of §4.4.
+    """FVD and the synthetic score (data.ball_check) of every 16-frame clip across long videos, for the
+    long-video settings of §4.4.
 
     python bench.py study --pred runs/demo/pred.pt --interp runs/demo/interp.pt \\
         --ar-pred runs/demo-ar/pred.pt --i3d i3d-kinetics-400.ckpt --frames 256 --n 16 --pool 4
@@ -639,14 +640,18 @@ def study(argv):
                      "--n", str(args.n), "--batch-size", str(args.n), "--steps", str(args.steps),
                      "--cond-noise", str(s), "--guidance", str(w), "--seed", str(args.seed), "--out", out])
         videos = np.load(os.path.join(out, "long.npy"), mmap_mode="r")
-        curves[f"{name} (s={s}, w={w})"] = fvd.fvd_curve(real_feats, videos, model, pool=args.pool)
-        print(name, " ".join(f"{c['fvd']:.0f}" for c in curves[f"{name} (s={s}, w={w})"]), flush=True)
+        points = fvd.fvd_curve(real_feats, videos, model, pool=args.pool)
+        for c in points:  # the synthetic data's own check (data.ball_check) on the same frames
+            c["score"] = data.synthetic_score(np.asarray(videos[:, c["start"]:c["end"]]))[0]
+        curves[f"{name} (s={s}, w={w})"] = points
+        print(name, " ".join(f"{c['fvd']:.0f} ({100 * c['score']:.0f}%)" for c in points), flush=True)
     with atomic_path(os.path.join(args.out, "study.csv")) as tmp, open(tmp, "w", newline="") as f:
         wr = csv.writer(f)
-        wr.writerow(["setting", "clip", "start", "end", "fvd", "kvd"])
+        wr.writerow(["setting", "clip", "start", "end", "fvd", "kvd", "score"])
         for name, pts in curves.items():
             for c in pts:
-                wr.writerow([name, c["clip"], c["start"], c["end"], f"{c['fvd']:.3f}", f"{c['kvd']:.5f}"])
+                wr.writerow([name, c["clip"], c["start"], c["end"], f"{c['fvd']:.3f}", f"{c['kvd']:.5f}",
+                             f"{c['score']:.4f}"])
     plot_lines(os.path.join(args.out, "study.png"), curves,
                  f"FVD of {args.n * args.pool} 16-frame clips per point ({args.n} videos x {args.frames} frames) "
                  f"vs {args.real_n} real clips")

@@ -34,6 +34,7 @@ import zipfile
 import numpy as np
 import torch
 from PIL import Image
+from scipy import ndimage
 from tqdm import tqdm
 
 from common import ArgumentParser, UserError, atomic_path, current_umask, main_guard, positive_int
@@ -502,6 +503,93 @@ class SyntheticVideos(torch.utils.data.Dataset):
     def __getitem__(self, i):
         flip = self.flip and np.random.default_rng([self.seed, self.epoch, i]).random() < 0.5
         return _uint8_to_clip(list(self.render(i)), flip)
+
+
+# ----------------------------------------------------------------------------- the synthetic sample score
+SCORE_FAILURES = ("no ball", "a blob too large", "a misshapen ball", "a ball that appears and vanishes",
+                  "a ball that jumps", "a ball that vanishes")
+
+
+def _balls_per_frame(video, tol):
+    """{(t, palette index): (mask (H,W), area)} of the ball-sized regions near each palette colour in each
+    frame; pieces of one colour are merged (a ball cut by two occluders)."""
+    v = np.asarray(video, np.float32)
+    T, S = v.shape[:2]
+    palette = np.array(list(PALETTE.values()), np.float32)
+    dist = np.sqrt(((v[..., None, :] - palette) ** 2).sum(-1))      # (T,H,W,K): RGB distance to each colour
+    nearest, close = dist.argmin(-1), dist.min(-1) < tol
+    within_frame = np.zeros((3, 3, 3), bool)
+    within_frame[1] = True                                           # connect pixels of one frame only
+    a_min = 0.3 * np.pi * (0.08 * S) ** 2                            # a third of the smallest ball
+    found = {}
+    for c in range(len(palette)):
+        labels, _ = ndimage.label(close & (nearest == c), within_frame)
+        for k, box in enumerate(ndimage.find_objects(labels)):
+            piece = labels[box] == k + 1                             # (1,h,w)
+            if piece.sum() < a_min:
+                continue
+            t = box[0].start
+            mask = found[(t, c)][0] if (t, c) in found else np.zeros((S, S), bool)
+            mask[box[1:]] |= piece[0]
+            found[(t, c)] = (mask, int(mask.sum()))
+    return found
+
+
+def ball_check(video, tol=70.0):
+    """Does a uint8 video (T,H,W,3) look like SyntheticVideos? -> (passed, reason), reason one of
+    "ok" or SCORE_FAILURES. A deterministic detector that knows the palette: in every frame, the balls
+    are the regions near a palette colour (RGB distance < tol, at least a third of the smallest ball's
+    area). A video passes when
+      * each region fits in the largest ball (radius 0.2 of the frame) and, where no other ball touches
+        it, is round (every pixel within 1.25 equal-area radii of its centre);
+      * every colour seen is seen in at least half the frames (no ball appears and vanishes);
+      * a ball moves at most 0.1 frame widths per frame (the data: at most 0.045) unless an occluder
+        touches it, and is missing only where another ball may cover it (near its last position)."""
+    T, S = np.asarray(video).shape[:2]
+    found = _balls_per_frame(video, tol)
+    if not found:
+        return False, "no ball"
+    union = {t: np.zeros((S, S), bool) for t in range(T)}
+    for (t, c), (mask, _) in found.items():
+        union[t] |= mask
+    step, r_max = 0.1 * S, 0.2 * S + 1.5
+    info = {}
+    for (t, c), (mask, area) in found.items():
+        ys, xs = np.nonzero(mask)
+        cy, cx = ys.mean(), xs.mean()
+        if np.hypot(ys - (ys.min() + ys.max()) / 2, xs - (xs.min() + xs.max()) / 2).max() > r_max + 1:
+            return False, "a blob too large"
+        touched = bool((ndimage.binary_dilation(mask, iterations=2) & union[t] & ~mask).any())
+        if not touched and np.hypot(ys - cy, xs - cx).max() > 1.25 * np.sqrt(area / np.pi) + 1.5:
+            return False, "a misshapen ball"
+        info[(t, c)] = (cy, cx, np.sqrt(area / np.pi), touched)
+    for c in {c for _, c in found}:
+        frames = [t for t in range(T) if (t, c) in info]
+        if len(frames) < T / 2:
+            return False, "a ball that appears and vanishes"
+        last = frames[0]
+        for t in range(frames[0] + 1, T):
+            (py, px, pr, ptouch) = info[(last, c)]
+            if (t, c) in info:
+                y, x, _, touch = info[(t, c)]
+                if not (touch or ptouch) and np.hypot(y - py, x - px) > step * (t - last):
+                    return False, "a ball that jumps"
+                last = t
+            else:  # hidden: only behind another ball near where it was
+                near = ndimage.distance_transform_edt(~union[t]) if union[t].any() else None
+                y, x = int(np.clip(round(py), 0, S - 1)), int(np.clip(round(px), 0, S - 1))
+                if near is None or near[y, x] > 2 * pr + step * (t - last) + 2:
+                    return False, "a ball that vanishes"
+    return True, "ok"
+
+
+def synthetic_score(videos):
+    """Share of uint8 videos (N,T,H,W,3) that pass ball_check, and how many failed for each reason."""
+    reasons = {}
+    for video in videos:
+        why = ball_check(video)[1]
+        reasons[why] = reasons.get(why, 0) + 1
+    return reasons.get("ok", 0) / max(len(videos), 1), reasons
 
 
 def make_dataset(data, frames, size, stride=1, split="train", random_start=True, flip=False, seed=0, **kw):

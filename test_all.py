@@ -826,6 +826,41 @@ class TestData:
         step = np.abs(np.diff(long.astype(int), axis=0)).mean(axis=(1, 2, 3))
         assert step.max() < 8  # no jumps anywhere in 1024 frames
 
+    def test_synthetic_score_passes_real_clips_and_fails_what_is_not_balls(self):
+        """data.ball_check: real clips pass; noise, flat frames, shuffled frames, a ball that vanishes
+        in the open, a teleported ball and a smeared blob each fail, with their reason."""
+        ds = data.SyntheticVideos(n=24, frames=16, size=64, split="test")
+        real = np.stack([ds.render(i) for i in range(24)])
+        score, reasons = data.synthetic_score(real)
+        assert score >= 0.9, reasons
+        rng = np.random.default_rng(0)
+        assert data.synthetic_score(rng.integers(0, 256, (4, 16, 64, 64, 3), dtype=np.uint8)) == (0.0, {"no ball": 4})
+        flat = np.broadcast_to(real[:4].reshape(4, 16, -1, 3).mean(2, keepdims=True).astype(np.uint8)[:, :, :, None],
+                               real[:4].shape)
+        assert data.synthetic_score(flat)[0] == 0.0
+        # a single ball over a fixed background: a clean case for each failure
+        bg = np.full((16, 64, 64, 3), 120, np.uint8)
+        yy, xx = np.mgrid[0:64, 0:64]
+
+        def clip(centers, radius=7, color=data.PALETTE["red"]):
+            v = bg.copy()
+            for t, c in enumerate(centers):
+                if c is not None:
+                    v[t][(yy - c[0]) ** 2 + (xx - c[1]) ** 2 <= radius ** 2] = color
+            return v
+        moving = [(20, 10 + 2 * t) for t in range(16)]
+        assert data.ball_check(clip(moving)) == (True, "ok")
+        assert data.ball_check(clip(moving[:10] + [None] * 6)) == (False, "a ball that vanishes")
+        assert data.ball_check(clip(moving[:4] + [None] * 12)) == (False, "a ball that appears and vanishes")
+        assert data.ball_check(clip(moving[:8] + [(50, 50)] * 8)) == (False, "a ball that jumps")
+        assert data.ball_check(clip(moving, radius=20)) == (False, "a blob too large")
+        smear = bg.copy()
+        for t in range(16):                                             # a moving streak, not a ball
+            smear[t, 18:23, 10 + 2 * t:34 + 2 * t] = data.PALETTE["red"]
+        assert data.ball_check(smear) == (False, "a misshapen ball")
+        mixed = np.stack([real[(i + t) % 24, t] for t in range(16) for i in (0,)])      # each frame from another clip
+        assert data.ball_check(mixed)[0] is False
+
     def test_synthetic_flip_and_make_dataset(self, tmp_path):
         plain, flip = data.SyntheticVideos(frames=4, size=32), data.SyntheticVideos(frames=4, size=32, flip=True)
         outcomes = set()
@@ -2311,6 +2346,7 @@ class TestFVD:
         fvd.main(args)
         first = capsys.readouterr().out
         assert "protocol lvdm" in first and "FVD16 =" in first and "from cache" not in first
+        assert "synthetic score: 0.0% of 6 fake clips" in first
         assert len(os.listdir(tmp_path / "cache")) == 2
         fvd.main(args)
         second = capsys.readouterr().out
@@ -2323,7 +2359,8 @@ class TestFVD:
         fvd.main(["--curve", "--real", "synthetic", "--fake", str(tmp_path / "long.npz"), "--cache-dir", "",
                   "--out", str(tmp_path / "curve")])
         rows = (tmp_path / "curve.csv").read_text().strip().splitlines()
-        assert rows[0] == "clip,start,end,fvd,kvd" and len(rows) == 5
+        assert rows[0] == "clip,start,end,fvd,kvd,score" and len(rows) == 5
+        assert all(r.endswith(",0.0") for r in rows[1:])  # noise shows no balls (data.ball_check)
         img = np.asarray(Image.open(tmp_path / "curve.png").convert("L"))
         assert img.shape == (420, 720) and img.min() < 100  # something was drawn
 

@@ -5,12 +5,14 @@ its file against closed forms, independent references, invariants or round trips
 its own earlier output.
 """
 import csv
+import gzip
 import io
 import json
 import math
 import os
 import pickle
 import re
+import struct
 import subprocess
 import sys
 import time
@@ -34,6 +36,7 @@ import diffusion
 import fvd
 import hierarchical
 import sample
+import text
 import train
 import unet3d
 import vae
@@ -2401,6 +2404,131 @@ class TestFVD:
         assert logits.mean() == pytest.approx(0.0028256773948669434, abs=1e-3)
         assert logits.std() == pytest.approx(4.448949337005615, abs=1e-3)
 
+
+def _text_write_safetensors(path, tensors, metadata=None):
+    """The .safetensors layout written by hand: u64 header length, JSON header, packed little-endian data."""
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+    header, blobs, offset = ({"__metadata__": metadata} if metadata else {}), [], 0
+    for name, t in tensors.items():
+        raw = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+def _text_reference_forward(model, ids):
+    """CLIPTextModel's forward written with explicit loops over heads and a hand-made causal softmax."""
+    sd, cfg = model.state_dict(), model.cfg
+    lin = lambda x, p: x @ sd[p + ".weight"].T + sd[p + ".bias"]
+    ln = lambda x, p: F.layer_norm(x, (cfg.width,), sd[p + ".weight"], sd[p + ".bias"], cfg.eps)
+    x = sd["embeddings.token_embedding.weight"][ids] + sd["embeddings.position_embedding.weight"][: ids.shape[1]]
+    L, d = ids.shape[1], cfg.width // cfg.heads
+    allowed = torch.tril(torch.ones(L, L, dtype=torch.bool))
+    for n in range(cfg.layers):
+        p = f"encoder.layers.{n}."
+        h = ln(x, p + "layer_norm1")
+        q, k, v = (lin(h, p + f"self_attn.{w}_proj") for w in "qkv")
+        heads = []
+        for i in range(cfg.heads):
+            sl = slice(i * d, (i + 1) * d)
+            scores = q[..., sl] @ k[..., sl].transpose(-1, -2) / math.sqrt(d)
+            w = torch.exp(scores - scores.max(-1, keepdim=True).values) * allowed
+            heads.append((w / w.sum(-1, keepdim=True)) @ v[..., sl])
+        x = x + lin(torch.cat(heads, -1), p + "self_attn.out_proj")
+        h = lin(ln(x, p + "layer_norm2"), p + "mlp.fc1")
+        x = x + lin(h * torch.sigmoid(1.702 * h), p + "mlp.fc2")
+    return ln(x, "final_layer_norm")
+
+
+# =============================================================================
+class TestText:
+    """text.py: CLIP's BPE tokenizer and text transformer (§5), checked against hand-computed closed forms;
+    the slow test compares with OpenAI's tokenizer and Hugging Face's CLIPTextModel outputs."""
+
+    def test_split_words_follows_clips_pattern(self):
+        assert text.split_words("it's 2026, ok?! <|endoftext|>caf\u00e9 x_y") == \
+            ["it", "'s", "2", "0", "2", "6", ",", "ok", "?!", "<|endoftext|>", "caf\u00e9", "x", "_", "y"]
+        assert text.split_words("don't'll ''s   a") == ["don", "'t", "'ll", "''", "s", "a"]
+
+    def test_bpe_merges_by_rank_and_ids_follow_the_vocabulary_layout(self, tmp_path):
+        """A made-up vocabulary of four merge rules: ids are byte-table positions, +256 with '</w>', then
+        512 + the rule's rank; merges apply lowest rank first, every occurrence."""
+        path = tmp_path / "bpe.txt.gz"
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write("#version: test\na b\na b</w>\nab ab</w>\nc a</w>\n")
+        tok = text.Tokenizer(str(path))
+        byte_id = {ch: i for i, ch in enumerate(text.bytes_to_unicode().values())}
+        assert len(tok.encoder) == 512 + 4 + 2 and tok.encoder["<|endoftext|>"] == 517
+        assert tok.bpe("abab") == ["abab</w>"]                          # a b, then a b</w>, then ab ab</w>
+        assert tok.bpe("ca") == ["ca</w>"] and tok.bpe("cab") == ["c", "ab</w>"]
+        assert tok.encode("ABAB ca, b") == [512 + 2, 512 + 3, byte_id[","] + 256, byte_id["b"] + 256]
+        assert tok.encode("&amp;lt;") == [byte_id["<"] + 256]           # HTML unescaped twice
+        rows = tok(["abab", "b " * 100, ""])
+        assert rows.shape == (3, 77) and rows.dtype == torch.long
+        assert rows[0, :3].tolist() == [text.SOT, 514, text.EOT] and (rows[0, 3:] == text.EOT).all()
+        assert rows[1, 0] == text.SOT and rows[1, 76] == text.EOT and (rows[1, 1:76] == byte_id["b"] + 256).all()
+        assert rows[2, 0] == text.SOT and (rows[2, 1:] == text.EOT).all()
+        with pytest.raises(UserError, match="does not exist"):
+            text.Tokenizer(str(tmp_path / "missing.gz"))
+
+    def test_text_transformer_matches_explicit_reference_and_is_causal(self):
+        torch.manual_seed(0)
+        cfg = text.TextConfig(vocab_size=50, width=32, layers=2, heads=2, context_length=12, mlp_width=64)
+        model = text.TextTransformer(cfg).double().eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+            ids = torch.randint(0, 50, (3, 12))
+            out = model(ids)
+            torch.testing.assert_close(out, _text_reference_forward(model, ids))
+            changed = ids.clone()
+            changed[:, 7] = (changed[:, 7] + 1) % 50
+            diff = (model(changed) - out).abs().amax(dim=(0, 2))
+            assert (diff[:7] == 0).all() and (diff[7:] > 0).all()        # token 7 reaches positions 7.. only
+
+    def test_weights_load_from_safetensors_and_torch_files_in_every_spelling(self, tmp_path):
+        torch.manual_seed(0)
+        cfg = text.TextConfig(vocab_size=60, width=128, layers=1, heads=2, context_length=77, mlp_width=256)
+        model = text.TextTransformer(cfg).eval()
+        sd = {"text_model." + k: v for k, v in model.state_dict().items()}
+        sd["text_model.embeddings.position_ids"] = torch.arange(77)[None]  # older files carry it
+        _text_write_safetensors(tmp_path / "m.safetensors", sd, {"format": "pt"})
+        back = text.read_safetensors(str(tmp_path / "m.safetensors"))
+        _assert_same_tensors(back, sd)
+        torch.save({k.replace("text_model.", "cond_stage_model.transformer.text_model."): v for k, v in sd.items()},
+                   tmp_path / "m.pt")
+        ids = torch.randint(0, 60, (2, 77))
+        with torch.no_grad():
+            for path in ("m.safetensors", "m.pt"):
+                loaded = text.load_clip_text(str(tmp_path / path))
+                assert loaded.cfg == cfg and torch.equal(loaded(ids), model(ids))
+        mixed = {"a": torch.randn(3, 2, dtype=torch.float16), "b": torch.randn(4).to(torch.bfloat16),
+                 "c": torch.arange(5), "d": torch.zeros(0)}
+        _text_write_safetensors(tmp_path / "x.safetensors", mixed)
+        _assert_same_tensors(text.read_safetensors(str(tmp_path / "x.safetensors")), mixed)
+        (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", 10 ** 9) + b"{}")
+        with pytest.raises(UserError, match="header length"):
+            text.read_safetensors(str(tmp_path / "bad.safetensors"))
+
+    @pytest.mark.slow
+    @pytest.mark.skipif(not os.path.isdir(os.environ.get("LVDM_CLIP_REF", "")),
+                        reason="set LVDM_CLIP_REF to a folder of reference outputs (README, text-to-video)")
+    def test_matches_openai_tokenizer_and_hugging_face_clip(self):
+        ref_dir = os.environ["LVDM_CLIP_REF"]
+        tok = text.Tokenizer(os.path.join(ref_dir, "bpe_simple_vocab_16e6.txt.gz"))
+        items = json.load(open(os.path.join(ref_dir, "tokens.json")))["items"]
+        assert [tok.encode(it["text"]) for it in items] == [it["ids_noftfy"] for it in items]  # OpenAI's, no ftfy
+        assert [tok(it["text"])[0].tolist() for it in items if it["hf_matches_noftfy_rule"]] == \
+               [it["ids77_hf"] for it in items if it["hf_matches_noftfy_rule"]]
+        ref = torch.load(os.path.join(ref_dir, "clip_text_ref.pt"), weights_only=False)
+        model = text.load_clip_text(os.path.join(ref_dir, "clip_text_small", "model.safetensors"))
+        with torch.no_grad():
+            out = model(ref["ids"])
+        assert float((out - ref["last_hidden_state"]).abs().max() / ref["last_hidden_state"].abs().max()) < 1e-5
 
 def _convert_fake_lightning(monkeypatch):
     """Importable stand-ins for the Lightning classes a release checkpoint names (only while pickling)."""

@@ -12,6 +12,8 @@ are decoded and written chunk by chunk (hierarchical.stream_decode) into long.np
 (N,T,H,W,3) array on disk, so memory does not grow with --frames.
 """
 import argparse
+import html
+import json
 import math
 import os
 
@@ -25,7 +27,7 @@ import hierarchical
 import unet3d
 import vae as vae_lib
 from common import (ArgumentParser, UserError, atomic_path, load_checkpoint, load_weights, main_guard,
-                    natural_float, natural_int, positive_int)
+                    natural_float, natural_int, plot_lines, positive_int)
 
 
 def load_model(path, device, use_ema=True):
@@ -57,7 +59,8 @@ def load_decoder(args_of_ckpt, override, device):
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="lvdm.pt (short) or pred.pt (long modes)")
+    p.add_argument("--ckpt", help="lvdm.pt (short) or pred.pt (long modes)")
+    p.add_argument("--report", metavar="RUN", help="write RUN/index.html from what the run folder holds, and stop")
     p.add_argument("--interp", help="interp.pt, for --mode hierarchical")
     p.add_argument("--vae", help="override the autoencoder path stored in the checkpoint")
     p.add_argument("--mode", default="short", choices=["short", "autoregressive", "hierarchical"])
@@ -76,12 +79,17 @@ def parse_args(argv=None):
     p.add_argument("--fps", type=positive_int, default=8); p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.ckpt and not args.report:
+        raise UserError("pass --ckpt RUN/lvdm.pt (or pred.pt for long modes), or --report RUN.")
+    return args
 
 
 @torch.no_grad()
 def main(argv=None):
     args = parse_args(argv)
+    if args.report:
+        return write_report(args.report)
     device = torch.device(args.device)
     net, diffusion, targs = load_model(args.ckpt, device, not args.no_ema)
     vae = load_decoder(targs, args.vae, device)
@@ -221,6 +229,96 @@ def write_one(stem, video, fps, long=False):
             data.write_video(stem + ".gif", video, fps)
     except ImportError:
         data.write_video(stem + ".gif", np.asarray(video[:256] if long else video), fps)
+
+
+# ----------------------------------------------------------------------------- the run's page
+def _latest(folder, prefix):
+    names = sorted(n for n in os.listdir(folder) if n.startswith(prefix)) if os.path.isdir(folder) else []
+    return os.path.join(folder, names[-1]) if names else None
+
+
+def _figure(run, path, caption, width=None):
+    """<figure> for an image or video file of the run (relative link), or '' when the file is missing."""
+    if not path or not os.path.isfile(path):
+        return ""
+    rel = html.escape(os.path.relpath(path, run))
+    size = f' width="{width}"' if width else ""
+    tag = (f'<video src="{rel}" controls loop muted{size}></video>' if path.endswith(".mp4")
+           else f'<img src="{rel}" alt="{html.escape(caption)}"{size}>')
+    return f"<figure>{tag}<figcaption>{html.escape(caption)}</figcaption></figure>\n"
+
+
+def write_report(run):
+    """RUN/index.html: one page with what the main job made (plain HTML, relative links, no scripts):
+    the numbers with the commands behind them, real clips next to reconstructions, every stage's
+    samples, the long video with a strip of frames every 128, and loss curves (PNG, drawn here)."""
+    if not os.path.isdir(run):
+        raise UserError(f"run folder {run} does not exist; train first (python train.py --stage all --preset demo).")
+    rows, body = [], []
+    vae_log = os.path.join(run, "log-vae.jsonl")
+    if os.path.isfile(vae_log):
+        evals = [json.loads(line) for line in open(vae_log) if '"eval_psnr"' in line]
+        if evals:
+            rows.append(("autoencoder: held-out reconstruction PSNR", f"{evals[-1]['eval_psnr']:.2f} dB over "
+                         f"{evals[-1]['eval_clips']} clips", "python train.py --stage vae (end of the stage)"))
+    short = os.path.join(run, "samples-short", "samples.npz")
+    if os.path.isfile(short):
+        score, _ = data.synthetic_score(data.load_npz(short))
+        real = data.SyntheticVideos(n=32, frames=16, size=data.load_npz(short).shape[2], split="test")
+        real_score, _ = data.synthetic_score(np.stack([real.render(i) for i in range(len(real))]))
+        rows.append(("synthetic score of the short samples (data.ball_check)", f"{100 * score:.0f}% "
+                     f"(real held-out clips: {100 * real_score:.0f}% of 32)",
+                     "python sample.py --ckpt RUN/lvdm.pt --n 8 --npz"))
+    long_path = os.path.join(run, "samples-hierarchical", "long.npy")
+    if os.path.isfile(long_path):
+        videos = np.load(long_path, mmap_mode="r")                          # (N,T,H,W,3)
+        T = videos.shape[1]
+        if T >= 256:
+            first, last = (data.synthetic_score(np.asarray(videos[:, a:b]))[0] for a, b in ((0, 128), (T - 128, T)))
+            rows.append((f"synthetic score of the {T}-frame videos, first / last 128 frames",
+                         f"{100 * first:.0f}% / {100 * last:.0f}%",
+                         f"python sample.py --ckpt RUN/pred.pt --interp RUN/interp.pt --mode hierarchical --frames {T}"))
+        strip = os.path.join(run, "samples-hierarchical", "strip.png")
+        data.write_grid(strip, np.asarray(videos[:, list(range(0, T, 128)) + [T - 1]]))  # (N, frames every 128, H, W, 3)
+        body.append(f"<h2>The {T}-frame video (§3.3, hierarchical)</h2>\n"
+                    + _figure(run, os.path.join(run, "samples-hierarchical", "long_000.mp4"), "the first long video")
+                    + _figure(run, strip, f"frames 0, 128, 256, ... and {T - 1} of each long video (one row each)"))
+    for stage, title in (("vae", "Autoencoder (§3.1): real clips (odd rows) over their reconstructions (even rows)"),
+                         ("lvdm", "Unconditional samples during training (§3.2)"),
+                         ("pred", "Prediction model samples (§3.3)"), ("interp", "Interpolation model samples (§3.3)")):
+        png = _latest(os.path.join(run, "samples"), stage + "-")
+        if png and png.endswith(".gif"):
+            png = png[:-4] + ".png"
+        if png:
+            body.append(f"<h2>{html.escape(title)}</h2>\n" + _figure(run, png, os.path.basename(png))
+                        + _figure(run, png[:-4] + ".gif", "the first four, as a video"))
+    body.append("<h2>Short samples (DDIM-50)</h2>\n"
+                + _figure(run, os.path.join(run, "samples-short", "grid.png"), "every sample, frames left to right")
+                + _figure(run, os.path.join(run, "samples-short", "video_000.gif"), "the first sample"))
+    curves = ""
+    for stage in ("vae", "lvdm", "pred", "interp"):
+        log = os.path.join(run, f"log-{stage}.jsonl")
+        points = [json.loads(line) for line in open(log)] if os.path.isfile(log) else []
+        points = [p for p in points if "step" in p and "loss" in p]
+        if points:
+            png = os.path.join(run, f"loss-{stage}.png")
+            plot_lines(png, points, f"{stage}: training loss", x_key="step", y_key="loss", x_label="step",
+                       y_label="loss")
+            curves += _figure(run, png, f"{stage} loss (log-{stage}.jsonl)", width=480)
+    body.append("<h2>Training losses</h2>\n" + curves)
+    table = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td><code>{html.escape(c)}</code></td></tr>"
+                    for a, b, c in rows)
+    page = (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>LVDM run {html.escape(run)}</title>\n"
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img,video{max-width:100%;"
+            "image-rendering:pixelated}figure{display:inline-block;margin:6px}td{padding:2px 10px}</style>"
+            f"</head><body>\n<h1>LVDM run: {html.escape(os.path.abspath(run))}</h1>\n"
+            f"<table><tr><th>what</th><th>value</th><th>command</th></tr>{table}</table>\n" + "".join(body)
+            + "</body></html>\n")
+    path = os.path.join(run, "index.html")
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(page)
+    print(f"wrote {path}")
+    return path
 
 
 if __name__ == "__main__":

@@ -2123,6 +2123,24 @@ class TestTrain:
                         "--out", str(tmp_path / "run"), "--steps", "1"])
 
 
+    def test_stage_all_skips_finished_stages_resumes_a_stopped_one_and_ends_with_the_page(self, tmp_path):
+        run_dir = str(tmp_path / "run")
+        os.makedirs(run_dir)
+        common.save_checkpoint(os.path.join(run_dir, "vae.pt"), {"stage": "vae", "step": 800})  # demo: 800 steps
+        common.save_checkpoint(os.path.join(run_dir, "lvdm.pt"), {"stage": "lvdm", "step": 5})  # stopped early
+        calls = []
+        ok = lambda cmd: calls.append([os.path.basename(c) if c.endswith(".py") else c for c in cmd[1:]]) or \
+            subprocess.CompletedProcess(cmd, 0)
+        train.run_all(["--stage", "all", "--preset", "demo", "--out", run_dir], run=ok)
+        rest = ["--preset", "demo", "--out", run_dir]
+        assert calls[:3] == [["train.py", "--stage", "lvdm", *rest, "--resume"], ["train.py", "--stage", "pred", *rest],
+                             ["train.py", "--stage", "interp", *rest]]
+        assert [c[0] for c in calls[3:]] == ["sample.py"] * 3
+        assert "hierarchical" in calls[4] and "1024" in calls[4] and calls[5] == ["sample.py", "--report", run_dir]
+        fail = lambda cmd: subprocess.CompletedProcess(cmd, 1)
+        with pytest.raises(UserError, match="run --stage all again"):
+            train.run_all(["--stage=all", "--preset", "demo", "--out", run_dir], run=fail)
+
 # =============================================================================
 class TestSample:
     """sample.py: checkpoints round trip into the same samples; long modes."""
@@ -2180,6 +2198,34 @@ class TestSample:
         lazy = sample.NpyFrames(os.path.join(out, "long.npy"), 0, block=5)  # the mp4 writer's reader
         assert lazy.shape == long.shape[1:] and np.array_equal(np.stack(list(lazy)), long[0])
 
+
+    def test_report_page_shows_the_numbers_and_links_only_files_that_exist(self, tmp_path):
+        run_dir = tmp_path / "run"
+        (run_dir / "samples").mkdir(parents=True)
+        with open(run_dir / "log-vae.jsonl", "w") as f:
+            for step in (10, 20, 30):
+                f.write(json.dumps({"step": step, "loss": 1.0 / step}) + "\n")
+            f.write(json.dumps({"eval_psnr": 27.25, "eval_clips": 32}) + "\n")
+        real = data.SyntheticVideos(n=4, frames=16, size=64, split="test")
+        clips = np.stack([real.render(i) for i in range(4)])
+        data.write_grid(str(run_dir / "samples" / "vae-0000030.png"), clips)
+        (run_dir / "samples-short").mkdir()
+        data.save_npz(str(run_dir / "samples-short" / "samples.npz"), clips)
+        data.write_grid(str(run_dir / "samples-short" / "grid.png"), clips)
+        (run_dir / "samples-hierarchical").mkdir()
+        long = data.SyntheticVideos(n=2, frames=256, size=64, split="test")
+        np.save(run_dir / "samples-hierarchical" / "long.npy", np.stack([long.render(i) for i in range(2)]))
+        page = open(sample.write_report(str(run_dir))).read()
+        assert "27.25 dB over 32 clips" in page
+        score = data.synthetic_score(clips)[0]
+        assert f"synthetic score of the short samples (data.ball_check)</td><td>{100 * score:.0f}%" in page
+        links = re.findall(r'src="([^"]+)"', page)
+        assert links and all((run_dir / link).is_file() for link in links)          # relative, and really there
+        assert {"samples/vae-0000030.png", "samples-short/grid.png", "samples-hierarchical/strip.png",
+                "loss-vae.png"} <= set(links)
+        strip = np.asarray(Image.open(run_dir / "samples-hierarchical" / "strip.png"))
+        assert strip.shape[0] >= 2 * 64 and strip.shape[1] >= 3 * 64                 # 2 videos x frames 0,128,255
+        assert "<script" not in page
 
 # =============================================================================
 class TestFVD:

@@ -12,6 +12,8 @@ Commands:
     torchrun --standalone --nproc_per_node=2 train.py --stage vae --preset demo
     torchrun --standalone --nproc_per_node=8 train.py --stage vae --preset sky --data /data/sky_timelapse
     python train.py --stage vae --preset demo --resume             # continue exactly where it stopped
+    python train.py --stage all --preset demo                       # the main job: every stage, samples,
+                                                                    # two 1024-frame videos, RUN/index.html
 
 A preset is a dict of argparse defaults (printed at start); every value can be
 overridden by its flag, and model fields by --model KEY=VALUE.
@@ -29,6 +31,8 @@ import math
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -86,7 +90,8 @@ STAGE_DEFAULTS = {
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", required=True, choices=["vae", "lvdm", "pred", "interp"])
+    p.add_argument("--stage", required=True, choices=["vae", "lvdm", "pred", "interp", "all"],
+                   help="all: every stage in order (run_all), then samples and RUN/index.html")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     p.add_argument("--data", help="dataset root (any layout data.py reads) or 'synthetic'")
     p.add_argument("--out", help="run folder (default runs/<preset>)")
@@ -608,7 +613,50 @@ def setup_processes(args):
 
 
 # ----------------------------------------------------------------------------- main
+def run_all(argv, run=subprocess.run):
+    """--stage all, the main job in one command: the four stages in order, each its own `python train.py
+    --stage S` process with the other flags passed on. A stage whose checkpoint reached its last step is
+    skipped, one that stopped part way is resumed (--resume). Then sample.py makes short samples, two
+    1024-frame hierarchical videos and RUN/index.html (each skipped when its output is already there)."""
+    rest, i = [], 0
+    while i < len(argv):  # drop "--stage all" / "--stage=all"
+        if argv[i] == "--stage":
+            i += 2
+            continue
+        if not argv[i].startswith("--stage="):
+            rest.append(argv[i])
+        i += 1
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def step(cmd):
+        print("$ " + " ".join(cmd[1:]), flush=True)
+        if run([sys.executable, *cmd]).returncode != 0:
+            raise UserError(f"`{' '.join(cmd[1:])}` failed (its output is above); fix that, then run --stage all "
+                            f"again: finished stages are skipped and a stopped one resumes.")
+
+    for stage in ("vae", "lvdm", "pred", "interp"):
+        args = parse_args(["--stage", stage, *rest])
+        path = os.path.join(args.out, f"{stage}.pt")
+        done = load_checkpoint(path).get("step", 0) if os.path.isfile(path) else None
+        if done is not None and done >= args.steps:
+            print(f"{path}: complete ({done} steps), skipped")
+            continue
+        resume = ["--resume"] if done is not None and "--resume" not in rest else []
+        step([os.path.join(here, "train.py"), "--stage", stage, *rest, *resume])
+    run_dir, sample_py = args.out, os.path.join(here, "sample.py")
+    if not os.path.isfile(os.path.join(run_dir, "samples-short", "samples.npz")):
+        step([sample_py, "--ckpt", os.path.join(run_dir, "lvdm.pt"), "--n", "8", "--npz"])
+    long_path = os.path.join(run_dir, "samples-hierarchical", "long.npy")
+    if not os.path.isfile(long_path) or np.load(long_path, mmap_mode="r").shape[1] != 1024:
+        step([sample_py, "--ckpt", os.path.join(run_dir, "pred.pt"), "--interp", os.path.join(run_dir, "interp.pt"),
+              "--mode", "hierarchical", "--frames", "1024", "--n", "2"])
+    step([sample_py, "--report", run_dir])
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--stage=all" in argv or any(a == "--stage" and argv[i + 1:i + 2] == ["all"] for i, a in enumerate(argv)):
+        return run_all(argv)
     args = parse_args(argv)
     ddp, rank, world, device = setup_processes(args)
     master_process = rank == 0

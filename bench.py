@@ -10,6 +10,7 @@
     python bench.py smoke [--device cuda]  # every stage at the paper presets, a few steps: time and peak memory
     python bench.py contention             # the demo's training step next to a busy process: threads, wait policy
     python bench.py release [--ae A --lvdm L]   # convert + sample the release's paper-size Sky models: time, memory
+    python bench.py score [--n 256]        # the synthetic sample score on real clips, noise and broken videos
     python bench.py all --i3d PATH
 
 Every number is a wall-clock measurement in this process (after a warm-up); ratios are taken
@@ -485,6 +486,32 @@ def smoke(args):
     return "\n".join(rows)
 
 
+# ----------------------------------------------------------------------------- the synthetic score
+def score(args):
+    """data.synthetic_score on what should pass (real clips) and what should not (noise, flat frames,
+    shuffled frames, frames from different clips), plus the ends of real 1024-frame videos."""
+    n, rng = args.n_score, np.random.default_rng(0)
+    test = data.SyntheticVideos(n=n, frames=16, size=64, split="test")
+    train_ds = data.SyntheticVideos(n=n, frames=16, size=64, split="train")
+    real = np.stack([test.render(i) for i in range(n)])                    # (n,16,64,64,3)
+    flat = np.broadcast_to(real[:32].mean(axis=(2, 3), keepdims=True).astype(np.uint8), real[:32].shape)
+    long = data.SyntheticVideos(n=8, frames=1024, size=64, split="test")
+    long_videos = np.stack([long.render(i) for i in range(8)])
+    cases = [("held-out (test) clips", real), ("training clips", np.stack([train_ds.render(i) for i in range(n)])),
+             ("uniform noise", rng.integers(0, 256, (32, 16, 64, 64, 3), dtype=np.uint8)),
+             ("each frame replaced by its mean colour", flat),
+             ("real clips, frames shuffled", real[:64, rng.permutation(16)]),
+             ("every frame from another real clip", np.stack([real[(np.arange(16) + i) % n, np.arange(16)] for i in range(min(64, n))])),
+             ("8 real 1024-frame videos, first 128 frames", long_videos[:, :128]),
+             ("8 real 1024-frame videos, last 128 frames", long_videos[:, -128:])]
+    rows = ["| videos (64², 16 frames unless said) | pass | failures |", "|---|---|---|"]
+    for name, videos in cases:
+        share, reasons = data.synthetic_score(videos)
+        fails = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()) if k != "ok") or "none"
+        rows.append(f"| {name} ({len(videos)}) | {100 * share:.1f}% | {fails} |")
+    return "\n".join(rows)
+
+
 # ----------------------------------------------------------------------------- the release's models
 RELEASE_SAMPLE = """import json, statistics, sys, time, torch
 import sample, vae
@@ -661,7 +688,8 @@ def study(argv):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", default="table2",
-                   choices=["table2", "loader", "i3d", "long", "faults", "smoke", "contention", "release", "study", "all"])
+                   choices=["table2", "loader", "i3d", "long", "faults", "smoke", "contention", "release", "score", "study",
+                            "all"])
     p.add_argument("root", nargs="?", help="loader: folder of frame folders (default: a temporary one, made)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--width", type=int, default=64, help="U-Net model_channels (paper: 256; reduced on CPU)")
@@ -678,6 +706,7 @@ def main(argv=None):
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--pred"); p.add_argument("--interp"); p.add_argument("--steps", type=int, default=20)
     p.add_argument("--ae", help="release: ae_sky.ckpt"); p.add_argument("--lvdm", help="release: short_sky.ckpt")
+    p.add_argument("--n-score", type=int, default=256, help="score: real clips per split")
     p.add_argument("--seed", type=int, default=0, help="faults: seeds the kill moments")
     p.add_argument("--kills", type=int, default=5); p.add_argument("--fault-steps", type=int, default=12)
     p.add_argument("--smoke-steps", type=int, default=2)

@@ -2681,6 +2681,9 @@ class TestConvert:
         unet_ema, *_ = sample.load_model(str(tmp_path / "e" / "lvdm.pt"), "cpu")
         _assert_same_tensors(unet_ema.state_dict(), convert.release_to_project(ema, convert.UNET_KEYS, "x", "U-Net"))
         assert "M params" in capsys.readouterr().out
+        convert.main(["--preset", "taichi", "--ae", str(tmp_path / "ae.ckpt"), "--out", str(tmp_path / "a")])
+        assert sorted(os.listdir(tmp_path / "a")) == ["vae.pt"]                   # --ae alone: the autoencoder
+        assert vae.load_vae(str(tmp_path / "a" / "vae.pt")).latent_scale.item() == pytest.approx(0.175733933)
 
     def test_pred_trains_from_a_converted_model_with_its_architecture(self, tmp_path, monkeypatch):
         """§3.3 from the release's weights: pred takes the converted U-Net's settings (clip norms, release

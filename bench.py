@@ -11,6 +11,7 @@
     python bench.py contention             # the demo's training step next to a busy process: threads, wait policy
     python bench.py release [--ae A --lvdm L]   # convert + sample the release's paper-size Sky models: time, memory
     python bench.py score [--n 256]        # the synthetic sample score on real clips, noise and broken videos
+    python bench.py psnr --vae RUN/vae.pt  # autoencoder PSNR on 256 held-out 16-frame synthetic clips
     python bench.py all --i3d PATH
 
 Every number is a wall-clock measurement in this process (after a warm-up); ratios are taken
@@ -43,7 +44,8 @@ import fvd
 import sample
 import unet3d
 import vae
-from common import process_start_time, atomic_path, count_params, current_umask, main_guard, plot_lines
+from common import (process_start_time, atomic_path, count_params, current_umask, load_checkpoint, main_guard,
+                    plot_lines)
 
 
 def machine():
@@ -512,6 +514,18 @@ def score(args):
     return "\n".join(rows)
 
 
+def psnr(args):
+    """Held-out reconstruction PSNR of any autoencoder checkpoint: --n-score synthetic test clips of --frames
+    frames at the size it was trained on (mean and std over clips)."""
+    model = vae.load_vae(args.vae, args.device)
+    size = load_checkpoint(args.vae).get("train_args", {}).get("size", 64)
+    ds = data.SyntheticVideos(n=args.n_score, frames=args.frames, size=size, split="test")
+    x = torch.stack([ds[i] for i in range(len(ds))])                       # (N,3,T,H,W)
+    p = vae.psnr(vae.reconstruct(model, x, args.device), x)
+    return (f"{args.vae}: {p.mean():.2f} dB ± {p.std():.2f} over {len(ds)} held-out synthetic clips of "
+            f"{args.frames} frames at {size}² (fs={model.fs}, ft={model.ft}, {model.cfg.z_channels} latent channels)")
+
+
 # ----------------------------------------------------------------------------- the release's models
 RELEASE_SAMPLE = """import json, statistics, sys, time, torch
 import sample, vae
@@ -688,8 +702,8 @@ def study(argv):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", default="table2",
-                   choices=["table2", "loader", "i3d", "long", "faults", "smoke", "contention", "release", "score", "study",
-                            "all"])
+                   choices=["table2", "loader", "i3d", "long", "faults", "smoke", "contention", "release", "score", "psnr",
+                            "study", "all"])
     p.add_argument("root", nargs="?", help="loader: folder of frame folders (default: a temporary one, made)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--width", type=int, default=64, help="U-Net model_channels (paper: 256; reduced on CPU)")
@@ -706,6 +720,7 @@ def main(argv=None):
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--pred"); p.add_argument("--interp"); p.add_argument("--steps", type=int, default=20)
     p.add_argument("--ae", help="release: ae_sky.ckpt"); p.add_argument("--lvdm", help="release: short_sky.ckpt")
+    p.add_argument("--vae", help="psnr: an autoencoder checkpoint")
     p.add_argument("--n-score", type=int, default=256, help="score: real clips per split")
     p.add_argument("--seed", type=int, default=0, help="faults: seeds the kill moments")
     p.add_argument("--kills", type=int, default=5); p.add_argument("--fault-steps", type=int, default=12)

@@ -535,9 +535,9 @@ def _balls_per_frame(video, tol):
     return found
 
 
-def ball_check(video, tol=70.0):
-    """Does a uint8 video (T,H,W,3) look like SyntheticVideos? -> (passed, reason), reason one of
-    "ok" or SCORE_FAILURES. A deterministic detector that knows the palette: in every frame, the balls
+def _ball_check(video, tol=70.0):
+    """Does a uint8 video (T,H,W,3) look like SyntheticVideos? -> (passed, reason, colour names of its
+    balls), reason one of "ok" or SCORE_FAILURES. A deterministic detector that knows the palette: in every frame, the balls
     are the regions near a palette colour (RGB distance < tol, at least a third of the smallest ball's
     area). A video passes when
       * each region fits in the largest ball (radius 0.2 of the frame) and, where no other ball touches
@@ -548,7 +548,7 @@ def ball_check(video, tol=70.0):
     T, S = np.asarray(video).shape[:2]
     found = _balls_per_frame(video, tol)
     if not found:
-        return False, "no ball"
+        return False, "no ball", set()
     union = {t: np.zeros((S, S), bool) for t in range(T)}
     for (t, c), (mask, _) in found.items():
         union[t] |= mask
@@ -558,29 +558,44 @@ def ball_check(video, tol=70.0):
         ys, xs = np.nonzero(mask)
         cy, cx = ys.mean(), xs.mean()
         if np.hypot(ys - (ys.min() + ys.max()) / 2, xs - (xs.min() + xs.max()) / 2).max() > r_max + 1:
-            return False, "a blob too large"
+            return False, "a blob too large", set()
         touched = bool((ndimage.binary_dilation(mask, iterations=2) & union[t] & ~mask).any())
         if not touched and np.hypot(ys - cy, xs - cx).max() > 1.25 * np.sqrt(area / np.pi) + 1.5:
-            return False, "a misshapen ball"
+            return False, "a misshapen ball", set()
         info[(t, c)] = (cy, cx, np.sqrt(area / np.pi), touched)
     for c in {c for _, c in found}:
         frames = [t for t in range(T) if (t, c) in info]
         if len(frames) < T / 2:
-            return False, "a ball that appears and vanishes"
+            return False, "a ball that appears and vanishes", set()
         last = frames[0]
         for t in range(frames[0] + 1, T):
             (py, px, pr, ptouch) = info[(last, c)]
             if (t, c) in info:
                 y, x, _, touch = info[(t, c)]
                 if not (touch or ptouch) and np.hypot(y - py, x - px) > step * (t - last):
-                    return False, "a ball that jumps"
+                    return False, "a ball that jumps", set()
                 last = t
             else:  # hidden: only behind another ball near where it was
                 near = ndimage.distance_transform_edt(~union[t]) if union[t].any() else None
                 y, x = int(np.clip(round(py), 0, S - 1)), int(np.clip(round(px), 0, S - 1))
                 if near is None or near[y, x] > 2 * pr + step * (t - last) + 2:
-                    return False, "a ball that vanishes"
-    return True, "ok"
+                    return False, "a ball that vanishes", set()
+    return True, "ok", {list(PALETTE)[c] for _, c in found}
+
+
+def ball_check(video, tol=70.0):
+    """(passed, reason) of _ball_check: does a uint8 video (T,H,W,3) look like SyntheticVideos?"""
+    return _ball_check(video, tol)[:2]
+
+
+def caption_accuracy(videos, captions):
+    """Share of uint8 videos (N,T,H,W,3) that pass ball_check and show exactly the ball colours their
+    caption names (SyntheticVideos' captions name one colour per ball): how well samples follow prompts."""
+    hits = 0
+    for video, caption in zip(videos, captions):
+        passed, _, colours = _ball_check(video)
+        hits += passed and colours == {c for c in PALETTE if re.search(rf"\b{c}\b", caption.lower())}
+    return hits / max(len(captions), 1)
 
 
 def synthetic_score(videos):

@@ -863,6 +863,15 @@ class TestData:
         assert data.ball_check(smear) == (False, "a misshapen ball")
         mixed = np.stack([real[(i + t) % 24, t] for t in range(16) for i in (0,)])      # each frame from another clip
         assert data.ball_check(mixed)[0] is False
+        # caption accuracy (§5 on this data): real clips with their own captions vs with another clip's
+        captions = [ds.params(i)["caption"] for i in range(24)]
+        passed = [data.ball_check(v)[0] for v in real]
+        assert data.caption_accuracy(real, captions) == pytest.approx(np.mean(passed))
+        shifted = captions[1:] + captions[:1]
+        same = [set(ds.params(i)["caption"].split()) == set(shifted[i].split()) for i in range(24)]
+        assert data.caption_accuracy(real, shifted) <= np.mean(same) + 1e-9
+        assert data.caption_accuracy(clip(moving)[None], ["a red ball bouncing"]) == 1.0
+        assert data.caption_accuracy(clip(moving)[None], ["a blue ball bouncing"]) == 0.0
 
     def test_synthetic_flip_and_make_dataset(self, tmp_path):
         plain, flip = data.SyntheticVideos(frames=4, size=32), data.SyntheticVideos(frames=4, size=32, flip=True)

@@ -347,7 +347,7 @@ def release_train_args(preset, size, frames, out, vae_path, source):
                              "--size", str(size), "--frames", str(frames), "--vae", vae_path])
     for k, v in RELEASE_DIFFUSION.items():
         setattr(args, k, v)
-    return dict(vars(args), converted_from=source)
+    return dict(vars(args), data=None, converted_from=source)  # trained on the release's data, not on --data
 
 
 def parse_args(argv=None):

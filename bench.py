@@ -683,7 +683,7 @@ def study(argv):
         videos = np.load(os.path.join(out, "long.npy"), mmap_mode="r")
         points = fvd.fvd_curve(real_feats, videos, model, pool=args.pool)
         for c in points:  # the synthetic data's own check (data.ball_check) on the same frames
-            c["score"] = data.synthetic_score(np.asarray(videos[:, c["start"]:c["end"]]))[0]
+            c["score"] = data.synthetic_score(videos, c["start"], c["end"])[0]
         curves[f"{name} (s={s}, w={w})"] = points
         print(name, " ".join(f"{c['fvd']:.0f} ({100 * c['score']:.0f}%)" for c in points), flush=True)
     with atomic_path(os.path.join(args.out, "study.csv")) as tmp, open(tmp, "w", newline="") as f:

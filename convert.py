@@ -30,6 +30,7 @@ post_quant_conv 1x1x1 convs (`quant_conv=True`), the release's relative-position
 """
 import argparse
 import collections
+import functools
 import math
 import os
 import pickle
@@ -137,6 +138,7 @@ def load_release(path):
 
 
 # ----------------------------------------------------------------------------- key maps
+@functools.lru_cache(maxsize=None)
 def _template_regex(template):
     """'encoder.conv_blocks.{i}.res.{rest}' -> regex with named groups ({i}: digits, {p}: weight|bias,
     {blk}: a block path, {rest}: anything)."""

@@ -598,13 +598,14 @@ def caption_accuracy(videos, captions):
     return hits / max(len(captions), 1)
 
 
-def synthetic_score(videos):
-    """Share of uint8 videos (N,T,H,W,3) that pass ball_check, and how many failed for each reason."""
+def synthetic_score(videos, start=0, end=None):
+    """Share of uint8 videos (N,T,H,W,3), or of their frames [start, end), that pass ball_check, and how
+    many failed for each reason. `videos` may be any iterable of (T,H,W,3) videos (a memory-mapped .npy)."""
     reasons = {}
     for video in videos:
-        why = ball_check(video)[1]
+        why = ball_check(np.asarray(video[start:end]))[1]
         reasons[why] = reasons.get(why, 0) + 1
-    return reasons.get("ok", 0) / max(len(videos), 1), reasons
+    return reasons.get("ok", 0) / max(sum(reasons.values()), 1), reasons
 
 
 def make_dataset(data, frames, size, stride=1, split="train", random_start=True, flip=False, seed=0, **kw):

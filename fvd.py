@@ -618,7 +618,7 @@ def run(args):
         print(f"run {r}: FVD{args.frames} = {fvds[-1]:.2f}  KVD{args.frames} = {kvds[-1]:.2f}")
     print(describe_protocol(args, model, real_desc, fake_desc))
     if args.real == "synthetic":  # the built-in data's own check of the samples (data.ball_check)
-        score, reasons = data.synthetic_score(np.stack([np.asarray(fake[i])[:args.frames] for i in range(n_fake)]))
+        score, reasons = data.synthetic_score((fake[i] for i in range(n_fake)), end=args.frames)
         print(f"synthetic score: {100 * score:.1f}% of {n_fake} fake clips show balls that persist and move "
               f"continuously ({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))})")
     if args.runs == 1:
@@ -643,14 +643,13 @@ def run_curve(args, model, real, real_id, real_desc, fake):
     synthetic = args.real == "synthetic"
     if synthetic:  # data.ball_check on every clip of the curve: the share of videos that still show balls there
         for q in points:
-            q["score"] = data.synthetic_score(np.stack([np.asarray(v)[q["start"]:q["end"]] for v in fake]))[0]
+            q["score"] = data.synthetic_score(fake, q["start"], q["end"])[0]
     print(f"{'clip':>5} {'frames':>11} {'FVD':>10} {'KVD':>10}" + (f" {'score':>6}" if synthetic else ""))
     for q in points:
         print(f"{q['clip']:>5} {q['start']:>5}-{q['end'] - 1:<5} {q['fvd']:>10.2f} {q['kvd']:>10.2f}"
               + (f" {100 * q['score']:>5.0f}%" if synthetic else ""))
     if synthetic and length >= 256:
-        first, last = (data.synthetic_score(np.stack([np.asarray(v)[a:b] for v in fake]))[0]
-                       for a, b in ((0, 128), (length - 128, length)))
+        first, last = (data.synthetic_score(fake, a, b)[0] for a, b in ((0, 128), (length - 128, length)))
         print(f"synthetic score of the first 128 frames {100 * first:.1f}%, of the last 128 {100 * last:.1f}%")
     out = args.out or os.path.splitext(os.path.abspath(args.fake.rstrip("/")))[0] + "_fvd_curve"
     write_csv(out + ".csv", points)

@@ -232,8 +232,9 @@ def write_one(stem, video, fps, long=False):
 
 
 # ----------------------------------------------------------------------------- the run's page
-def _latest(folder, prefix):
-    names = sorted(n for n in os.listdir(folder) if n.startswith(prefix)) if os.path.isdir(folder) else []
+def _latest(folder, prefix, suffix=".png"):
+    names = sorted(n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(suffix)) \
+        if os.path.isdir(folder) else []
     return os.path.join(folder, names[-1]) if names else None
 
 
@@ -263,8 +264,9 @@ def write_report(run):
                          f"{evals[-1]['eval_clips']} clips", "python train.py --stage vae (end of the stage)"))
     short = os.path.join(run, "samples-short", "samples.npz")
     if os.path.isfile(short):
-        score, _ = data.synthetic_score(data.load_npz(short))
-        real = data.SyntheticVideos(n=32, frames=16, size=data.load_npz(short).shape[2], split="test")
+        samples = data.load_npz(short)
+        score, _ = data.synthetic_score(samples)
+        real = data.SyntheticVideos(n=32, frames=16, size=samples.shape[2], split="test")
         real_score, _ = data.synthetic_score(np.stack([real.render(i) for i in range(len(real))]))
         rows.append(("synthetic score of the short samples (data.ball_check)", f"{100 * score:.0f}% "
                      f"(real held-out clips: {100 * real_score:.0f}% of 32)",
@@ -274,7 +276,7 @@ def write_report(run):
         videos = np.load(long_path, mmap_mode="r")                          # (N,T,H,W,3)
         T = videos.shape[1]
         if T >= 256:
-            first, last = (data.synthetic_score(np.asarray(videos[:, a:b]))[0] for a, b in ((0, 128), (T - 128, T)))
+            first, last = (data.synthetic_score(videos, a, b)[0] for a, b in ((0, 128), (T - 128, T)))
             rows.append((f"synthetic score of the {T}-frame videos, first / last 128 frames",
                          f"{100 * first:.0f}% / {100 * last:.0f}%",
                          f"python sample.py --ckpt RUN/pred.pt --interp RUN/interp.pt --mode hierarchical --frames {T}"))
@@ -287,8 +289,6 @@ def write_report(run):
                          ("lvdm", "Unconditional samples during training (§3.2)"),
                          ("pred", "Prediction model samples (§3.3)"), ("interp", "Interpolation model samples (§3.3)")):
         png = _latest(os.path.join(run, "samples"), stage + "-")
-        if png and png.endswith(".gif"):
-            png = png[:-4] + ".png"
         if png:
             body.append(f"<h2>{html.escape(title)}</h2>\n" + _figure(run, png, os.path.basename(png))
                         + _figure(run, png[:-4] + ".gif", "the first four, as a video"))

@@ -283,7 +283,8 @@ def write_report(run):
         strip = os.path.join(run, "samples-hierarchical", "strip.png")
         data.write_grid(strip, np.asarray(videos[:, list(range(0, T, 128)) + [T - 1]]))  # (N, frames every 128, H, W, 3)
         body.append(f"<h2>The {T}-frame video (§3.3, hierarchical)</h2>\n"
-                    + _figure(run, os.path.join(run, "samples-hierarchical", "long_000.mp4"), "the first long video")
+                    + _figure(run, os.path.join(run, "samples-hierarchical", "long_000.mp4"), "the first long video",
+                            width=256)
                     + _figure(run, strip, f"frames 0, 128, 256, ... and {T - 1} of each long video (one row each)"))
     for stage, title in (("vae", "Autoencoder (§3.1): real clips (odd rows) over their reconstructions (even rows)"),
                          ("lvdm", "Unconditional samples during training (§3.2)"),

@@ -20,6 +20,8 @@ Commands:
 """
 
 import contextlib
+import csv
+import functools
 import hashlib
 import io
 import json
@@ -30,6 +32,7 @@ import shutil
 import sys
 import tempfile
 import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -257,7 +260,7 @@ class VideoDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, root, frames, size, stride=1, split="train", random_start=True, flip=False,
-                 seed=0, cache_dir=None, verbose=True):
+                 seed=0, cache_dir=None, verbose=True, captions=None):
         for name, value in (("size", size), ("frames", frames), ("stride", stride)):
             _check_size(name, value)
         self.root, self.frames, self.size, self.stride = str(root), int(frames), int(size), int(stride)
@@ -279,12 +282,23 @@ class VideoDataset(torch.utils.data.Dataset):
             raise UserError(f"all {len(sources) - self.num_unreadable} readable videos under {self.root} are "
                             f"shorter than {self.span} frames ({self.frames} frames at stride {self.stride}); "
                             f"lower --frames or --stride.")
+        self.captions, self.num_uncaptioned = None, 0
+        if captions is not None:  # §5: keep the videos that have a caption, count the others
+            found = [caption_for(self.root, path, captions) for _, path, _ in self.videos]
+            keep = [i for i, c in enumerate(found) if c]
+            self.num_uncaptioned = len(found) - len(keep)
+            if not keep:
+                raise UserError(f"none of the {len(found)} videos under {self.root} has a caption in "
+                                f"{captions}; check that its paths are relative to the dataset root.")
+            self.videos, self.num_frames = [self.videos[i] for i in keep], [self.num_frames[i] for i in keep]
+            self.captions = [found[i] for i in keep]
         self._zips, self._zips_pid = {}, None
         self.unreadable = torch.zeros(len(self.videos), dtype=torch.uint8).share_memory_()  # see __getitem__
         if verbose:
             print(f"data: {len(self.videos)} videos ({split} split of {self.root}), skipped {self.num_short} "
                   f"shorter than {self.span} frames ({self.frames} frames at stride {self.stride}), "
-                  f"{self.num_unreadable} unreadable")
+                  f"{self.num_unreadable} unreadable" +
+                  (f", {self.num_uncaptioned} without a caption" if captions is not None else ""))
 
     def _frame_counts(self, sources):
         """Frame count per source; video-file counts go through the json index cache, which is
@@ -388,9 +402,61 @@ class VideoDataset(torch.utils.data.Dataset):
                 print(f"data: skipping unreadable {self.videos[j][1]} ({type(e).__name__}: {e}); "
                       f"{self.skipped} of {len(self.videos)} videos skipped so far", file=sys.stderr)
                 continue
-            return _uint8_to_clip(list(clip), self.clip_indices(j)[1])
+            clip = _uint8_to_clip(list(clip), self.clip_indices(j)[1])
+            return clip if self.captions is None else (clip, self.captions[j])
         raise UserError(f"no video under {self.root} could be read; check the files or run "
                         f"`python data.py prepare SRC DST --size 256`.")
+
+
+# ----------------------------------------------------------------------------- captions (§5)
+def read_captions(path):
+    """A caption file -> {video path relative to the dataset root: caption}. CSV with a header naming a
+    path column (path, video, videoid, file, filename or name) and a caption column (caption, text,
+    name, prompt), as WebVid-style datasets ship it; or JSON lines with the same keys."""
+    if not os.path.isfile(path):
+        raise UserError(f"caption file {path} does not exist; pass a CSV or JSONL of video path and caption.")
+    path_keys, text_keys = ("path", "video", "videoid", "file", "filename", "name"), ("caption", "text", "prompt", "name")
+    with open(path, encoding="utf-8", newline="") as f:
+        if path.endswith((".jsonl", ".json")):
+            try:
+                rows = [json.loads(line) for line in f if line.strip()]
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}: line {e.lineno} is not JSON; write one object per line.") from None
+        else:
+            rows = list(csv.DictReader(f))
+    if not rows or not isinstance(rows[0], dict):
+        raise UserError(f"{path} holds no captions; write a header line such as `path,caption`.")
+    keys = {k.lower(): k for k in rows[0]}
+    p = next((keys[k] for k in path_keys if k in keys), None)
+    c = next((keys[k] for k in text_keys if k in keys and keys[k] != p), None)
+    if p is None or c is None:
+        raise UserError(f"{path} needs a path column ({', '.join(path_keys)}) and a caption column "
+                        f"({', '.join(text_keys)}); its columns are {list(rows[0])}.")
+    return {os.path.normpath(str(r[p])): str(r[c]).strip() for r in rows if r.get(c) and str(r[c]).strip()}
+
+
+@functools.lru_cache(maxsize=8)
+def _caption_table(path):
+    return read_captions(path)
+
+
+def caption_for(root, video_path, captions):
+    """The caption of one video: from the caption file `captions` (keyed by the path relative to
+    `root`, with or without its extension, or by the bare file name), or "txt" for a .txt file beside
+    the video (video.mp4 -> video.txt, a frame folder video/ -> video.txt). None when it has none."""
+    rel = os.path.normpath(os.path.relpath(video_path, root))
+    if captions == "txt":
+        txt = os.path.splitext(video_path.rstrip(os.sep))[0] + ".txt"
+        if os.path.isfile(txt):
+            with open(txt, encoding="utf-8") as f:
+                return f.read().strip() or None
+        return None
+    table = _caption_table(captions)
+    stem = os.path.splitext(rel)[0]
+    for key in (rel, stem, os.path.basename(stem)):
+        if key in table:
+            return table[key]
+    return None
 
 
 # ----------------------------------------------------------------------------- SyntheticVideos
@@ -436,10 +502,15 @@ class SyntheticVideos(torch.utils.data.Dataset):
         0.4), val ~ U(0.45, 0.7): low saturation so the balls stand out.
     Item i is frames 0..frames-1 (stride s: 0, s, 2s, ...) as float (3,T,size,size) in [-1,1],
     rendered to uint8 first like real data; flip=True mirrors x with default_rng([seed, epoch, i]).
-    params(i) returns every generative parameter as a plain json-able dict (and a caption).
+    params(i) returns every generative parameter as a plain json-able dict and its caption (§5), which
+    says what a viewer can check: the ball colours, fast or slow motion, the background's colour
+    (synthetic_caption). captions=True makes items (clip, caption); held_out="exclude" keeps only the
+    items whose caption is not a held-out combination (is_held_out: text-to-video training), "only"
+    only those (its evaluation prompts). Item k is then the k-th kept index.
     """
 
-    def __init__(self, n=None, frames=16, size=64, stride=1, split="train", seed=0, flip=False):
+    def __init__(self, n=None, frames=16, size=64, stride=1, split="train", seed=0, flip=False, captions=False,
+                 held_out=None):
         for name, value in (("size", size), ("frames", frames), ("stride", stride)):
             _check_size(name, value)
         want = split.lower()
@@ -448,9 +519,15 @@ class SyntheticVideos(torch.utils.data.Dataset):
         self.split_id = SPLIT_ID[CANONICAL_SPLIT.get(want, "train")]  # "all" = the train stream
         self.n = int(n) if n is not None else (512 if self.split_id == 1 else 10000)
         self.frames, self.size, self.stride, self.seed, self.flip, self.epoch = frames, size, stride, seed, flip, 0
+        self.captions, self.items = captions, None
+        if held_out not in (None, "exclude", "only"):
+            raise ValueError(f"held_out must be None, 'exclude' or 'only', not {held_out!r}")
+        if held_out is not None:
+            self.items = [i for i in range(self.n)
+                          if is_held_out(self.params(i)["caption"]) == (held_out == "only")]
 
     def __len__(self):
-        return self.n
+        return self.n if self.items is None else len(self.items)
 
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
@@ -471,10 +548,8 @@ class SyntheticVideos(torch.utils.data.Dataset):
               "sat": float(rng.uniform(0.2, 0.4)), "val": float(rng.uniform(0.45, 0.7)),
               "freq": float(rng.uniform(0.4, 0.9)), "angle": float(rng.uniform(0, 2 * np.pi)),
               "phase0": float(rng.uniform(0, 2 * np.pi)), "omega": float(rng.uniform(-0.06, 0.06))}
-        caption = " and ".join(("an " if b["color"][0] in "aeiou" else "a ") + b["color"] + " ball"
-                               for b in balls) + " bouncing"
         return {"index": int(i), "split_id": self.split_id, "seed": int(self.seed), "n_balls": n_balls,
-                "balls": balls, "background": bg, "caption": caption}
+                "balls": balls, "background": bg, "caption": synthetic_caption(balls, bg)}
 
     def render(self, i, frames=None, stride=None, start=0, size=None):
         """uint8 (T,H,W,3) of item i at times start + stride*k, k < frames (vectorized numpy)."""
@@ -500,9 +575,46 @@ class SyntheticVideos(torch.utils.data.Dataset):
             out[t0:t0 + img.shape[0]] = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
         return out
 
-    def __getitem__(self, i):
+    def __getitem__(self, k):
+        i = k if self.items is None else self.items[k]
         flip = self.flip and np.random.default_rng([self.seed, self.epoch, i]).random() < 0.5
-        return _uint8_to_clip(list(self.render(i)), flip)
+        clip = _uint8_to_clip(list(self.render(i)), flip)
+        return (clip, self.params(i)["caption"]) if self.captions else clip
+
+
+# Background colour names of the captions: hue bins of 1/6 (hue in cycles) centred on these hues.
+BACKGROUND_HUES = {"red": 0.0, "yellow": 1 / 6, "green": 2 / 6, "cyan": 3 / 6, "blue": 4 / 6, "magenta": 5 / 6}
+FAST = 0.0325   # frame widths per frame: the middle of the speed range U(0.02, 0.045)
+
+
+def synthetic_caption(balls, bg):
+    """The caption of one synthetic video, from its parameters: its ball colours (each colour once, in
+    alphabetical order), "fast" when the balls' mean speed is at least FAST (else "slowly"), and the
+    background hue's colour name at frame 0 (hue0 plus the gradient's mean offset 0.075), e.g.
+    "a blue ball and a red ball bounce fast over a green background"."""
+    names = [("an " if c[0] in "aeiou" else "a ") + c + " ball" for c in sorted(b["color"] for b in balls)]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    fast = np.mean([b["speed"] for b in balls]) >= FAST
+    hue = (bg["hue0"] + 0.075) % 1.0
+    colour = min(BACKGROUND_HUES, key=lambda c: abs((hue - BACKGROUND_HUES[c] + 0.5) % 1.0 - 0.5))
+    verb = "bounces" if len(names) == 1 else "bounce"
+    return f"{listed} {verb} {'fast' if fast else 'slowly'} over a {colour} background"
+
+
+def is_held_out(caption):
+    """Held-out caption combinations (about one in ten, by a hash of the caption): text-to-video trains
+    without them and is evaluated on them, so its prompts are combinations it never saw."""
+    return zlib.crc32(caption.encode()) % 10 == 0
+
+
+def parse_caption(caption):
+    """A caption -> (ball colours, "fast" | "slowly" | None, background colour or None), as
+    synthetic_caption writes them; words it does not know are ignored."""
+    text = caption.lower()
+    colours = {c for c in PALETTE if re.search(rf"\b{c} ball", text)}
+    speed = "fast" if re.search(r"\bfast\b", text) else "slowly" if re.search(r"\bslow(ly)?\b", text) else None
+    bg = re.search(r"\b(" + "|".join(BACKGROUND_HUES) + r") background", text)
+    return colours, speed, bg.group(1) if bg else None
 
 
 # ----------------------------------------------------------------------------- the synthetic sample score
@@ -535,7 +647,7 @@ def _balls_per_frame(video, tol):
     return found
 
 
-def _ball_check(video, tol=70.0):
+def _ball_check(video, tol=70.0, found=None):
     """Does a uint8 video (T,H,W,3) look like SyntheticVideos? -> (passed, reason, colour names of its
     balls), reason one of "ok" or SCORE_FAILURES. A deterministic detector that knows the palette: in every frame, the balls
     are the regions near a palette colour (RGB distance < tol, at least a third of the smallest ball's
@@ -546,7 +658,7 @@ def _ball_check(video, tol=70.0):
       * a ball moves at most 0.1 frame widths per frame (the data: at most 0.045) unless an occluder
         touches it, and is missing only where another ball may cover it (near its last position)."""
     T, S = np.asarray(video).shape[:2]
-    found = _balls_per_frame(video, tol)
+    found = _balls_per_frame(video, tol) if found is None else found
     if not found:
         return False, "no ball", set()
     union = {t: np.zeros((S, S), bool) for t in range(T)}
@@ -588,14 +700,82 @@ def ball_check(video, tol=70.0):
     return _ball_check(video, tol)[:2]
 
 
+def _hue(rgb):
+    """Hue in cycles [0, 1) of RGB values (..., 3)."""
+    r, g, b = np.moveaxis(np.asarray(rgb, np.float32), -1, 0)
+    hi, lo = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
+    d = hi - lo + 1e-6
+    h = np.where(hi == r, np.mod((g - b) / d, 6), np.where(hi == g, (b - r) / d + 2, (r - g) / d + 4))
+    return h / 6.0
+
+
+def video_attributes(video, tol=70.0, found=None):
+    """What a viewer reads off a uint8 video (T,H,W,3) of the synthetic data, whether or not its balls
+    are well formed: {"colours": palette colours seen in at least half the frames, "speed": the mean
+    over those balls of the median distance (frame widths) each moves between consecutive frames where
+    no other ball touches it (where that never happens, over all its steps; None without any step),
+    "background": the colour name (BACKGROUND_HUES) of the circular mean hue of
+    the pixels 3 px or more away from every ball}."""
+    v = np.asarray(video)
+    T, S = v.shape[:2]
+    found = _balls_per_frame(v, tol) if found is None else found
+    colours = {c for c in {c for _, c in found} if sum((t, c) in found for t in range(T)) >= T / 2}
+    union = np.zeros((T, S, S), bool)
+    for (t, c), (mask, _) in found.items():
+        union[t] |= mask
+    centres = {}                                                                  # (t, c) -> (y, x, touched)
+    for (t, c), (mask, _) in found.items():
+        ys, xs = np.nonzero(mask)
+        centres[(t, c)] = (ys.mean(), xs.mean(), (ndimage.binary_dilation(mask, iterations=2) & union[t] & ~mask).any())
+    speeds = []
+    for only_free in (True, False):  # steps of balls nothing touches; if there are none, every step
+        for c in colours:
+            steps = [np.hypot(a[0] - b[0], a[1] - b[1]) / S for t in range(T - 1)
+                     for a, b in [(centres.get((t, c)), centres.get((t + 1, c)))]
+                     if a and b and not (only_free and (a[2] or b[2]))]
+            if steps:
+                speeds.append(np.median(steps))
+        if speeds:
+            break
+    away = ~ndimage.binary_dilation(union, np.ones((1, 7, 7), bool))            # (T,H,W): 3 px from every ball
+    angle = 2 * np.pi * _hue(v[away] if away.any() else v.reshape(-1, 3))
+    hue = np.arctan2(np.sin(angle).mean(), np.cos(angle).mean()) / (2 * np.pi) % 1.0
+    background = min(BACKGROUND_HUES, key=lambda n: abs((hue - BACKGROUND_HUES[n] + 0.5) % 1.0 - 0.5))
+    return {"colours": {list(PALETTE)[c] for c in colours}, "speed": float(np.mean(speeds)) if speeds else None,
+            "background": background, "hue": float(hue)}
+
+
+def caption_check(video, caption, tol=70.0):
+    """Does a uint8 video (T,H,W,3) show its caption? -> {"ok", "balls", "colours", "speed",
+    "background": bool}: "balls" is ball_check (well-formed balls moving continuously); "colours" the
+    captioned colours are exactly those seen; "speed" the median step is on the captioned side of FAST
+    (0.003 of slack, the measurement's own error on real clips); "background" the mean hue lies in the
+    named colour's bin (±1/12) widened by 0.05 (the gradient and the drift move it that much);
+    "ok" all four. A stand-in for CLIP-score, valid only on the built-in data."""
+    found = _balls_per_frame(video, tol)
+    balls = _ball_check(video, tol, found)[0]
+    a = video_attributes(video, tol, found)
+    colours, speed, bg = parse_caption(caption)
+    ok_speed = speed is None or (a["speed"] is not None and
+                                 (a["speed"] >= FAST - 0.003 if speed == "fast" else a["speed"] < FAST + 0.003))
+    ok_bg = bg is None or abs((a["hue"] - BACKGROUND_HUES[bg] + 0.5) % 1.0 - 0.5) <= 1 / 12 + 0.05
+    out = {"balls": bool(balls), "colours": a["colours"] == colours, "speed": bool(ok_speed), "background": bool(ok_bg)}
+    out["ok"] = all(out.values())
+    return out
+
+
+def caption_scores(videos, captions):
+    """Share of uint8 videos (N,T,H,W,3) for which each part of caption_check holds, and all of them
+    ("ok": the caption accuracy)."""
+    checks = [caption_check(v, c) for v, c in zip(videos, captions)]
+    return {k: float(np.mean([c[k] for c in checks])) if checks else 0.0
+            for k in ("ok", "balls", "colours", "speed", "background")}
+
+
 def caption_accuracy(videos, captions):
-    """Share of uint8 videos (N,T,H,W,3) that pass ball_check and show exactly the ball colours their
-    caption names (SyntheticVideos' captions name one colour per ball): how well samples follow prompts."""
-    hits = 0
-    for video, caption in zip(videos, captions):
-        passed, _, colours = _ball_check(video)
-        hits += passed and colours == {c for c in PALETTE if re.search(rf"\b{c}\b", caption.lower())}
-    return hits / max(len(captions), 1)
+    """Share of uint8 videos (N,T,H,W,3) that show everything their caption says (caption_check):
+    how well samples follow prompts."""
+    return caption_scores(videos, captions)["ok"]
 
 
 def synthetic_score(videos, start=0, end=None):
@@ -608,13 +788,17 @@ def synthetic_score(videos, start=0, end=None):
     return reasons.get("ok", 0) / max(sum(reasons.values()), 1), reasons
 
 
-def make_dataset(data, frames, size, stride=1, split="train", random_start=True, flip=False, seed=0, **kw):
-    """SyntheticVideos when data == "synthetic", else VideoDataset(data, ...)."""
+def make_dataset(data, frames, size, stride=1, split="train", random_start=True, flip=False, seed=0, captions=None,
+                 **kw):
+    """SyntheticVideos when data == "synthetic", else VideoDataset(data, ...). captions (§5): items become
+    (clip, caption); for the synthetic data any true value (its own captions, held-out combinations left
+    out unless held_out= says otherwise), for a dataset on disk a caption file or "txt" (read_captions)."""
     if str(data) == "synthetic":
-        return SyntheticVideos(n=kw.get("n"), frames=frames, size=size, stride=stride, split=split,
-                               seed=seed, flip=flip)
+        return SyntheticVideos(n=kw.get("n"), frames=frames, size=size, stride=stride, split=split, seed=seed,
+                               flip=flip, captions=bool(captions),
+                               held_out=kw.get("held_out", "exclude" if captions else None))
     return VideoDataset(data, frames, size, stride=stride, split=split, random_start=random_start, flip=flip,
-                        seed=seed, cache_dir=kw.get("cache_dir"), verbose=kw.get("verbose", True))
+                        seed=seed, cache_dir=kw.get("cache_dir"), verbose=kw.get("verbose", True), captions=captions)
 
 
 # ----------------------------------------------------------------------------- reading / writing

@@ -163,6 +163,25 @@ def guided_model_fn(model, cond, m, s=0, w=0.0, diffusion=None, generator=None):
     return model_fn
 
 
+TEXT_GUIDANCE = 2.0  # default w of text guidance (scale 1 + w = 3); bench.py t2v measures others
+
+
+def text_guided_fn(model, context, empty=None, w=0.0):
+    """model_fn for text-to-video (§5): the prompt's text states `context` (B, L, D) read by cross-attention;
+    w > 0 is classifier-free guidance with Eq. (9)'s formula (`guided`), out_u from the empty prompt's
+    states `empty` (1 or B, L, D), the captions dropped in training. (1 + w) out_c - w out_u is the usual
+    out_u + g (out_c - out_u) with scale g = 1 + w: one formula, so w = 0 is the plain conditional model."""
+    def model_fn(z_t, t):
+        if w == 0:
+            return model(z_t, t, context=context)
+        B = z_t.shape[0]
+        both = model(torch.cat([z_t, z_t]), torch.cat([t, t]),                    # one batch: (2B, ...)
+                     context=torch.cat([context, empty.expand(B, -1, -1)]))
+        out_c, out_u = both.chunk(2)                                             # (2B,...) -> 2 x (B,...)
+        return guided(out_c, out_u, w)
+    return model_fn
+
+
 def sample_clip(model, diffusion, shape, cond=None, m=None, s=0, w=0.0, steps=50, eta=0.0, generator=None):
     """One clip of latents (B,c,l,h,w); unconditional when cond is None; steps=None samples with DDPM.
     Given latents come back as given."""

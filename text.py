@@ -208,6 +208,33 @@ class TextTransformer(nn.Module):
         return self.final_layer_norm(x)
 
 
+def text_presets():
+    """name -> TextConfig. 'clip-l': CLIP ViT-L/14's text model (load its weights with load_clip_text);
+    'demo': a narrow one trained from scratch with the U-Net (no pretrained text weights offline)."""
+    return {"clip-l": TextConfig(),
+            "demo": TextConfig(width=64, layers=2, heads=1, mlp_width=256)}
+
+
+class TextConditioned(nn.Module):
+    """§5's denoiser: a network reading the text encoder's states through cross-attention,
+        forward(z_t, t, ids) = net(z_t, t, context=encoder(ids))      ids: (B, 77) token ids
+    (or context= given directly: samplers encode each prompt once). The encoder trains with the net
+    (the demo's, from scratch) or is frozen (a pretrained CLIP: requires_grad off)."""
+
+    def __init__(self, net, encoder):
+        super().__init__()
+        self.net, self.text = net, encoder
+
+    @property
+    def cfg(self):
+        return self.net.cfg
+
+    def forward(self, x, t, ids=None, context=None, **kw):
+        if context is None:
+            context = self.text(ids)                       # (B, 77) -> (B, 77, width)
+        return self.net(x, t, context=context, **kw)
+
+
 # ----------------------------------------------------------------------------- weights
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,

@@ -5,6 +5,10 @@ Stages, in the order the paper trains them (§4.1, "Implementation Details"):
     lvdm    the unconditional latent diffusion model, §3.2 -> RUN/lvdm.pt
     pred    the prediction model of §3.3, resumed from lvdm -> RUN/pred.pt
     interp  the interpolation model of §3.3, from lvdm      -> RUN/interp.pt
+    image   §5's text-to-image model: the U-Net with spatial attention only and cross-attention to a
+            text encoder, on captioned latent frames       -> RUN/image.pt
+    t2v     §5's text-to-video model: spatial layers from image.pt, temporal attention added as the
+            identity (zero output projections), on captioned clips -> RUN/t2v.pt
 
 Commands:
     python train.py --stage vae --preset demo                       # 2-core CPU, minutes
@@ -12,6 +16,8 @@ Commands:
     torchrun --standalone --nproc_per_node=2 train.py --stage vae --preset demo
     torchrun --standalone --nproc_per_node=8 train.py --stage vae --preset sky --data /data/sky_timelapse
     python train.py --stage vae --preset demo --resume             # continue exactly where it stopped
+    python train.py --stage image --preset demo-t2v                 # uses runs/demo/vae.pt
+    python train.py --stage t2v --preset demo-t2v                   # starts from runs/demo-t2v/image.pt
     python train.py --stage all --preset demo                       # the main job: every stage, samples,
                                                                     # two 1024-frame videos, RUN/index.html
 
@@ -30,6 +36,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +52,7 @@ from tqdm import tqdm
 import data
 import diffusion
 import hierarchical
+import text
 import unet3d
 import vae
 from common import (ArgumentParser, RunLock, StopSignals, UserError, atomic_path, build_model, count_params,
@@ -56,6 +64,9 @@ from common import (ArgumentParser, RunLock, StopSignals, UserError, atomic_path
 # Taichi train on the whole dataset, Sky Time-lapse on its train split.
 PRESETS = {
     "demo":   dict(data="synthetic", size=64, frames=16, stride=1, split="train", model_preset="demo"),
+    # §5 on the built-in data: captions from the generator's parameters, the demo autoencoder
+    "demo-t2v": dict(data="synthetic", size=64, frames=16, stride=1, split="train", model_preset="demo",
+                     vae=os.path.join("runs", "demo", "vae.pt")),
     "sky":    dict(data=None, size=256, frames=16, stride=1, split="train", model_preset="paper"),
     "ucf101": dict(data=None, size=256, frames=16, stride=1, split="all", model_preset="paper"),
     "taichi": dict(data=None, size=256, frames=16, stride=4, split="all", model_preset="paper"),
@@ -79,6 +90,15 @@ STAGE_DEFAULTS = {
                              latent_cache=256),  # its clips are gap (4) times longer
     ("interp", "demo"): dict(steps=1250, batch_size=8, lr=1e-3, schedule_lr="cosine", warmup=50, ema=0.999,
                              prediction="v", save_every=500, sample_every=1000, latent_cache=2048),
+    # §5: the image model sees every latent frame of a clip as its own image (batch x frames images)
+    ("image", "demo"):  dict(steps=1500, batch_size=8, lr=1e-3, schedule_lr="cosine", warmup=50, ema=0.999,
+                             prediction="v", save_every=500, sample_every=1500, latent_cache=2048),
+    ("t2v", "demo"):    dict(steps=1500, batch_size=8, lr=1e-3, schedule_lr="cosine", warmup=50, ema=0.999,
+                             prediction="v", save_every=500, sample_every=1500, latent_cache=2048),
+    ("image", "paper"): dict(steps=200_000, batch_size=4, lr=6e-5, schedule_lr="constant", warmup=0, ema=0.9999,
+                             prediction="eps", save_every=5000, sample_every=5000, latent_cache=0),
+    ("t2v", "paper"):   dict(steps=200_000, batch_size=4, lr=6e-5, schedule_lr="constant", warmup=0, ema=0.9999,
+                             prediction="eps", save_every=5000, sample_every=5000, latent_cache=0),
     ("lvdm", "paper"):   dict(steps=400_000, batch_size=4, lr=6e-5, schedule_lr="constant", warmup=0, ema=0.9999,
                               prediction="eps", save_every=5000, sample_every=5000, latent_cache=0),
     ("pred", "paper"):   dict(steps=200_000, batch_size=4, lr=6e-5, schedule_lr="constant", warmup=0, ema=0.9999,
@@ -90,7 +110,7 @@ STAGE_DEFAULTS = {
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", required=True, choices=["vae", "lvdm", "pred", "interp", "all"],
+    p.add_argument("--stage", required=True, choices=["vae", "lvdm", "pred", "interp", "image", "t2v", "all"],
                    help="all: every stage in order (run_all), then samples and RUN/index.html")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     p.add_argument("--data", help="dataset root (any layout data.py reads) or 'synthetic'")
@@ -113,6 +133,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's, one per core); on cores "
                    "that other processes also use, 1 is faster (README, 'Sharing the CPU')")
     p.add_argument("--save-every", type=positive_int); p.add_argument("--sample-every", type=positive_int)
+    p.add_argument("--keep-every", type=positive_int, help="also keep RUN/<stage>-<step>.pt every N steps "
+                   "(to evaluate points during training, bench.py t2v)")
     p.add_argument("--log-every", type=positive_int, default=10)
     p.add_argument("--resume", action="store_true", help="continue from RUN/<stage>.pt exactly")
     p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
@@ -129,7 +151,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-clips", type=positive_int, default=32, help="held-out clips for PSNR / latent statistics")
     # stages lvdm / pred / interp (§3.2, §3.3)
     p.add_argument("--vae", help="frozen autoencoder checkpoint (default RUN/vae.pt)")
-    p.add_argument("--init", help="unconditional lvdm checkpoint that pred/interp start from (default RUN/lvdm.pt)")
+    p.add_argument("--init", help="checkpoint to start from: pred/interp from the unconditional lvdm (default "
+                   "RUN/lvdm.pt), t2v from the image model (default RUN/image.pt; 'none': from scratch)")
     p.add_argument("--space", default="latent", choices=["latent", "pixel"],
                    help="pixel = the same U-Net on pixels (the VDM-style baseline of Table 2)")
     p.add_argument("--timesteps", type=positive_int, default=1000)
@@ -148,6 +171,15 @@ def parse_args(argv=None):
                    "T/4: 250 of the 1000 steps, as the release)")
     p.add_argument("--gap", type=positive_int, default=4, help="latents between keyframes: pred trains on every gap-th "
                    "latent, interp on gap+1 consecutive latents (use --gap 1 for a dense autoregressive model)")
+    # stages image / t2v (§5)
+    p.add_argument("--captions", help="captions of a dataset on disk: a CSV or JSONL of video path and caption "
+                   "(data.read_captions), or 'txt' for a .txt beside each video (the default)")
+    p.add_argument("--bpe", default=os.environ.get("LVDM_CLIP_BPE", os.path.join("runs", "clip",
+                   "bpe_simple_vocab_16e6.txt.gz")), help="CLIP's vocabulary bpe_simple_vocab_16e6.txt.gz (README)")
+    p.add_argument("--text-encoder", help="frozen pretrained text encoder: a Hugging Face CLIPTextModel state dict "
+                   "(.safetensors or torch); default: the preset's small one, trained with the U-Net")
+    p.add_argument("--caption-dropout", type=natural_float, default=0.1,
+                   help="share of captions replaced by the empty prompt (for classifier-free guidance)")
     args = p.parse_args(argv)
     # Preset values fill only what the user left unset.
     preset = dict(PRESETS[args.preset])
@@ -164,6 +196,10 @@ def parse_args(argv=None):
         args.vae = os.path.join(args.out, "vae.pt")
     if args.stage in ("pred", "interp") and args.init is None:
         args.init = os.path.join(args.out, "lvdm.pt")
+    if args.stage == "t2v" and args.init is None:
+        args.init = os.path.join(args.out, "image.pt")
+    if args.init == "none":
+        args.init = None
     if args.data is None:
         raise UserError(f"--preset {args.preset} trains on a real dataset: pass --data PATH (or --preset demo).")
     check_args(args)
@@ -180,6 +216,8 @@ def check_args(args):
                         f"{args.beta_end}; pass e.g. --beta-start 0.0015 --beta-end 0.0155.")
     if args.betas is not None and (len(args.betas) != 2 or not all(0 <= b < 1 for b in args.betas)):
         raise UserError(f"--betas takes two numbers in [0, 1) like 0.5,0.9; got {args.betas}.")
+    if not args.caption_dropout < 1:
+        raise UserError(f"--caption-dropout must be below 1, got {args.caption_dropout}; pass e.g. 0.1.")
     if args.s_max > args.timesteps:
         raise UserError(f"--s-max {args.s_max} is more noise steps than --timesteps {args.timesteps}; pass an "
                         f"--s-max of at most {args.timesteps}.")
@@ -278,6 +316,10 @@ class Stage:
     diffusion: object = None          # diffusion.GaussianDiffusion
     conditional: bool = False         # pred / interp: mask channel and s embedding (§3.3)
     latents_cached: bool = False      # the dataset yields latents (--latent-cache), not clips
+    # stages image / t2v (§5): model is text.TextConditioned(U-Net, text encoder)
+    tokenizer: object = None          # text.Tokenizer; None for the stages without text
+    text_config: object = None        # the text encoder's TextConfig, stored as text_args
+    prompts: list = None              # captions sampled at --sample-every (eval_prompts)
 
 
 def build_vae_stage(args, device, master_process):
@@ -316,8 +358,10 @@ def build_diffusion_stage(args, device, master_process):
         channels, ft = 3, 1
     conditional = args.stage in ("pred", "interp")
     # Clip lengths of §3.3 in frames: pred sees every gap-th latent of a gap-times longer clip
-    # (sparse keyframes), interp sees gap+1 consecutive latents (first and last are given).
-    clip_frames = {"lvdm": args.frames, "pred": args.frames * args.gap, "interp": (args.gap + 1) * ft}[args.stage]
+    # (sparse keyframes), interp sees gap+1 consecutive latents (first and last are given). The image
+    # model (§5) takes each latent frame of an ordinary clip as an image.
+    clip_frames = {"lvdm": args.frames, "image": args.frames, "t2v": args.frames, "pred": args.frames * args.gap,
+                   "interp": (args.gap + 1) * ft}[args.stage]
     if autoencoder is not None:
         autoencoder.check_input(torch.empty(1, 3, clip_frames, args.size, args.size, device="meta"))
     base = asdict(unet3d.unet_presets()[args.model_preset])
@@ -328,6 +372,8 @@ def build_diffusion_stage(args, device, master_process):
         init = load_checkpoint(args.init, "lvdm")
         base = dict(init.get("model_args") or base)
     base.update(in_channels=channels, out_channels=channels, mask_channel=conditional, s_embedding=conditional)
+    if args.stage in ("image", "t2v"):
+        return build_text_stage(args, device, master_process, base, autoencoder, clip_frames)
     cfg = make_config(unet3d.UNetConfig, base, parse_overrides(args.model))
     model = build_model(unet3d.UNet3D, cfg).to(device)
     if conditional:
@@ -344,17 +390,52 @@ def build_diffusion_stage(args, device, master_process):
                  diffusion=diffusion.from_train_args(args), conditional=conditional)
 
 
-class LatentDataset(torch.utils.data.Dataset):
-    """Pre-encoded latents (N,c,l,h,w) standing in for a video dataset (--latent-cache)."""
+def build_text_stage(args, device, master_process, base, autoencoder, clip_frames):
+    """Stages image / t2v (§5): the U-Net with cross-attention to a text encoder's states.
+    image: attention="spatial" (with per-frame norms every frame is its own image), the stand-in for
+    Stable Diffusion. t2v: factorized attention, every weight of image.pt copied (--init), the temporal
+    attention new with zero output projections, so at step 0 it computes the image model frame by frame."""
+    init = load_checkpoint(args.init, "image") if args.stage == "t2v" and args.init else None
+    if args.text_encoder:                   # a pretrained CLIP text model, frozen (§5, as the release)
+        encoder = text.load_clip_text(args.text_encoder)
+    elif init is not None and init.get("text_args"):
+        encoder = text.TextTransformer(text.TextConfig(**init["text_args"]))
+    elif args.model_preset == "demo":
+        encoder = text.TextTransformer(text.text_presets()["demo"])
+    else:
+        raise UserError(f"--stage {args.stage} at the paper's size reads a pretrained text encoder: pass "
+                        f"--text-encoder clip_text.safetensors (CLIP ViT-L/14's text model, as the release).")
+    if init is not None:                    # the image model's U-Net, with temporal attention added
+        base = dict(init["model_args"], attention=base["attention"])
+    base.update(context_dim=encoder.cfg.width, **({"attention": "spatial"} if args.stage == "image" else {}))
+    cfg = make_config(unet3d.UNetConfig, base, parse_overrides(args.model))
+    model = text.TextConditioned(build_model(unet3d.UNet3D, cfg), encoder).to(device)
+    if init is not None:
+        unet3d.init_from_image(model, init["ema"] if init.get("ema") is not None else init["model"], args.init)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                            weight_decay=args.weight_decay)
+    if master_process:
+        print(f"U-Net: {count_params(model.net) / 1e6:.2f}M params, attention={cfg.attention}, cross-attention to "
+              f"text encoder {count_params(encoder) / 1e6:.2f}M params "
+              f"({'frozen, ' + args.text_encoder if args.text_encoder else 'trained with it'}); "
+              f"{'from ' + args.init if init is not None else 'from scratch'}")
+    return Stage(model=model, config=cfg, optimizer=opt, clip_frames=clip_frames, autoencoder=autoencoder,
+                 diffusion=diffusion.from_train_args(args), tokenizer=text.Tokenizer(args.bpe),
+                 text_config=encoder.cfg)
 
-    def __init__(self, latents):
-        self.latents = latents
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Pre-encoded latents (N,c,l,h,w) standing in for a video dataset (--latent-cache); with captions
+    (§5) its items are (latent, caption) like the dataset's."""
+
+    def __init__(self, latents, captions=None):
+        self.latents, self.captions = latents, captions
 
     def __len__(self):
         return len(self.latents)
 
     def __getitem__(self, i):
-        return self.latents[i]
+        return self.latents[i] if self.captions is None else (self.latents[i], self.captions[i])
 
     def set_epoch(self, epoch):
         pass
@@ -365,18 +446,25 @@ def latent_cache(stage, args, dataset, device, master_process):
     step) and train on those latents; the file RUN/latents-<key>.pt is keyed by the autoencoder and
     the data settings, so a changed autoencoder or dataset makes a new one."""
     key = json.dumps([os.path.abspath(args.vae), os.path.getmtime(args.vae), args.data, stage.clip_frames,
-                      args.size, args.stride, args.split, args.seed, args.latent_cache])
+                      args.size, args.stride, args.split, args.seed, args.latent_cache] +
+                     ([args.captions or "captions"] if stage.tokenizer is not None else []))
     path = os.path.join(args.out, f"latents-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
     n = min(args.latent_cache, len(dataset))
     if master_process and not os.path.exists(path):
         dataset.set_epoch(0)
-        zs = [stage.autoencoder.encode_latents(torch.stack([dataset[j] for j in range(i, min(i + 8, n))]).to(device))
-              .cpu() for i in tqdm(range(0, n, 8), desc="latent cache")]  # batches of (8,3,T,H,W) -> (8,c,l,h,w)
-        save_checkpoint(path, {"latents": torch.cat(zs), "key": key})  # (N,c,l,h,w)
+        zs, captions = [], []
+        for i in tqdm(range(0, n, 8), desc="latent cache"):
+            items = [dataset[j] for j in range(i, min(i + 8, n))]
+            if isinstance(items[0], tuple):                     # (clip, caption) items (§5)
+                captions += [c for _, c in items]
+                items = [x for x, _ in items]
+            zs.append(stage.autoencoder.encode_latents(torch.stack(items).to(device)).cpu())  # (8,3,T,H,W) -> (8,c,l,h,w)
+        save_checkpoint(path, {"latents": torch.cat(zs), "key": key, "captions": captions or None})  # (N,c,l,h,w)
     if dist.is_initialized():
         dist.barrier()
     stage.latents_cached = True
-    return LatentDataset(torch.load(path, weights_only=True)["latents"])
+    cache = torch.load(path, weights_only=True)
+    return LatentDataset(cache["latents"], cache.get("captions"))
 
 
 # ----------------------------------------------------------------------------- one micro-batch
@@ -405,9 +493,22 @@ def to_latents(stage, x, args):
     return z[:, :, ::args.gap] if args.stage == "pred" else z  # pred: (B,c,l*gap,h,w) -> (B,c,l,h,w)
 
 
-def diffusion_step(stage, ddp_model, x, args, autocast, scaler):
-    """Eq. (7) for one micro-batch, backward; pred/interp with the masks and perturbation of §3.3."""
+def diffusion_step(stage, ddp_model, x, args, autocast, scaler, captions=None):
+    """Eq. (7) for one micro-batch, backward; pred/interp with the masks and perturbation of §3.3;
+    image/t2v with their captions (§5), each replaced by the empty prompt with probability
+    --caption-dropout so the same network also learns the unconditional output guidance needs."""
     z0 = to_latents(stage, x, args)
+    if stage.tokenizer is not None:
+        drop = (torch.rand(len(captions)) < args.caption_dropout).tolist()
+        ids = stage.tokenizer(["" if d else c for c, d in zip(captions, drop)]).to(z0.device)  # (B, 77)
+        if args.stage == "image":  # every latent frame an image: (B,c,l,h,w) -> (B*l,c,1,h,w)
+            B, c, l, h, w = z0.shape
+            z0 = z0.transpose(1, 2).reshape(B * l, c, 1, h, w)
+            ids = ids.repeat_interleave(l, 0)                                                 # (B*l, 77)
+        with autocast:
+            loss = stage.diffusion.training_loss(lambda z, t: ddp_model(z, t, ids=ids), z0).mean()
+        scaler.scale(loss / args.grad_accum).backward()
+        return {"loss": loss.item()}
     with autocast:
         if not stage.conditional:
             loss = stage.diffusion.training_loss(lambda z, t: ddp_model(z, t), z0).mean()
@@ -430,7 +531,10 @@ def checkpoint_extras(stage, args, device, world, ema):
     held-out data, for the raw weights and for the EMA weights; they go into the saved state dicts only,
     so when a run saves never changes what it trains. Diffusion stages: the autoencoder they used."""
     if args.stage != "vae":
-        return {"vae_path": os.path.abspath(args.vae) if args.vae else None}
+        extras = {"vae_path": os.path.abspath(args.vae) if args.vae else None}
+        if stage.text_config is not None:  # §5: the text encoder's architecture (its weights are in model)
+            extras["text_args"] = asdict(stage.text_config)
+        return extras
     rank = dist.get_rank() if dist.is_initialized() else 0
     x = held_out_clips(stage, args)[rank::world]  # each process its share
     nets = {"model": stage.model}
@@ -455,7 +559,7 @@ def visualize(stage, args, step, ema, device):
         return
     net = stage.model
     if ema is not None:
-        net = unet3d.UNet3D(stage.config).to(device)
+        net = copy.deepcopy(stage.model) if stage.tokenizer is not None else unet3d.UNet3D(stage.config).to(device)
         net.load_state_dict({k: v.to(device) for k, v in ema.shadow.items()})
     net.eval()
     fs, ft = (stage.autoencoder.fs, stage.autoencoder.ft) if stage.autoencoder is not None else (1, 1)
@@ -463,10 +567,27 @@ def visualize(stage, args, step, ema, device):
     shape = (4, stage.config.out_channels, clip_len, args.size // fs, args.size // fs)
     g = torch.Generator(device).manual_seed(args.seed)
     with torch.no_grad():
-        z = stage.diffusion.ddim_sample_loop(hierarchical.unconditional_fn(net), shape, steps=50, eta=0.0, generator=g)
+        fn = hierarchical.unconditional_fn(net)
+        if stage.tokenizer is not None:  # §5: 4 evaluation prompts, with classifier-free guidance
+            states = net.text(stage.tokenizer(stage.prompts[:4] + [""]).to(device))    # (5, 77, width)
+            fn = hierarchical.text_guided_fn(net, states[:4], states[4:], hierarchical.TEXT_GUIDANCE)
+            os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+            with open(os.path.join(args.out, "samples", f"{args.stage}-{step:07d}.txt"), "w") as f:
+                f.write("\n".join(stage.prompts[:4]) + "\n")
+        z = stage.diffusion.ddim_sample_loop(fn, shape, steps=50, eta=0.0, generator=g)
         x = stage.autoencoder.decode_latents(z) if stage.autoencoder is not None else z
     stage.model.train()
     write_visuals(args, f"{args.stage}-{step:07d}", x.float().clamp(-1, 1).cpu())
+
+
+def eval_prompts(args, dataset, n):
+    """Prompts to sample during training (§5): the first held-out caption combinations of the synthetic
+    test split (captions training never saw), or the first captions of a dataset on disk."""
+    if str(args.data) == "synthetic":
+        ds = data.SyntheticVideos(n=8 * n + 64, split="test", captions=True, held_out="only")
+        return [ds.params(i)["caption"] for i in ds.items[:n]]
+    captions = dataset.captions
+    return [captions[i % len(captions)] for i in range(n)]
 
 
 def report_psnr(stage, args, device):
@@ -673,8 +794,11 @@ def main(argv=None):
     # --- the model of this stage, and its data: items (3,T,H,W) in [-1,1] (or cached latents)
     stage = (build_vae_stage if args.stage == "vae" else build_diffusion_stage)(args, device, master_process)
     dataset = data.make_dataset(args.data, stage.clip_frames, args.size, stride=args.stride, split=args.split,
-                                random_start=True, flip=bool(args.flip), seed=args.seed)
+                                random_start=True, flip=bool(args.flip), seed=args.seed,
+                                captions=(args.captions or "txt") if stage.tokenizer is not None else None)
     videos = dataset  # counts the videos it could not read (data.py)
+    if stage.tokenizer is not None:
+        stage.prompts = eval_prompts(args, dataset, 4)
     if args.latent_cache and stage.autoencoder is not None:
         dataset = latent_cache(stage, args, dataset, device, master_process)
     stream = ClipStream(dataset, args, rank, world, pin_memory=device.type == "cuda")
@@ -703,13 +827,15 @@ def main(argv=None):
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
         for micro in range(args.grad_accum):
-            x = next(batches).to(device, non_blocking=True)
+            x = next(batches)
+            x, captions = x if isinstance(x, (list, tuple)) else (x, None)  # (clips, captions) in stages image/t2v
+            x = x.to(device, non_blocking=True)
             if ddp:  # sync gradients only on the last micro-step (nanoGPT)
                 ddp_model.require_backward_grad_sync = micro == args.grad_accum - 1
             if args.stage == "vae":
                 logs = vae_step(stage, ddp_model, x, step, gan, args, autocast, scalers)
             else:
-                logs = diffusion_step(stage, ddp_model, x, args, autocast, scalers["optimizer"])
+                logs = diffusion_step(stage, ddp_model, x, args, autocast, scalers["optimizer"], captions)
         # what any process met reaches every process: a non-finite loss (stop before saving anything),
         # most videos unreadable (stop), a stop signal (finish this step, save, exit)
         skipped = getattr(videos, "skipped", 0)
@@ -739,8 +865,12 @@ def main(argv=None):
                 with open(log_path, "a") as f:
                     f.write(json.dumps({"step": step, "time": round(time.time() - t0, 2), **logs,
                                         "skipped_videos": skipped}) + "\n")
-        if step % args.save_every == 0 or step == args.steps or stop:
+        keep = args.keep_every and step % args.keep_every == 0
+        if step % args.save_every == 0 or step == args.steps or stop or keep:
             save_run(ckpt_path, stage, args, step, stream, ema, scalers, ddp, master_process, device, world)
+            if keep and master_process:  # a copy for evaluating this point of training later
+                with atomic_path(os.path.join(args.out, f"{args.stage}-{step:07d}.pt")) as tmp:
+                    shutil.copyfile(ckpt_path, tmp)
         if stop:
             break
         if master_process and (step % args.sample_every == 0 or step == args.steps):

@@ -289,7 +289,13 @@ class CrossAttention(nn.Module):
 class AttentionBlock(nn.Module):
     """The release's STAttentionBlock: spatial then temporal self-attention (factorized, default),
     or one joint space-time self-attention, or spatial only; optional cross-attention after the
-    spatial (or joint) part."""
+    spatial (or joint) part.
+
+    Cross-attention (§5) sits between the spatial and the temporal attention, so with attention="spatial"
+    the block is Stable Diffusion's per-frame self-attention then cross-attention: the image model whose
+    weights the video model starts from. (The release's text-to-video block, BasicTransformerBlockST,
+    runs spatial self-attention, temporal attention, cross-attention, a second temporal attention, then a
+    feed-forward; one temporal attention after the cross-attention is the smaller form of the same idea.)"""
 
     def __init__(self, channels, cfg):
         super().__init__()
@@ -415,6 +421,27 @@ class UNet3D(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb, context)  # skip connection along channels
         return self.out(h)
+
+
+def init_from_image(model, state, source="the image model"):
+    """§5's initialization of the video model from the image model: copy every weight of `state` (the
+    image checkpoint's state dict: spatial layers, cross-attention, text encoder); the temporal attention
+    it lacks keeps its fresh initialization, whose zero output projection makes each block the identity,
+    so until training moves them the video model computes the image model frame by frame."""
+    own = model.state_dict()
+    extra = [k for k in state if k not in own]
+    if extra:
+        raise UserError(f"{source} has weights this video model lacks ({extra[0]}, ...); use the same --preset "
+                        f"and --model overrides as the image run.")
+    for k, v in own.items():
+        if k in state:
+            if state[k].shape != v.shape:
+                raise UserError(f"{source} does not match this video model at '{k}' ({tuple(state[k].shape)} vs "
+                                f"{tuple(v.shape)}); use the same --preset and --model overrides as the image run.")
+            v.copy_(state[k])
+        elif ".attn_t." not in k:
+            raise UserError(f"{source} lacks '{k}', which is not temporal attention; pass the image model's "
+                            f"checkpoint (train.py --stage image).")
 
 
 if __name__ == "__main__":

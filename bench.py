@@ -12,6 +12,8 @@
     python bench.py release [--ae A --lvdm L]   # convert + sample the release's paper-size Sky models: time, memory
     python bench.py score [--n 256]        # the synthetic sample score on real clips, noise and broken videos
     python bench.py psnr --vae RUN/vae.pt  # autoencoder PSNR on 256 held-out 16-frame synthetic clips
+    python bench.py t2v --ckpt runs/demo-t2v/t2v.pt --n 64 --i3d PATH   # §5: caption accuracy and FVD on
+                                           # held-out prompts, text-conditional vs unconditional samples
     python bench.py all --i3d PATH
 
 Every number is a wall-clock measurement in this process (after a warm-up); ratios are taken
@@ -699,6 +701,59 @@ def study(argv):
     print(f"wrote {args.out}/study.csv and study.png")
 
 
+def t2v(argv):
+    """§5 on the built-in data: text-to-video checkpoints sampled on held-out caption combinations (the
+    first --n of the synthetic test split), scored with data.caption_scores against their prompts, and
+    FVD16 against the real clips of those prompts (with --i3d). Per checkpoint one row per --w (text
+    guidance), plus "unconditional": the same network given the empty prompt, scored on the same prompts.
+
+    python bench.py t2v --ckpt runs/demo-t2v/t2v.pt --n 64 --w 0 --w 2 --i3d i3d-kinetics-400.ckpt"""
+    p = argparse.ArgumentParser(prog="bench.py t2v", description=t2v.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", action="append", required=True, help="image or t2v checkpoint (repeatable)")
+    p.add_argument("--n", type=int, default=64); p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--w", type=float, action="append", help="text guidance values (default: 2)")
+    p.add_argument("--no-uncond", action="store_true", help="skip the unconditional row")
+    p.add_argument("--i3d", default=os.environ.get("LVDM_I3D"))
+    p.add_argument("--seed", type=int, default=0); p.add_argument("--out", default="runs/bench-t2v")
+    args = p.parse_args(argv)
+    size = sample.load_model(args.ckpt[0], "cpu")[2]["size"]
+    ds = data.SyntheticVideos(n=16 * args.n + 64, frames=16, size=size, split="test", captions=True, held_out="only")
+    items = ds.items[:args.n]
+    prompts = [ds.params(i)["caption"] for i in items]
+    os.makedirs(args.out, exist_ok=True)
+    prompt_file = os.path.join(args.out, "prompts.txt")
+    with open(prompt_file, "w", encoding="utf-8") as f:
+        f.write("\n".join(prompts) + "\n")
+    i3d_model = fvd.load_i3d(args.i3d) if args.i3d else None
+    real = np.stack([ds.render(i) for i in items])                              # (n,16,H,W,3)
+    real_feats = fvd.i3d_features(real, i3d_model) if i3d_model else None
+    rows = ["| checkpoint | step | samples | caption accuracy | balls | colours | speed | background | FVD16 |",
+            "|---|---|---|---|---|---|---|---|---|"]
+
+    def row(name, step, setting, videos):
+        s = data.caption_scores(videos, prompts)
+        f = fvd.frechet_distance(real_feats, fvd.i3d_features(videos, i3d_model)) if i3d_model else float("nan")
+        rows.append(f"| {name} | {step} | {setting} | {100 * s['ok']:.1f}% | {100 * s['balls']:.1f}% | "
+                    f"{100 * s['colours']:.1f}% | {100 * s['speed']:.1f}% | {100 * s['background']:.1f}% | {f:.0f} |")
+        print(rows[-1], flush=True)
+
+    other = data.SyntheticVideos(n=args.n, frames=16, size=size, split="train")
+    row("real clips of other captions", "-", "training clips", np.stack([other.render(i) for i in range(args.n)]))
+    row("real clips of these captions", "-", "their own clips", real)
+    for ckpt in args.ckpt:
+        step = load_checkpoint(ckpt).get("step")
+        settings = [(f"text, w={w:g}", ["--prompts", prompt_file, "--text-guidance", str(w)]) for w in (args.w or [2.0])]
+        if not args.no_uncond:
+            settings.append(("unconditional (empty prompt)", ["--prompt", "", "--text-guidance", "0"]))
+        for setting, extra in settings:
+            out = os.path.join(args.out, os.path.basename(ckpt).replace(".pt", ""), setting.split(" ")[0] + extra[-1])
+            sample.main(["--ckpt", ckpt, "--n", str(args.n), "--steps", str(args.steps), "--seed", str(args.seed),
+                         "--npz", "--out", out, *extra])
+            row(os.path.basename(ckpt), step, setting, np.load(os.path.join(out, "samples.npz"))["arr_0"])
+    return "\n".join(rows)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", default="table2",
@@ -730,6 +785,8 @@ def main(argv=None):
         argv = sys.argv[1:]
     if argv[:1] == ["study"]:  # its own flags
         return study(argv[1:])
+    if argv[:1] == ["t2v"]:
+        return print(t2v(argv[1:]))
     args = p.parse_args(argv)
     todo = ["table2", "loader", "i3d"] if args.what == "all" else [args.what]
     for what in todo:

@@ -437,7 +437,9 @@ def read_captions(path):
 
 @functools.lru_cache(maxsize=8)
 def _caption_table(path):
-    return read_captions(path)
+    """read_captions(path), each key also without its extension (a frame folder `c/` for `c.mp4`)."""
+    table = read_captions(path)
+    return {**{os.path.splitext(k)[0]: v for k, v in table.items()}, **table}
 
 
 def caption_for(root, video_path, captions):

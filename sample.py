@@ -5,6 +5,7 @@
     python sample.py --ckpt runs/demo/lvdm.pt --n 2048 --npz                 # uint8 (N,T,H,W,3) for fvd.py
     python sample.py --ckpt runs/demo/pred.pt --mode autoregressive --frames 1024 --cond-noise 100 --guidance 0.1
     python sample.py --ckpt runs/demo/pred.pt --interp runs/demo/interp.pt --mode hierarchical --frames 1024
+    python sample.py --ckpt runs/demo-t2v/t2v.pt --prompt "a red ball bounces fast over a blue background" --n 4
 
 Outputs go to --out (default: RUN/samples-<mode>): one gif per video (mp4 too when PyAV is
 installed), grid.png (rows = videos, columns = frames) and, with --npz, samples.npz. Long videos
@@ -24,6 +25,7 @@ from tqdm import tqdm
 import data
 import diffusion as diffusion_lib
 import hierarchical
+import text as text_lib
 import unet3d
 import vae as vae_lib
 from common import (ArgumentParser, UserError, atomic_path, load_checkpoint, load_weights, main_guard,
@@ -31,13 +33,16 @@ from common import (ArgumentParser, UserError, atomic_path, load_checkpoint, loa
 
 
 def load_model(path, device, use_ema=True):
-    """A diffusion checkpoint (stage lvdm, pred or interp) -> (unet, GaussianDiffusion, train_args)."""
+    """A diffusion checkpoint (stage lvdm, pred, interp, image or t2v) -> (unet, GaussianDiffusion,
+    train_args); for image/t2v (§5) the network is text.TextConditioned (U-Net + text encoder)."""
     ckpt = load_checkpoint(path)
-    if ckpt.get("stage") not in ("lvdm", "pred", "interp"):
+    if ckpt.get("stage") not in ("lvdm", "pred", "interp", "image", "t2v"):
         raise UserError(f"{path} is a '{ckpt.get('stage')}' checkpoint; sample.py needs one from --stage lvdm, "
-                        f"pred or interp.")
+                        f"pred, interp, image or t2v.")
     try:
         net = unet3d.UNet3D(unet3d.UNetConfig(**ckpt["model_args"]))
+        if ckpt["stage"] in ("image", "t2v"):
+            net = text_lib.TextConditioned(net, text_lib.TextTransformer(text_lib.TextConfig(**ckpt["text_args"])))
         a = ckpt["train_args"]
         gd = diffusion_lib.from_train_args(a)
     except (KeyError, TypeError, ValueError) as e:
@@ -79,6 +84,13 @@ def parse_args(argv=None):
     p.add_argument("--fps", type=positive_int, default=8); p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    # text-to-video (§5)
+    p.add_argument("--prompt", action="append", default=[], help="caption to sample (image/t2v checkpoints; "
+                   "repeat for several: video i gets prompt i mod their number)")
+    p.add_argument("--prompts", metavar="FILE", help="a text file of prompts, one per line")
+    p.add_argument("--text-guidance", type=natural_float, default=hierarchical.TEXT_GUIDANCE,
+                   help="classifier-free guidance w of the text, Eq. (9)'s formula (0 = conditional model alone)")
+    p.add_argument("--bpe", help="CLIP's vocabulary (default: the one the model was trained with)")
     args = p.parse_args(argv)
     if not args.ckpt and not args.report:
         raise UserError("pass --ckpt RUN/lvdm.pt (or pred.pt for long modes), or --report RUN.")
@@ -99,6 +111,10 @@ def main(argv=None):
     g = torch.Generator(device).manual_seed(args.seed)
     print(f"sample.py: {args.mode}, {args.n} videos, {args.sampler}"
           f"{'' if steps is None else f' {steps} steps eta {args.eta}'} -> {out}")
+    if targs["stage"] in ("image", "t2v"):
+        if args.mode != "short":
+            raise UserError(f"a text-to-video model samples short clips; drop --mode {args.mode}.")
+        return sample_short(args, net, diffusion, targs, vae, steps, g, device, out, prompts=read_prompts(args))
     if args.mode == "short":
         return sample_short(args, net, diffusion, targs, vae, steps, g, device, out)
     return sample_long(args, net, diffusion, targs, vae, steps, g, device, out)
@@ -110,15 +126,43 @@ def latent_shape(net, targs, vae):
     return net.cfg.out_channels, ft, targs["size"] // fs
 
 
-def sample_short(args, net, diffusion, targs, vae, steps, g, device, out):
-    """One clip per video (§3.2): unconditional samples of the model's training length."""
+def read_prompts(args):
+    """The prompts of --prompt and --prompts FILE, in that order."""
+    prompts = list(args.prompt)
+    if args.prompts:
+        if not os.path.isfile(args.prompts):
+            raise UserError(f"--prompts {args.prompts} does not exist; pass a text file with one prompt per line.")
+        with open(args.prompts, encoding="utf-8") as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise UserError("this is a text-to-video model: pass --prompt \"a red ball bounces fast over a blue "
+                        "background\" (or --prompts FILE).")
+    return prompts
+
+
+def text_states(net, targs, prompts, bpe, device):
+    """§5: the text encoder's states of the prompts and of the empty prompt (for guidance)."""
+    tokenizer = text_lib.Tokenizer(bpe or targs.get("bpe"))
+    states = net.text(tokenizer(list(prompts) + [""]).to(device))            # (P+1, 77, width)
+    return states[:-1], states[-1:]
+
+
+def sample_short(args, net, diffusion, targs, vae, steps, g, device, out, prompts=None):
+    """One clip per video (§3.2): unconditional samples of the model's training length; with prompts
+    (§5), video i follows prompts[i mod len(prompts)] with text guidance --text-guidance."""
     c, ft, hw = latent_shape(net, targs, vae)
     clip_len = (targs["gap"] + 1) if targs["stage"] == "interp" else targs["frames"] // ft  # in latents
     videos = []
+    if prompts is not None:
+        prompts = [prompts[i % len(prompts)] for i in range(args.n)]
+        context, empty = text_states(net, targs, prompts, args.bpe, device)
+        with open(os.path.join(out, "prompts.txt"), "w", encoding="utf-8") as f:
+            f.write("\n".join(prompts) + "\n")
     for b in range(0, args.n, args.batch_size):
         shape = (min(args.batch_size, args.n - b), c, clip_len, hw, hw)
-        z = diffusion.sample_loop(hierarchical.unconditional_fn(net), shape, steps, eta=args.eta,
-                                  generator=g, device=device, progress=True)
+        fn = hierarchical.unconditional_fn(net) if prompts is None else \
+            hierarchical.text_guided_fn(net, context[b:b + shape[0]], empty, args.text_guidance)
+        z = diffusion.sample_loop(fn, shape, steps, eta=args.eta, generator=g, device=device, progress=True)
         x = vae.decode_latents(z) if vae is not None else z
         videos.append(data.to_uint8(x))                                    # (B,3,T,H,W) -> (B,T,H,W,3)
     videos = np.concatenate(videos)                                        # (N,T,H,W,3)

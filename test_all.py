@@ -2335,6 +2335,39 @@ class TestTrain:
         with pytest.raises(UserError, match="--prompt"):
             sample.main(["--ckpt", os.path.join(run, "t2v.pt"), "--n", "1", "--out", out])
 
+    def test_text_stage_on_captioned_videos_with_a_frozen_clip_text_encoder(self, tmp_path):
+        """§5 at scale, in miniature: videos on disk with a caption file (one video without a caption is
+        skipped and counted), a CLIPTextModel .safetensors loaded and frozen, the U-Net trained."""
+        _, _, _, autoencoder = _sample_fixture(tmp_path)
+        root = tmp_path / "videos"
+        for name in ("v0", "v1", "v2"):
+            _data_write_folder(root / name, 8, w=32, h=32)
+        (tmp_path / "c.csv").write_text("path,caption\nv0,first clip\nv1,second clip\n")
+        torch.manual_seed(0)
+        clip_cfg = text.TextConfig(vocab_size=49408, width=32, layers=1, heads=1, mlp_width=64)
+        clip_text = text.TextTransformer(clip_cfg)
+        _text_write_safetensors(tmp_path / "clip.safetensors",
+                                {"text_model." + k: v for k, v in clip_text.state_dict().items()})
+        bpe = tmp_path / "bpe.txt.gz"
+        with gzip.open(bpe, "wt", encoding="utf-8") as f:
+            f.write("#version: test\nc l\n")
+        run = str(tmp_path / "run")
+        train.main(["--stage", "image", "--preset", "sky", "--data", str(root), "--captions", str(tmp_path / "c.csv"),
+                    "--text-encoder", str(tmp_path / "clip.safetensors"), "--bpe", str(bpe), "--size", "32",
+                    "--frames", "8", "--timesteps", "100", "--vae", str(tmp_path / "vae.pt"), "--out", run,
+                    "--batch-size", "2", "--steps", "2", "--sample-every", "1000", "--lr", "1e-3",
+                    "--model", "model_channels=32", "--model", "channel_mult=(1,)", "--model", "num_res_blocks=1",
+                    "--model", "attention_resolutions=(1,)", "--model", "num_heads=2"])
+        ck = common.load_checkpoint(os.path.join(run, "image.pt"), "image")
+        assert ck["text_args"] == asdict(clip_cfg) and ck["model_args"]["context_dim"] == 32
+        for k, v in clip_text.state_dict().items():                    # frozen: exactly the file's weights
+            assert torch.equal(ck["model"]["text." + k], v)
+        assert not torch.equal(ck["model"]["net.out.2.weight"], torch.zeros_like(ck["model"]["net.out.2.weight"]))
+        with pytest.raises(UserError, match="--text-encoder"):
+            train.main(["--stage", "image", "--preset", "sky", "--data", str(root), "--captions", str(tmp_path / "c.csv"),
+                        "--bpe", str(bpe), "--vae", str(tmp_path / "vae.pt"), "--out", run + "2", "--size", "32",
+                        "--frames", "8", "--steps", "1"])
+
     def test_stage_all_skips_finished_stages_resumes_a_stopped_one_and_ends_with_the_page(self, tmp_path):
         run_dir = str(tmp_path / "run")
         os.makedirs(run_dir)
@@ -2725,6 +2758,7 @@ class TestText:
         assert tok.bpe("ca") == ["ca</w>"] and tok.bpe("cab") == ["c", "ab</w>"]
         assert tok.encode("ABAB ca, b") == [512 + 2, 512 + 3, byte_id[","] + 256, byte_id["b"] + 256]
         assert tok.encode("&amp;lt;") == [byte_id["<"] + 256]           # HTML unescaped twice
+        assert tok.encode("\u00c9") == [byte_id["\u00c3"], byte_id["\u00a9"] + 256]  # lowercased é: UTF-8 bytes C3 A9
         rows = tok(["abab", "b " * 100, ""])
         assert rows.shape == (3, 77) and rows.dtype == torch.long
         assert rows[0, :3].tolist() == [text.SOT, 514, text.EOT] and (rows[0, 3:] == text.EOT).all()

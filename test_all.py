@@ -2368,6 +2368,36 @@ class TestTrain:
                         "--bpe", str(bpe), "--vae", str(tmp_path / "vae.pt"), "--out", run + "2", "--size", "32",
                         "--frames", "8", "--steps", "1"])
 
+    def test_text_stage_mistakes_are_one_sentence(self, tmp_path):
+        lvdm_path, _, _, _ = _sample_fixture(tmp_path)
+        bpe = tmp_path / "bpe.txt.gz"
+        with gzip.open(bpe, "wt", encoding="utf-8") as f:
+            f.write("#version: test\n")
+        base = ["--preset", "demo-t2v", "--size", "32", "--frames", "8", "--timesteps", "100", "--vae",
+                str(tmp_path / "vae.pt"), "--bpe", str(bpe), "--out", str(tmp_path / "r"), "--steps", "1",
+                "--latent-cache", "2", "--batch-size", "2"]
+        cases = [(["--stage", "image", "--bpe", str(tmp_path / "none.gz")], "does not exist; get bpe_simple_vocab"),
+                 (["--stage", "image", "--caption-dropout", "1"], "--caption-dropout must be below 1"),
+                 (["--stage", "t2v", "--init", lvdm_path], "a 'image' checkpoint is needed"),
+                 (["--stage", "image", "--data", str(tmp_path), "--captions", str(tmp_path / "none.csv")],
+                  "no videos found"),
+                 (["--stage", "image", "--text-encoder", str(tmp_path / "none.safetensors")], "does not exist")]
+        for extra, words in cases:
+            with pytest.raises(UserError) as e:
+                train.main(base + extra)
+            assert words in str(e.value) and "\n" not in str(e.value), (extra, str(e.value))
+        root = tmp_path / "videos"
+        _data_write_folder(root / "v0", 8, w=32, h=32)
+        with pytest.raises(UserError, match="caption file .* does not exist"):
+            train.main(base + ["--stage", "image", "--data", str(root), "--captions", str(tmp_path / "none.csv")])
+        train.main(base + ["--stage", "image", "--sample-every", "1000"])
+        image = str(tmp_path / "r" / "image.pt")
+        for extra, words in [(["--mode", "hierarchical"], "samples short clips"),
+                             (["--prompts", str(tmp_path / "none.txt")], "--prompts"),
+                             ([], "pass --prompt")]:
+            with pytest.raises(UserError, match=words):
+                sample.main(["--ckpt", image, "--n", "1", "--steps", "1", "--out", str(tmp_path / "s")] + extra)
+
     def test_stage_all_skips_finished_stages_resumes_a_stopped_one_and_ends_with_the_page(self, tmp_path):
         run_dir = str(tmp_path / "run")
         os.makedirs(run_dir)

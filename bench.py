@@ -728,26 +728,27 @@ def t2v(argv):
     i3d_model = fvd.load_i3d(args.i3d) if args.i3d else None
     real = np.stack([ds.render(i) for i in items])                              # (n,16,H,W,3)
     real_feats = fvd.i3d_features(real, i3d_model) if i3d_model else None
-    rows = ["| checkpoint | step | samples | caption accuracy | balls | colours | speed | background | FVD16 |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| checkpoint | step | samples | caption accuracy | balls | colours | speed | background | "
+            "captioned colours seen | FVD16 |", "|---|---|---|---|---|---|---|---|---|---|"]
 
     def row(name, step, setting, videos):
         s = data.caption_scores(videos, prompts)
         f = fvd.frechet_distance(real_feats, fvd.i3d_features(videos, i3d_model)) if i3d_model else float("nan")
         rows.append(f"| {name} | {step} | {setting} | {100 * s['ok']:.1f}% | {100 * s['balls']:.1f}% | "
-                    f"{100 * s['colours']:.1f}% | {100 * s['speed']:.1f}% | {100 * s['background']:.1f}% | {f:.0f} |")
+                    f"{100 * s['colours']:.1f}% | {100 * s['speed']:.1f}% | {100 * s['background']:.1f}% | "
+                    f"{100 * s['named']:.1f}% | {f:.0f} |")
         print(rows[-1], flush=True)
 
     other = data.SyntheticVideos(n=args.n, frames=16, size=size, split="train")
     row("real clips of other captions", "-", "training clips", np.stack([other.render(i) for i in range(args.n)]))
     row("real clips of these captions", "-", "their own clips", real)
-    for ckpt in args.ckpt:
+    for k, ckpt in enumerate(args.ckpt):
         step = load_checkpoint(ckpt).get("step")
         settings = [(f"text, w={w:g}", ["--prompts", prompt_file, "--text-guidance", str(w)]) for w in (args.w or [2.0])]
         if not args.no_uncond:
             settings.append(("unconditional (empty prompt)", ["--prompt", "", "--text-guidance", "0"]))
         for setting, extra in settings:
-            out = os.path.join(args.out, os.path.basename(ckpt).replace(".pt", ""), setting.split(" ")[0] + extra[-1])
+            out = os.path.join(args.out, f"{k}-" + os.path.basename(ckpt).replace(".pt", ""), setting.split(" ")[0] + extra[-1])
             sample.main(["--ckpt", ckpt, "--n", str(args.n), "--steps", str(args.steps), "--seed", str(args.seed),
                          "--npz", "--out", out, *extra])
             row(os.path.basename(ckpt), step, setting, np.load(os.path.join(out, "samples.npz"))["arr_0"])

@@ -749,11 +749,11 @@ def video_attributes(video, tol=70.0, found=None):
 
 def caption_check(video, caption, tol=70.0):
     """Does a uint8 video (T,H,W,3) show its caption? -> {"ok", "balls", "colours", "speed",
-    "background": bool}: "balls" is ball_check (well-formed balls moving continuously); "colours" the
-    captioned colours are exactly those seen; "speed" the median step is on the captioned side of FAST
+    "background", "named": bool}: "balls" is ball_check (well-formed balls moving continuously); "colours"
+    the captioned colours are exactly those seen ("named": each captioned colour is seen, others may be too); "speed" the median step is on the captioned side of FAST
     (0.003 of slack, the measurement's own error on real clips); "background" the mean hue lies in the
     named colour's bin (±1/12) widened by 0.05 (the gradient and the drift move it that much);
-    "ok" all four. A stand-in for CLIP-score, valid only on the built-in data."""
+    "ok" the first four. A stand-in for CLIP-score, valid only on the built-in data."""
     found = _balls_per_frame(video, tol)
     balls = _ball_check(video, tol, found)[0]
     a = video_attributes(video, tol, found)
@@ -763,6 +763,7 @@ def caption_check(video, caption, tol=70.0):
     ok_bg = bg is None or abs((a["hue"] - BACKGROUND_HUES[bg] + 0.5) % 1.0 - 0.5) <= 1 / 12 + 0.05
     out = {"balls": bool(balls), "colours": a["colours"] == colours, "speed": bool(ok_speed), "background": bool(ok_bg)}
     out["ok"] = all(out.values())
+    out["named"] = colours <= a["colours"]
     return out
 
 
@@ -771,7 +772,7 @@ def caption_scores(videos, captions):
     ("ok": the caption accuracy)."""
     checks = [caption_check(v, c) for v, c in zip(videos, captions)]
     return {k: float(np.mean([c[k] for c in checks])) if checks else 0.0
-            for k in ("ok", "balls", "colours", "speed", "background")}
+            for k in ("ok", "balls", "colours", "speed", "background", "named")}
 
 
 def caption_accuracy(videos, captions):

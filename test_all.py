@@ -897,16 +897,17 @@ class TestData:
         assert data.video_attributes(fast)["speed"] == pytest.approx(3 / 64)
         assert data.video_attributes(slow)["speed"] == pytest.approx(1 / 64)
         assert data.video_attributes(fast)["hue"] == pytest.approx(2 / 3, abs=1e-3)
-        everything = {"ok": True, "balls": True, "colours": True, "speed": True, "background": True}
+        everything = {"ok": True, "balls": True, "colours": True, "speed": True, "background": True, "named": True}
         assert data.caption_check(fast, "a red ball bounces fast over a blue background") == everything
         assert data.caption_check(slow, "a red ball bounces slowly over a blue background") == everything
         wrong = lambda **k: {**everything, "ok": False, **k}
         assert data.caption_check(slow, "a red ball bounces fast over a blue background") == wrong(speed=False)
         assert data.caption_check(fast, "a red ball bounces fast over a green background") == wrong(background=False)
         assert data.caption_check(fast, "a red ball and a cyan ball bounce fast over a blue background") == \
-            wrong(colours=False)
+            wrong(colours=False, named=False)
+        assert data.caption_check(fast, "a ball bounces fast over a blue background") == wrong(colours=False)
         assert data.caption_scores([fast, slow], ["a red ball bounces fast over a blue background"] * 2) == \
-            {"ok": 0.5, "balls": 1.0, "colours": 1.0, "speed": 0.5, "background": 1.0}
+            {"ok": 0.5, "balls": 1.0, "colours": 1.0, "speed": 0.5, "background": 1.0, "named": 1.0}
 
     def test_held_out_caption_combinations(self):
         """Text-to-video trains without the held-out combinations and is evaluated on them only."""

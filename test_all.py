@@ -3040,6 +3040,34 @@ class TestConvert:
 class TestBench:
     """bench.py: the reproductions run end to end on tiny models."""
 
+    def test_t2v_scores_each_checkpoints_samples_against_the_held_out_prompts(self, tmp_path, monkeypatch):
+        """bench.py t2v: the rows are data.caption_scores of the samples it wrote, against the first held-out
+        captions of the test split, which it wrote to prompts.txt."""
+        monkeypatch.setattr(fvd, "load_i3d", lambda path, device="cpu": _FvdTinyFeatures())
+        _sample_fixture(tmp_path)
+        bpe = tmp_path / "bpe.txt.gz"
+        with gzip.open(bpe, "wt", encoding="utf-8") as f:
+            f.write("#version: test\nb a\n")
+        run = str(tmp_path / "run")
+        train.main(["--stage", "image", "--preset", "demo-t2v", "--size", "32", "--frames", "8", "--timesteps", "100",
+                    "--out", run, "--vae", str(tmp_path / "vae.pt"), "--bpe", str(bpe), "--batch-size", "2",
+                    "--latent-cache", "2", "--steps", "1", "--sample-every", "1000"])
+        out = str(tmp_path / "bench")
+        table = bench.t2v(["--ckpt", os.path.join(run, "image.pt"), "--n", "3", "--steps", "2", "--w", "1",
+                           "--out", out, "--i3d", "stub"])
+        prompts = open(os.path.join(out, "prompts.txt")).read().split("\n")[:3]
+        held = data.SyntheticVideos(n=200, frames=16, size=32, split="test", captions=True, held_out="only")
+        assert prompts == [held.params(i)["caption"] for i in held.items[:3]] and all(map(data.is_held_out, prompts))
+        rows = [r for r in table.split("\n") if r.startswith("| image.pt")]
+        assert [r.split(" | ")[2] for r in rows] == ["text, w=1", "unconditional (empty prompt)"]
+        for row, folder in zip(rows, ("text,1.0", "unconditional0")):
+            videos = np.load(os.path.join(out, "0-image", folder, "samples.npz"))["arr_0"]
+            s = data.caption_scores(videos, prompts)
+            cells = row.split(" | ")[3:9]
+            assert cells == [f"{100 * s[k]:.1f}%" for k in ("ok", "balls", "colours", "speed", "background", "named")]
+        real = np.stack([held.render(i) for i in held.items[:3]])
+        assert f"| {100 * data.caption_scores(real, prompts)['background']:.1f}% |" in table.split("\n")[3]
+
     def test_study_writes_every_setting_and_its_fvd_curve(self, tmp_path, monkeypatch):
         """bench.py study: one long-video run per setting of §4.4, each scored by fvd_curve."""
         monkeypatch.setattr(fvd, "load_i3d", lambda path, device="cpu": _FvdTinyFeatures())

@@ -649,57 +649,64 @@ def _balls_per_frame(video, tol):
     return found
 
 
-def _ball_check(video, tol=70.0, found=None):
-    """Does a uint8 video (T,H,W,3) look like SyntheticVideos? -> (passed, reason, colour names of its
-    balls), reason one of "ok" or SCORE_FAILURES. A deterministic detector that knows the palette: in every frame, the balls
+def _regions(found, T, S):
+    """Where the balls of _balls_per_frame are: (union (T,H,W) of every ball's mask per frame,
+    {(t, palette index): (ys, xs, centre y, centre x, touched)}), touched when another ball's region lies
+    within 2 px of it (an occluder)."""
+    union = np.zeros((T, S, S), bool)
+    for (t, c), (mask, _) in found.items():
+        union[t] |= mask
+    where = {}
+    for (t, c), (mask, _) in found.items():
+        ys, xs = np.nonzero(mask)
+        touched = bool((ndimage.binary_dilation(mask, iterations=2) & union[t] & ~mask).any())
+        where[(t, c)] = (ys, xs, ys.mean(), xs.mean(), touched)
+    return union, where
+
+
+def ball_check(video, tol=70.0, found=None):
+    """Does a uint8 video (T,H,W,3) look like SyntheticVideos? -> (passed, reason), reason one of
+    "ok" or SCORE_FAILURES. A deterministic detector that knows the palette: in every frame, the balls
     are the regions near a palette colour (RGB distance < tol, at least a third of the smallest ball's
     area). A video passes when
       * each region fits in the largest ball (radius 0.2 of the frame) and, where no other ball touches
         it, is round (every pixel within 1.25 equal-area radii of its centre);
       * every colour seen is seen in at least half the frames (no ball appears and vanishes);
       * a ball moves at most 0.1 frame widths per frame (the data: at most 0.045) unless an occluder
-        touches it, and is missing only where another ball may cover it (near its last position)."""
+        touches it, and is missing only where another ball may cover it (near its last position).
+    found: _balls_per_frame(video, tol), when the caller has it already."""
     T, S = np.asarray(video).shape[:2]
     found = _balls_per_frame(video, tol) if found is None else found
     if not found:
-        return False, "no ball", set()
-    union = {t: np.zeros((S, S), bool) for t in range(T)}
-    for (t, c), (mask, _) in found.items():
-        union[t] |= mask
+        return False, "no ball"
+    union, where = _regions(found, T, S)
     step, r_max = 0.1 * S, 0.2 * S + 1.5
     info = {}
-    for (t, c), (mask, area) in found.items():
-        ys, xs = np.nonzero(mask)
-        cy, cx = ys.mean(), xs.mean()
+    for (t, c), (_, area) in found.items():
+        ys, xs, cy, cx, touched = where[(t, c)]
         if np.hypot(ys - (ys.min() + ys.max()) / 2, xs - (xs.min() + xs.max()) / 2).max() > r_max + 1:
-            return False, "a blob too large", set()
-        touched = bool((ndimage.binary_dilation(mask, iterations=2) & union[t] & ~mask).any())
+            return False, "a blob too large"
         if not touched and np.hypot(ys - cy, xs - cx).max() > 1.25 * np.sqrt(area / np.pi) + 1.5:
-            return False, "a misshapen ball", set()
+            return False, "a misshapen ball"
         info[(t, c)] = (cy, cx, np.sqrt(area / np.pi), touched)
     for c in {c for _, c in found}:
         frames = [t for t in range(T) if (t, c) in info]
         if len(frames) < T / 2:
-            return False, "a ball that appears and vanishes", set()
+            return False, "a ball that appears and vanishes"
         last = frames[0]
         for t in range(frames[0] + 1, T):
             (py, px, pr, ptouch) = info[(last, c)]
             if (t, c) in info:
                 y, x, _, touch = info[(t, c)]
                 if not (touch or ptouch) and np.hypot(y - py, x - px) > step * (t - last):
-                    return False, "a ball that jumps", set()
+                    return False, "a ball that jumps"
                 last = t
             else:  # hidden: only behind another ball near where it was
                 near = ndimage.distance_transform_edt(~union[t]) if union[t].any() else None
                 y, x = int(np.clip(round(py), 0, S - 1)), int(np.clip(round(px), 0, S - 1))
                 if near is None or near[y, x] > 2 * pr + step * (t - last) + 2:
-                    return False, "a ball that vanishes", set()
-    return True, "ok", {list(PALETTE)[c] for _, c in found}
-
-
-def ball_check(video, tol=70.0):
-    """(passed, reason) of _ball_check: does a uint8 video (T,H,W,3) look like SyntheticVideos?"""
-    return _ball_check(video, tol)[:2]
+                    return False, "a ball that vanishes"
+    return True, "ok"
 
 
 def _hue(rgb):
@@ -722,13 +729,8 @@ def video_attributes(video, tol=70.0, found=None):
     T, S = v.shape[:2]
     found = _balls_per_frame(v, tol) if found is None else found
     colours = {c for c in {c for _, c in found} if sum((t, c) in found for t in range(T)) >= T / 2}
-    union = np.zeros((T, S, S), bool)
-    for (t, c), (mask, _) in found.items():
-        union[t] |= mask
-    centres = {}                                                                  # (t, c) -> (y, x, touched)
-    for (t, c), (mask, _) in found.items():
-        ys, xs = np.nonzero(mask)
-        centres[(t, c)] = (ys.mean(), xs.mean(), (ndimage.binary_dilation(mask, iterations=2) & union[t] & ~mask).any())
+    union, where = _regions(found, T, S)
+    centres = {k: w[2:] for k, w in where.items()}                                # (t, c) -> (y, x, touched)
     speeds = []
     for only_free in (True, False):  # steps of balls nothing touches; if there are none, every step
         for c in colours:
@@ -755,7 +757,7 @@ def caption_check(video, caption, tol=70.0):
     named colour's bin (±1/12) widened by 0.05 (the gradient and the drift move it that much);
     "ok" the first four. A stand-in for CLIP-score, valid only on the built-in data."""
     found = _balls_per_frame(video, tol)
-    balls = _ball_check(video, tol, found)[0]
+    balls = ball_check(video, tol, found)[0]
     a = video_attributes(video, tol, found)
     colours, speed, bg = parse_caption(caption)
     ok_speed = speed is None or (a["speed"] is not None and

@@ -717,10 +717,9 @@ def t2v(argv):
     p.add_argument("--i3d", default=os.environ.get("LVDM_I3D"))
     p.add_argument("--seed", type=int, default=0); p.add_argument("--out", default="runs/bench-t2v")
     args = p.parse_args(argv)
-    size = sample.load_model(args.ckpt[0], "cpu")[2]["size"]
-    ds = data.SyntheticVideos(n=16 * args.n + 64, frames=16, size=size, split="test", captions=True, held_out="only")
-    items = ds.items[:args.n]
-    prompts = [ds.params(i)["caption"] for i in items]
+    size = load_checkpoint(args.ckpt[0])["train_args"]["size"]
+    items, prompts = data.held_out_captions(args.n)
+    ds = data.SyntheticVideos(n=items[-1] + 1, frames=16, size=size, split="test")
     os.makedirs(args.out, exist_ok=True)
     prompt_file = os.path.join(args.out, "prompts.txt")
     with open(prompt_file, "w", encoding="utf-8") as f:

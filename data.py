@@ -609,6 +609,20 @@ def is_held_out(caption):
     return zlib.crc32(caption.encode()) % 10 == 0
 
 
+def held_out_captions(n, seed=0):
+    """§5's evaluation prompts: (item indices, captions) of the first n items of the synthetic test split
+    whose captions are held-out combinations (is_held_out), in index order."""
+    ds, items, captions = SyntheticVideos(n=1, split="test", seed=seed), [], []
+    i = 0
+    while len(items) < n:
+        caption = ds.params(i)["caption"]
+        if is_held_out(caption):
+            items.append(i)
+            captions.append(caption)
+        i += 1
+    return items, captions
+
+
 def parse_caption(caption):
     """A caption -> (ball colours, "fast" | "slowly" | None, background colour or None), as
     synthetic_caption writes them; words it does not know are ignored."""

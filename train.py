@@ -583,8 +583,7 @@ def eval_prompts(args, dataset, n):
     """Prompts to sample during training (§5): the first held-out caption combinations of the synthetic
     test split (captions training never saw), or the first captions of a dataset on disk."""
     if str(args.data) == "synthetic":
-        ds = data.SyntheticVideos(n=8 * n + 64, split="test", captions=True, held_out="only")
-        return [ds.params(i)["caption"] for i in ds.items[:n]]
+        return data.held_out_captions(n)[1]
     captions = dataset.captions
     return [captions[i % len(captions)] for i in range(n)]
 

@@ -140,13 +140,6 @@ def read_prompts(args):
     return prompts
 
 
-def text_states(net, targs, prompts, bpe, device):
-    """§5: the text encoder's states of the prompts and of the empty prompt (for guidance)."""
-    tokenizer = text_lib.Tokenizer(bpe or targs.get("bpe"))
-    states = net.text(tokenizer(list(prompts) + [""]).to(device))            # (P+1, 77, width)
-    return states[:-1], states[-1:]
-
-
 def sample_short(args, net, diffusion, targs, vae, steps, g, device, out, prompts=None):
     """One clip per video (§3.2): unconditional samples of the model's training length; with prompts
     (§5), video i follows prompts[i mod len(prompts)] with text guidance --text-guidance."""
@@ -155,7 +148,7 @@ def sample_short(args, net, diffusion, targs, vae, steps, g, device, out, prompt
     videos = []
     if prompts is not None:
         prompts = [prompts[i % len(prompts)] for i in range(args.n)]
-        context, empty = text_states(net, targs, prompts, args.bpe, device)
+        context, empty = net.prompt_states(text_lib.Tokenizer(args.bpe or targs.get("bpe")), prompts)
         with open(os.path.join(out, "prompts.txt"), "w", encoding="utf-8") as f:
             f.write("\n".join(prompts) + "\n")
     for b in range(0, args.n, args.batch_size):

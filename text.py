@@ -234,6 +234,13 @@ class TextConditioned(nn.Module):
             context = self.text(ids)                       # (B, 77) -> (B, 77, width)
         return self.net(x, t, context=context, **kw)
 
+    def prompt_states(self, tokenizer, prompts):
+        """Text states of the prompts (P, 77, width) and of the empty prompt (1, 77, width), which
+        classifier-free guidance contrasts them with."""
+        device = next(self.text.parameters()).device
+        states = self.text(tokenizer(list(prompts) + [""]).to(device))    # (P+1, 77) -> (P+1, 77, width)
+        return states[:-1], states[-1:]
+
 
 # ----------------------------------------------------------------------------- weights
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,

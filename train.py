@@ -568,8 +568,8 @@ def visualize(stage, args, step, ema, device):
     with torch.no_grad():
         fn = hierarchical.unconditional_fn(net)
         if stage.tokenizer is not None:  # §5: 4 evaluation prompts, with classifier-free guidance
-            states = net.text(stage.tokenizer(stage.prompts[:4] + [""]).to(device))    # (5, 77, width)
-            fn = hierarchical.text_guided_fn(net, states[:4], states[4:], hierarchical.TEXT_GUIDANCE)
+            context, empty = net.prompt_states(stage.tokenizer, stage.prompts[:4])
+            fn = hierarchical.text_guided_fn(net, context, empty, hierarchical.TEXT_GUIDANCE)
             os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
             with open(os.path.join(args.out, "samples", f"{args.stage}-{step:07d}.txt"), "w") as f:
                 f.write("\n".join(stage.prompts[:4]) + "\n")

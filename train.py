@@ -317,7 +317,6 @@ class Stage:
     latents_cached: bool = False      # the dataset yields latents (--latent-cache), not clips
     # stages image / t2v (§5): model is text.TextConditioned(U-Net, text encoder)
     tokenizer: object = None          # text.Tokenizer; None for the stages without text
-    text_config: object = None        # the text encoder's TextConfig, stored as text_args
     prompts: list = None              # captions sampled at --sample-every (eval_prompts)
 
 
@@ -419,8 +418,7 @@ def build_text_stage(args, device, master_process, base, autoencoder, clip_frame
               f"({'frozen, ' + args.text_encoder if args.text_encoder else 'trained with it'}); "
               f"{'from ' + args.init if init is not None else 'from scratch'}")
     return Stage(model=model, config=cfg, optimizer=opt, clip_frames=clip_frames, autoencoder=autoencoder,
-                 diffusion=diffusion.from_train_args(args), tokenizer=text.Tokenizer(args.bpe),
-                 text_config=encoder.cfg)
+                 diffusion=diffusion.from_train_args(args), tokenizer=text.Tokenizer(args.bpe))
 
 
 class LatentDataset(torch.utils.data.Dataset):
@@ -497,6 +495,7 @@ def diffusion_step(stage, ddp_model, x, args, autocast, scaler, captions=None):
     image/t2v with their captions (§5), each replaced by the empty prompt with probability
     --caption-dropout so the same network also learns the unconditional output guidance needs."""
     z0 = to_latents(stage, x, args)
+    model_fn = lambda z, t: ddp_model(z, t)
     if stage.tokenizer is not None:
         drop = (torch.rand(len(captions)) < args.caption_dropout).tolist()
         ids = stage.tokenizer(["" if d else c for c, d in zip(captions, drop)]).to(z0.device)  # (B, 77)
@@ -504,13 +503,10 @@ def diffusion_step(stage, ddp_model, x, args, autocast, scaler, captions=None):
             B, c, l, h, w = z0.shape
             z0 = z0.transpose(1, 2).reshape(B * l, c, 1, h, w)
             ids = ids.repeat_interleave(l, 0)                                                 # (B*l, 77)
-        with autocast:
-            loss = stage.diffusion.training_loss(lambda z, t: ddp_model(z, t, ids=ids), z0).mean()
-        scaler.scale(loss / args.grad_accum).backward()
-        return {"loss": loss.item()}
+        model_fn = lambda z, t: ddp_model(z, t, ids=ids)
     with autocast:
         if not stage.conditional:
-            loss = stage.diffusion.training_loss(lambda z, t: ddp_model(z, t), z0).mean()
+            loss = stage.diffusion.training_loss(model_fn, z0).mean()
         else:
             loss = hierarchical.training_loss(stage.diffusion, ddp_model, z0, args.stage, s_max=args.s_max).mean()
     scaler.scale(loss / args.grad_accum).backward()
@@ -531,8 +527,8 @@ def checkpoint_extras(stage, args, device, world, ema):
     so when a run saves never changes what it trains. Diffusion stages: the autoencoder they used."""
     if args.stage != "vae":
         extras = {"vae_path": os.path.abspath(args.vae) if args.vae else None}
-        if stage.text_config is not None:  # §5: the text encoder's architecture (its weights are in model)
-            extras["text_args"] = asdict(stage.text_config)
+        if stage.tokenizer is not None:  # §5: the text encoder's architecture (its weights are in model)
+            extras["text_args"] = asdict(stage.model.text.cfg)
         return extras
     rank = dist.get_rank() if dist.is_initialized() else 0
     x = held_out_clips(stage, args)[rank::world]  # each process its share

@@ -463,7 +463,8 @@ def caption_for(root, video_path, captions):
 
 # ----------------------------------------------------------------------------- SyntheticVideos
 PALETTE = {"red": (230, 40, 40), "green": (40, 190, 60), "blue": (40, 80, 235), "yellow": (245, 215, 30),
-           "cyan": (30, 210, 220), "magenta": (225, 40, 200), "orange": (255, 135, 0), "purple": (130, 50, 215)}
+           "cyan": (30, 210, 220), "magenta": (225, 40, 200)}
+N_BALLS, RADIUS, SPEED = (1, 2), (0.12, 0.18), (0.02, 0.045)   # SyntheticVideos' ranges (fractions of the frame)
 SPLIT_ID = {"train": 0, "test": 1}
 
 
@@ -484,24 +485,28 @@ def bounce(p0, v, r, t):
 
 
 class SyntheticVideos(torch.utils.data.Dataset):
-    """Built-in procedural videos: 1-3 colored balls bouncing over a drifting gradient (no files).
+    """Built-in procedural videos: one or two coloured balls bouncing over a still gradient (no files).
 
     Generative rules for item i (all random numbers from numpy.random.default_rng([seed, split_id,
     i]), split_id 0 = train, 1 = test, so the splits are disjoint and every item is reproducible);
     coordinates are fractions of the frame, so any `size` renders the same scene:
-      * n_balls ~ uniform{1,2,3}; colors: distinct names from PALETTE (flat RGB), drawn in order
-        (later balls cover earlier ones); radius ~ U(0.08, 0.20);
-      * start position (x0, y0) ~ U(r, 1-r) each; speed ~ U(0.02, 0.045) frame-widths per frame
+      * n_balls ~ uniform{N_BALLS}; colors: distinct names from PALETTE (flat RGB, six hues 60 degrees
+        apart), drawn in order (the later ball covers the earlier one where they overlap); radius ~
+        U(RADIUS) (7.7-11.5 px at 64x64);
+      * start position (x0, y0) ~ U(r, 1-r) each; speed ~ U(SPEED) frame-widths per frame
         (1.3-2.9 px/frame at 64x64) in a uniform direction; balls bounce elastically off the walls
         (see `bounce`) and pass through each other; frame t shows the position at time t, so any
         length is one continuous trajectory and stride s samples every s-th frame of it;
       * edges are antialiased: alpha = clip((r - d)/w + 1/2, 0, 1), d = distance of the pixel
         center to the ball center, w = 1.5 px (a soft edge a small autoencoder can reproduce);
-      * background: a sinusoidal gradient g = 1/2 + 1/2 sin(2 pi f (x cos a + y sin a) + phase(t)),
-        f ~ U(0.4, 0.9) (less than one period over the frame: smooth), phase(t) = phase0 + omega t,
-        omega ~ U(-0.06, 0.06) rad/frame; colour = HSV(hue(t) + 0.15 g, sat, val*(0.75 + 0.25 g))
-        with hue(t) = hue0 + hue_rate t, hue_rate ~ U(-0.002, 0.002) cycles/frame, sat ~ U(0.2,
-        0.4), val ~ U(0.45, 0.7): low saturation so the balls stand out.
+      * background, the same in every frame: a sinusoidal gradient g = 1/2 + 1/2 sin(2 pi f (x cos a
+        + y sin a) + phase), f ~ U(0.4, 0.9) (less than one period over the frame: smooth);
+        colour = HSV(hue + 0.15 g, sat, val*(0.75 + 0.25 g)), hue ~ U(0, 1), sat ~ U(0.2, 0.4),
+        val ~ U(0.45, 0.7): low saturation so the balls stand out.
+    The demo's size (issue 13's sweep, README "Results"): the first version had 1-3 balls of radius
+    0.08-0.20, eight colours and a background drifting in phase and hue; the demo's 8x8 latent could
+    not hold it (autoencoder 26.2 dB, 37.5% of reconstructions passing ball_check). Motion, occlusion
+    and several objects remain.
     Item i is frames 0..frames-1 (stride s: 0, s, 2s, ...) as float (3,T,size,size) in [-1,1],
     rendered to uint8 first like real data; flip=True mirrors x with default_rng([seed, epoch, i]).
     params(i) returns every generative parameter as a plain json-able dict and its caption (§5), which
@@ -536,20 +541,19 @@ class SyntheticVideos(torch.utils.data.Dataset):
 
     def params(self, i):
         rng = np.random.default_rng([self.seed, self.split_id, i])
-        n_balls = int(rng.integers(1, 4))
+        n_balls = int(rng.integers(N_BALLS[0], N_BALLS[1] + 1))
         names = [str(c) for c in rng.choice(sorted(PALETTE), size=n_balls, replace=False)]
         balls = []
         for name in names:
-            r = float(rng.uniform(0.08, 0.20))
+            r = float(rng.uniform(*RADIUS))
             x0, y0 = (float(p) for p in rng.uniform(r, 1.0 - r, size=2))
-            speed, angle = float(rng.uniform(0.02, 0.045)), float(rng.uniform(0, 2 * np.pi))
+            speed, angle = float(rng.uniform(*SPEED)), float(rng.uniform(0, 2 * np.pi))
             balls.append({"color": name, "rgb": list(PALETTE[name]), "radius": r, "x0": x0, "y0": y0,
                           "vx": speed * float(np.cos(angle)), "vy": speed * float(np.sin(angle)),
                           "speed": speed})
-        bg = {"hue0": float(rng.uniform()), "hue_rate": float(rng.uniform(-0.002, 0.002)),
-              "sat": float(rng.uniform(0.2, 0.4)), "val": float(rng.uniform(0.45, 0.7)),
+        bg = {"hue": float(rng.uniform()), "sat": float(rng.uniform(0.2, 0.4)), "val": float(rng.uniform(0.45, 0.7)),
               "freq": float(rng.uniform(0.4, 0.9)), "angle": float(rng.uniform(0, 2 * np.pi)),
-              "phase0": float(rng.uniform(0, 2 * np.pi)), "omega": float(rng.uniform(-0.06, 0.06))}
+              "phase": float(rng.uniform(0, 2 * np.pi))}
         return {"index": int(i), "split_id": self.split_id, "seed": int(self.seed), "n_balls": n_balls,
                 "balls": balls, "background": bg, "caption": synthetic_caption(balls, bg)}
 
@@ -562,13 +566,13 @@ class SyntheticVideos(torch.utils.data.Dataset):
         c = (np.arange(size) + 0.5) / size  # pixel centers as fractions of the frame
         xx, yy = c[None, None, :], c[None, :, None]  # (1,1,W), (1,H,1)
         edge = 1.5 / size  # soft edge width: 1.5 px, in frame fractions
+        g = 0.5 + 0.5 * np.sin(2 * np.pi * bg["freq"] * (xx * np.cos(bg["angle"]) + yy * np.sin(bg["angle"]))
+                               + bg["phase"])[0]  # (H,W)
+        background = _hsv_to_rgb((bg["hue"] + 0.15 * g).astype(np.float32), np.float32(bg["sat"]),
+                                 (bg["val"] * (0.75 + 0.25 * g)).astype(np.float32))  # (H,W,3)
         for t0 in range(0, frames, 64):  # chunks of 64 frames bound the memory of long clips
             t = (start + stride * np.arange(t0, min(frames, t0 + 64)))[:, None, None].astype(np.float64)
-            g = 0.5 + 0.5 * np.sin(2 * np.pi * bg["freq"] * (xx * np.cos(bg["angle"]) + yy * np.sin(bg["angle"]))
-                                   + bg["phase0"] + bg["omega"] * t)  # (t,H,W)
-            hue = bg["hue0"] + bg["hue_rate"] * t + 0.15 * g
-            img = _hsv_to_rgb(hue.astype(np.float32), np.float32(bg["sat"]),
-                              (bg["val"] * (0.75 + 0.25 * g)).astype(np.float32))  # (t,H,W,3)
+            img = np.repeat(background[None], len(t), 0)  # (t,H,W,3)
             for b in p["balls"]:
                 cx, cy = bounce(b["x0"], b["vx"], b["radius"], t), bounce(b["y0"], b["vy"], b["radius"], t)
                 d = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)  # (t,H,W)
@@ -586,18 +590,18 @@ class SyntheticVideos(torch.utils.data.Dataset):
 
 # Background colour names of the captions: hue bins of 1/6 (hue in cycles) centred on these hues.
 BACKGROUND_HUES = {"red": 0.0, "yellow": 1 / 6, "green": 2 / 6, "cyan": 3 / 6, "blue": 4 / 6, "magenta": 5 / 6}
-FAST = 0.0325   # frame widths per frame: the middle of the speed range U(0.02, 0.045)
+FAST = sum(SPEED) / 2   # frame widths per frame: the middle of the speed range
 
 
 def synthetic_caption(balls, bg):
     """The caption of one synthetic video, from its parameters: its ball colours (each colour once, in
     alphabetical order), "fast" when the balls' mean speed is at least FAST (else "slowly"), and the
-    background hue's colour name at frame 0 (hue0 plus the gradient's mean offset 0.075), e.g.
+    background hue's colour name (its hue plus the gradient's mean offset 0.075), e.g.
     "a blue ball and a red ball bounce fast over a green background"."""
     names = [("an " if c[0] in "aeiou" else "a ") + c + " ball" for c in sorted(b["color"] for b in balls)]
     listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     fast = np.mean([b["speed"] for b in balls]) >= FAST
-    hue = (bg["hue0"] + 0.075) % 1.0
+    hue = (bg["hue"] + 0.075) % 1.0
     colour = min(BACKGROUND_HUES, key=lambda c: abs((hue - BACKGROUND_HUES[c] + 0.5) % 1.0 - 0.5))
     verb = "bounces" if len(names) == 1 else "bounce"
     return f"{listed} {verb} {'fast' if fast else 'slowly'} over a {colour} background"
@@ -648,7 +652,7 @@ def _balls_per_frame(video, tol):
     nearest, close = dist.argmin(-1), dist.min(-1) < tol
     within_frame = np.zeros((3, 3, 3), bool)
     within_frame[1] = True                                           # connect pixels of one frame only
-    a_min = 0.3 * np.pi * (0.08 * S) ** 2                            # a third of the smallest ball
+    a_min = 0.3 * np.pi * (RADIUS[0] * S) ** 2                       # a third of the smallest ball
     found = {}
     for c in range(len(palette)):
         labels, _ = ndimage.label(close & (nearest == c), within_frame)
@@ -683,10 +687,10 @@ def ball_check(video, tol=70.0, found=None):
     "ok" or SCORE_FAILURES. A deterministic detector that knows the palette: in every frame, the balls
     are the regions near a palette colour (RGB distance < tol, at least a third of the smallest ball's
     area). A video passes when
-      * each region fits in the largest ball (radius 0.2 of the frame) and, where no other ball touches
+      * each region fits in the largest ball (radius RADIUS[1] of the frame) and, where no other ball touches
         it, is round (every pixel within 1.25 equal-area radii of its centre);
       * every colour seen is seen in at least half the frames (no ball appears and vanishes);
-      * a ball moves at most 0.1 frame widths per frame (the data: at most 0.045) unless an occluder
+      * a ball moves at most 0.1 frame widths per frame (the data: at most SPEED[1] = 0.045) unless an occluder
         touches it, and is missing only where another ball may cover it (near its last position).
     found: _balls_per_frame(video, tol), when the caller has it already."""
     T, S = np.asarray(video).shape[:2]
@@ -694,7 +698,7 @@ def ball_check(video, tol=70.0, found=None):
     if not found:
         return False, "no ball"
     union, where = _regions(found, T, S)
-    step, r_max = 0.1 * S, 0.2 * S + 1.5
+    step, r_max = 0.1 * S, RADIUS[1] * S + 1.5
     info = {}
     for (t, c), (_, area) in found.items():
         ys, xs, cy, cx, touched = where[(t, c)]

@@ -799,7 +799,8 @@ class TestData:
         assert a.params(3) != test.params(3) and not torch.equal(a[3], test[3])
         for i in range(50):
             for ball in a.params(i)["balls"]:
-                assert 0.08 <= ball["radius"] <= 0.2 and 1.0 <= ball["speed"] * 64 <= 3.0
+                assert 0.12 <= ball["radius"] <= 0.18 and 1.0 <= ball["speed"] * 64 <= 3.0
+            assert len(a.params(i)["balls"]) in (1, 2)
             x = a[i]
             assert x.shape == (3, 8, 32, 32) and x.min() >= -1 and x.max() <= 1
         p = a.params(0)
@@ -875,15 +876,15 @@ class TestData:
     def test_captions_name_what_the_detector_reads(self):
         """synthetic_caption from parameters (closed forms), parse_caption back, and caption_check on a
         hand-drawn ball of known colour and speed over a background of known hue."""
-        bg = {"hue0": 2 / 6 - 0.075}                                             # green at frame 0
+        bg = {"hue": 2 / 6 - 0.075}                                              # green
         two = [{"color": "red", "speed": 0.04}, {"color": "blue", "speed": 0.03}]   # mean 0.035 >= FAST
         assert data.synthetic_caption(two, bg) == "a blue ball and a red ball bounce fast over a green background"
-        one = [{"color": "orange", "speed": 0.03}]
-        assert data.synthetic_caption(one, {"hue0": 0.99 - 0.075}) == "an orange ball bounces slowly over a red background"
-        three = [{"color": c, "speed": 0.02} for c in ("yellow", "cyan", "purple")]
-        cap = data.synthetic_caption(three, {"hue0": 0.7 - 0.075})
-        assert cap == "a cyan ball, a purple ball and a yellow ball bounce slowly over a blue background"
-        assert data.parse_caption(cap) == ({"cyan", "purple", "yellow"}, "slowly", "blue")
+        one = [{"color": "orange", "speed": 0.03}]   # the caption grammar is not tied to the palette
+        assert data.synthetic_caption(one, {"hue": 0.99 - 0.075}) == "an orange ball bounces slowly over a red background"
+        three = [{"color": c, "speed": 0.02} for c in ("yellow", "cyan", "magenta")]
+        cap = data.synthetic_caption(three, {"hue": 0.7 - 0.075})
+        assert cap == "a cyan ball, a magenta ball and a yellow ball bounce slowly over a blue background"
+        assert data.parse_caption(cap) == ({"cyan", "magenta", "yellow"}, "slowly", "blue")
         assert data.parse_caption("Two RED balls, fast!") == ({"red"}, "fast", None)
         yy, xx = np.mgrid[0:64, 0:64]
 
@@ -2071,10 +2072,12 @@ class TestHierarchical:
 class TestTrain:
     """train.py: exact resume, DDP, EMA, user errors, initialization of pred/interp."""
 
-    def test_train_resume_is_exact(self, tmp_path):
-        """4 steps straight == 2 steps, stop, --resume, 2 more: identical weights, optimizers, EMA, RNG."""
+    @pytest.mark.parametrize("extra", [[], ["--crop", "16", "--disc-start", "100"]])
+    def test_train_resume_is_exact(self, tmp_path, extra):
+        """4 steps straight == 2 steps, stop, --resume, 2 more: identical weights, optimizers, EMA, RNG
+        (also with the autoencoder's random crops, whose offsets come from the saved RNG)."""
         a, b = str(tmp_path / "a"), str(tmp_path / "b")
-        common = _TINY_VAE + ["--save-every", "2", "--sample-every", "1000", "--ema", "0.9"]
+        common = _TINY_VAE + ["--save-every", "2", "--sample-every", "1000", "--ema", "0.9"] + extra
         train.main(common + ["--out", a, "--steps", "4"])
         train.main(common + ["--out", b, "--steps", "2"])
         train.main(common + ["--out", b, "--steps", "4", "--resume"])
@@ -2083,6 +2086,18 @@ class TestTrain:
         for key in ("model", "ema", "discriminator", "optimizer", "optimizer_d", "rng", "data_state"):
             _assert_same_tensors(ca[key], cb[key], key)
         assert ca["data_state"]["batch_in_epoch"] == 4
+
+    def test_random_crops_are_windows_of_each_clip(self):
+        """train.random_crops: each crop is the clip's own window at the offsets torch's RNG draws."""
+        x = torch.randn(3, 3, 2, 12, 10)
+        torch.manual_seed(5)
+        crops = train.random_crops(x, 8)
+        torch.manual_seed(5)
+        ys, xs = torch.randint(0, 5, (3,)).tolist(), torch.randint(0, 3, (3,)).tolist()
+        assert crops.shape == (3, 3, 2, 8, 8)
+        for b in range(3):
+            assert torch.equal(crops[b], x[b, :, :, ys[b]:ys[b] + 8, xs[b]:xs[b] + 8])
+        assert len({tuple(train.random_crops(x, 8)[0, 0, 0, 0, :2].tolist()) for _ in range(30)}) > 3  # windows vary
 
     def test_train_weights_change_and_discriminator_trains(self, tmp_path):
         out = str(tmp_path / "r")
@@ -2146,6 +2161,9 @@ class TestTrain:
         (["--ema", "1"], "--ema must be below 1"),
         (["--timesteps", "100", "--s-max", "101"], "at most 100"),
         (["--flip", "2"], "--flip"),
+        (["--crop", "12"], "multiple of 8"),
+        (["--crop", "64"], "at most --size 32"),
+        (["--crop", "16", "--steps", "3"], "at least 32"),
     ])
     def test_user_errors_are_one_sentence(self, tmp_path, extra, words):
         with pytest.raises(UserError) as e:

@@ -147,6 +147,8 @@ def parse_args(argv=None):
     p.add_argument("--pixel-loss", default="mse", choices=["mse", "l1"], help="pixel term of L_rec in Eq. (1)")
     p.add_argument("--lpips-frames", type=positive_int, help="score LPIPS on this many random frames per clip (default all)")
     p.add_argument("--sample-posterior", type=int, default=1, help="train on z ~ q(z|x) (1) or its mean (0)")
+    p.add_argument("--crop", type=natural_int, help="train the autoencoder on random CROP x CROP windows of the "
+                   "clips (it is fully convolutional: a step costs (CROP/size)^2 as much; 0 = whole frames)")
     p.add_argument("--eval-clips", type=positive_int, default=32, help="held-out clips for PSNR / latent statistics")
     # stages lvdm / pred / interp (§3.2, §3.3)
     p.add_argument("--vae", help="frozen autoencoder checkpoint (default RUN/vae.pt)")
@@ -217,6 +219,12 @@ def check_args(args):
         raise UserError(f"--betas takes two numbers in [0, 1) like 0.5,0.9; got {args.betas}.")
     if not args.caption_dropout < 1:
         raise UserError(f"--caption-dropout must be below 1, got {args.caption_dropout}; pass e.g. 0.1.")
+    if args.stage == "vae" and args.crop and (args.crop > args.size or args.crop % 8):
+        raise UserError(f"--crop {args.crop} must be a multiple of 8 and at most --size {args.size}; pass e.g. "
+                        f"--crop {max(8, args.size // 2 // 8 * 8)} (or 0 for whole frames).")
+    if args.stage == "vae" and args.crop and args.crop < 32 and args.disc_start < args.steps:
+        raise UserError(f"--crop {args.crop}: the patch discriminator needs windows of at least 32 px; pass --crop 32 "
+                        f"or more, or --disc-start {args.steps} to train without it.")
     if args.s_max > args.timesteps:
         raise UserError(f"--s-max {args.s_max} is more noise steps than --timesteps {args.timesteps}; pass an "
                         f"--s-max of at most {args.timesteps}.")
@@ -465,10 +473,20 @@ def latent_cache(stage, args, dataset, device, master_process):
 
 
 # ----------------------------------------------------------------------------- one micro-batch
+def random_crops(x, size):
+    """A random size x size window of each clip (offsets from torch's RNG, so resume stays exact):
+    (B,3,T,H,W) -> (B,3,T,size,size)."""
+    B, _, _, H, W = x.shape
+    ys, xs = torch.randint(0, H - size + 1, (B,)).tolist(), torch.randint(0, W - size + 1, (B,)).tolist()
+    return torch.stack([clip[..., y:y + size, x0:x0 + size] for clip, y, x0 in zip(x, ys, xs)])
+
+
 def vae_step(stage, ddp_model, x, step, gan, args, autocast, scalers):
     """Eq. (1) for one micro-batch: the autoencoder's loss backward, then (once the GAN is on) the
     discriminator's. ψ is not wrapped in DDP: the generator pass calls it with its gradients off,
     and its own gradients are averaged by hand (allreduce_grads) before its optimizer step."""
+    if args.crop and args.crop < x.shape[-1]:
+        x = random_crops(x, args.crop)
     stage.disc.requires_grad_(False)
     with autocast:
         recon, posterior = ddp_model(x, sample_posterior=bool(args.sample_posterior))

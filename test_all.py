@@ -2420,7 +2420,7 @@ class TestTrain:
     def test_stage_all_skips_finished_stages_resumes_a_stopped_one_and_ends_with_the_page(self, tmp_path):
         run_dir = str(tmp_path / "run")
         os.makedirs(run_dir)
-        common.save_checkpoint(os.path.join(run_dir, "vae.pt"), {"stage": "vae", "step": 800})  # demo: 800 steps
+        common.save_checkpoint(os.path.join(run_dir, "vae.pt"), {"stage": "vae", "step": 1600})  # demo: 1600 steps
         common.save_checkpoint(os.path.join(run_dir, "lvdm.pt"), {"stage": "lvdm", "step": 5})  # stopped early
         calls = []
         ok = lambda cmd: calls.append([os.path.basename(c) if c.endswith(".py") else c for c in cmd[1:]]) or \

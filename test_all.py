@@ -1367,13 +1367,15 @@ class TestUNet3D:
             ref = x + ca.proj_out((w @ vv).transpose(1, 2).reshape(2, 48, 32)).reshape(2, 3, 4, 4, 32).permute(0, 4, 1, 2, 3)
             torch.testing.assert_close(ca(x, states), ref)
 
-    def test_video_model_from_the_image_model_computes_it_frame_by_frame(self):
+    @pytest.mark.parametrize("attn_res, temporal_res", [((1, 2), ()), ((2,), (1,))])
+    def test_video_model_from_the_image_model_computes_it_frame_by_frame(self, attn_res, temporal_res):
         """§5: every image weight copied, temporal attention added with zero output projections: at step 0
-        the video model's output on any video equals the image model's on each frame alone."""
+        the video model's output on any video equals the image model's on each frame alone (also where
+        the video model has temporal-only attention blocks, which the image model has empty)."""
         torch.manual_seed(0)
         cfg = unet3d.UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2),
-                                num_res_blocks=1, attention_resolutions=(1, 2), num_heads=2, context_dim=16,
-                                attention="spatial")
+                                num_res_blocks=1, attention_resolutions=attn_res, temporal_resolutions=temporal_res,
+                                num_heads=2, context_dim=16, attention="spatial")
         enc = text.TextTransformer(text.TextConfig(vocab_size=600, width=16, layers=1, heads=1, mlp_width=32))
         image = text.TextConditioned(unet3d.UNet3D(cfg), enc)
         for p in image.parameters():                       # zero-initialized layers too: a trained model
@@ -1439,6 +1441,27 @@ class TestUNet3D:
         w = 10000.0 ** (-np.arange(4) / 4)
         ref_emb = np.concatenate([np.cos(t.numpy()[:, None] * w), np.sin(t.numpy()[:, None] * w)], axis=1)
         np.testing.assert_allclose(timestep_embedding(t, 8).numpy(), ref_emb, rtol=1e-5, atol=1e-4)
+
+    def test_temporal_only_attention_mixes_frames_at_each_position_alone(self):
+        """temporal_resolutions: a block with the temporal attention only. Swapping two positions within one
+        frame (which leaves its per-frame GroupNorm statistics as they were) changes those two positions in
+        every frame and nothing else."""
+        torch.manual_seed(0)
+        cfg = unet3d.UNetConfig(model_channels=32, channel_mult=(1,), attention_resolutions=(), num_heads=2)
+        x = torch.randn(2, 32, 4, 5, 5, dtype=torch.float64)
+        x2 = x.clone()
+        x2[:, :, 1, 2, 3], x2[:, :, 1, 0, 0] = x[:, :, 1, 0, 0], x[:, :, 1, 2, 3]
+        blk = _diffusion_randomize(unet3d.AttentionBlock(32, cfg, temporal_only=True).double())
+        assert blk.attn_s is None and blk.cross is None and blk.attn_t is not None
+        with torch.no_grad():
+            d = (blk(x2) - blk(x)).abs().amax(dim=(0, 1))                  # (T,H,W)
+        assert (d[:, 2, 3] > 1e-4).all() and (d[:, 0, 0] > 1e-4).all()       # both positions, every frame
+        d[:, 2, 3] = d[:, 0, 0] = 0
+        assert d.max() < 1e-12                                               # nowhere else
+        net = unet3d.UNet3D(dc_replace(cfg, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+                                       temporal_resolutions=(1,)))
+        kinds = [(b.attn_s is None) for b in net.modules() if isinstance(b, unet3d.AttentionBlock)]
+        assert kinds.count(True) == 3 and kinds.count(False) == 4            # ds 1: in 1, out 2; ds 2: in, mid, out 2
 
     @pytest.mark.parametrize("attention", ["spatial", "factorized", "joint"])
     def test_unet_frame_independence(self, attention):

@@ -53,6 +53,8 @@ class UNetConfig:
     channel_mult: tuple = (1, 2, 3, 4)
     num_res_blocks: int = 3
     attention_resolutions: tuple = (2, 4, 8)  # downsample factors that get attention
+    temporal_resolutions: tuple = ()   # downsample factors that get temporal attention only (§3.2's "temporal
+                                       # attention in partial layers"); a factor in both lists gets the full block
     num_heads: int = 4
     dropout: float = 0.0
     attention: str = "factorized"      # "factorized" | "joint" | "spatial" (no temporal attention)
@@ -71,6 +73,7 @@ class UNetConfig:
     def __post_init__(self):  # checkpoints store asdict(cfg): lists come back, make them tuples again
         self.channel_mult = tuple(self.channel_mult)
         self.attention_resolutions = tuple(self.attention_resolutions)
+        self.temporal_resolutions = tuple(self.temporal_resolutions)
         if self.attention not in ("factorized", "joint", "spatial"):
             raise UserError(f"unknown attention {self.attention!r}; use 'factorized', 'joint' or 'spatial'.")
         if self.norm_over not in ("frame", "clip"):
@@ -289,7 +292,7 @@ class CrossAttention(nn.Module):
 class AttentionBlock(nn.Module):
     """The release's STAttentionBlock: spatial then temporal self-attention (factorized, default),
     or one joint space-time self-attention, or spatial only; optional cross-attention after the
-    spatial (or joint) part.
+    spatial (or joint) part. With temporal_only, just the temporal attention (cfg.temporal_resolutions).
 
     Cross-attention (§5) sits between the spatial and the temporal attention, so with attention="spatial"
     the block is Stable Diffusion's per-frame self-attention then cross-attention: the image model whose
@@ -297,13 +300,16 @@ class AttentionBlock(nn.Module):
     runs spatial self-attention, temporal attention, cross-attention, a second temporal attention, then a
     feed-forward; one temporal attention after the cross-attention is the smaller form of the same idea.)"""
 
-    def __init__(self, channels, cfg):
+    def __init__(self, channels, cfg, temporal_only=False):
         super().__init__()
         self.use_checkpoint = cfg.use_checkpoint
         rel = cfg.max_relative_position if cfg.use_relative_position else None
         first = "joint" if cfg.attention == "joint" else "spatial"
-        self.attn_s = SelfAttention(channels, cfg.num_heads, first, rel, cfg.norm_over)
-        self.cross = CrossAttention(channels, cfg.context_dim, cfg.num_heads) if cfg.context_dim else None
+        # temporal_only (cfg.temporal_resolutions): just the temporal attention, and nothing for the
+        # image model (attention="spatial"), whose video model then adds it zero-initialized like the rest
+        self.attn_s = None if temporal_only else SelfAttention(channels, cfg.num_heads, first, rel, cfg.norm_over)
+        self.cross = CrossAttention(channels, cfg.context_dim, cfg.num_heads) if cfg.context_dim and not temporal_only \
+            else None
         self.attn_t = (SelfAttention(channels, cfg.num_heads, "temporal", rel, cfg.norm_over, cfg.relative_form)
                        if cfg.attention == "factorized" else None)
 
@@ -313,7 +319,8 @@ class AttentionBlock(nn.Module):
         return self._forward(x, context)
 
     def _forward(self, x, context):
-        x = self.attn_s(x)
+        if self.attn_s is not None:
+            x = self.attn_s(x)
         if self.cross is not None and context is not None:
             x = self.cross(x, context)
         if self.attn_t is not None:
@@ -355,8 +362,8 @@ class UNet3D(nn.Module):
             for _ in range(cfg.num_res_blocks):
                 layers = [res(ch, mult * mc)]
                 ch = mult * mc
-                if ds in cfg.attention_resolutions:
-                    layers.append(AttentionBlock(ch, cfg))
+                if ds in cfg.attention_resolutions or ds in cfg.temporal_resolutions:
+                    layers.append(AttentionBlock(ch, cfg, temporal_only=ds not in cfg.attention_resolutions))
                 self.input_blocks.append(TimestepEmbedSequential(layers))
                 skip_chans.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -369,8 +376,8 @@ class UNet3D(nn.Module):
             for i in range(cfg.num_res_blocks + 1):
                 layers = [res(ch + skip_chans.pop(), mult * mc)]
                 ch = mult * mc
-                if ds in cfg.attention_resolutions:
-                    layers.append(AttentionBlock(ch, cfg))
+                if ds in cfg.attention_resolutions or ds in cfg.temporal_resolutions:
+                    layers.append(AttentionBlock(ch, cfg, temporal_only=ds not in cfg.attention_resolutions))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2

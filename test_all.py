@@ -800,7 +800,7 @@ class TestData:
         assert a.params(3) != test.params(3) and not torch.equal(a[3], test[3])
         for i in range(50):
             for ball in a.params(i)["balls"]:
-                assert 0.12 <= ball["radius"] <= 0.18 and 1.0 <= ball["speed"] * 64 <= 3.0
+                assert 0.12 <= ball["radius"] <= 0.18 and 0.5 <= ball["speed"] * 64 <= 1.2  # px per frame at 64²
             assert len(a.params(i)["balls"]) in (1, 2)
             x = a[i]
             assert x.shape == (3, 8, 32, 32) and x.min() >= -1 and x.max() <= 1
@@ -878,26 +878,28 @@ class TestData:
         """synthetic_caption from parameters (closed forms), parse_caption back, and caption_check on a
         hand-drawn ball of known colour and speed over a background of known hue."""
         bg = {"hue": 2 / 6 - 0.075}                                              # green
-        two = [{"color": "red", "speed": 0.04}, {"color": "blue", "speed": 0.03}]   # mean 0.035 >= FAST
+        lo, hi = data.SPEED
+        two = [{"color": "red", "speed": hi}, {"color": "blue", "speed": (lo + hi) / 2}]   # mean >= FAST
         assert data.synthetic_caption(two, bg) == "a blue ball and a red ball bounce fast over a green background"
-        one = [{"color": "orange", "speed": 0.03}]   # the caption grammar is not tied to the palette
+        one = [{"color": "orange", "speed": data.FAST - 1e-4}]   # the caption grammar is not tied to the palette
         assert data.synthetic_caption(one, {"hue": 0.99 - 0.075}) == "an orange ball bounces slowly over a red background"
-        three = [{"color": c, "speed": 0.02} for c in ("yellow", "cyan", "magenta")]
+        three = [{"color": c, "speed": lo} for c in ("yellow", "cyan", "magenta")]
         cap = data.synthetic_caption(three, {"hue": 0.7 - 0.075})
         assert cap == "a cyan ball, a magenta ball and a yellow ball bounce slowly over a blue background"
         assert data.parse_caption(cap) == ({"cyan", "magenta", "yellow"}, "slowly", "blue")
         assert data.parse_caption("Two RED balls, fast!") == ({"red"}, "fast", None)
-        yy, xx = np.mgrid[0:64, 0:64]
+        yy, xx = np.mgrid[0:128, 0:128]
+        assert 1 / 128 < data.FAST - data.SPEED_SLACK and 3 / 128 > data.FAST + data.SPEED_SLACK
 
-        def clip(step, colour="red"):   # a disk of radius 6 moving `step` px per frame over hue 2/3 (blue)
-            v = np.empty((16, 64, 64, 3), np.uint8)
+        def clip(step, colour="red"):   # a disk of radius 12 moving `step` px per frame over hue 2/3 (blue)
+            v = np.empty((16, 128, 128, 3), np.uint8)
             v[:] = (60, 60, 140)
             for t in range(16):
-                v[t][(yy - 30) ** 2 + (xx - 8 - step * t) ** 2 <= 36] = data.PALETTE[colour]
+                v[t][(yy - 60) ** 2 + (xx - 16 - step * t) ** 2 <= 144] = data.PALETTE[colour]
             return v
         fast, slow = clip(3), clip(1)
-        assert data.video_attributes(fast)["speed"] == pytest.approx(3 / 64)
-        assert data.video_attributes(slow)["speed"] == pytest.approx(1 / 64)
+        assert data.video_attributes(fast)["speed"] == pytest.approx(3 / 128)
+        assert data.video_attributes(slow)["speed"] == pytest.approx(1 / 128)
         assert data.video_attributes(fast)["hue"] == pytest.approx(2 / 3, abs=1e-3)
         everything = {"ok": True, "balls": True, "colours": True, "speed": True, "background": True, "named": True}
         assert data.caption_check(fast, "a red ball bounces fast over a blue background") == everything

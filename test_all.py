@@ -4,6 +4,7 @@ One class per source file (`pytest test_all.py::TestVAE` runs vae.py's tests). E
 its file against closed forms, independent references, invariants or round trips, never against
 its own earlier output.
 """
+import argparse
 import csv
 import gzip
 import io
@@ -2551,6 +2552,15 @@ class TestSample:
 # =============================================================================
 class TestFVD:
     """fvd.py (§4.1): I3D, FVD and KVD against independent references."""
+
+    def test_synthetic_real_cache_key_follows_the_generator(self, monkeypatch):
+        """Cached real features of the built-in data are keyed by its ranges: features of an earlier
+        version of the generator are not reused after a change to it."""
+        args = argparse.Namespace(real="synthetic", size=32, frames=4, stride=1, split="test", seed=0, n_real=4)
+        first = fvd.open_real(args, (32, 32))[1]
+        assert fvd.open_real(args, (32, 32))[1] == first
+        monkeypatch.setattr(data, "SPEED", (data.SPEED[0], 2 * data.SPEED[1]))
+        assert fvd.open_real(args, (32, 32))[1] != first
 
     # ------------------------------------------------------------------ distances
     def test_fvd_reference_values_from_independent_implementations(self):

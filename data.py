@@ -468,6 +468,12 @@ N_BALLS, RADIUS, SPEED = (1, 2), (0.12, 0.18), (0.008, 0.018)   # SyntheticVideo
 SPLIT_ID = {"train": 0, "test": 1}
 
 
+def synthetic_version():
+    """The built-in generator's ranges, for cache keys (latent caches, FVD's real features): a change
+    to them is a different dataset, whose cached latents or features must not be reused."""
+    return [N_BALLS, RADIUS, SPEED, sorted(PALETTE.items())]
+
+
 def _hsv_to_rgb(h, s, v):
     """Vectorized HSV -> RGB in [0,1]; h in cycles (any real), s, v in [0,1]. Returns (...,3)."""
     h = np.mod(h, 1.0) * 6.0

@@ -2553,14 +2553,23 @@ class TestSample:
 class TestFVD:
     """fvd.py (§4.1): I3D, FVD and KVD against independent references."""
 
-    def test_synthetic_real_cache_key_follows_the_generator(self, monkeypatch):
-        """Cached real features of the built-in data are keyed by its ranges: features of an earlier
-        version of the generator are not reused after a change to it."""
+    def test_caches_of_the_builtin_data_follow_the_generator(self, monkeypatch, tmp_path):
+        """Cached real features (fvd.py) and cached latents (train.py) of the built-in data are keyed by
+        its ranges: an earlier version of the generator's features or latents are not reused after a
+        change to it. A folder dataset's latent key does not depend on them."""
         args = argparse.Namespace(real="synthetic", size=32, frames=4, stride=1, split="test", seed=0, n_real=4)
-        first = fvd.open_real(args, (32, 32))[1]
-        assert fvd.open_real(args, (32, 32))[1] == first
+        (tmp_path / "vae.pt").write_bytes(b"x")
+        stage = types.SimpleNamespace(clip_frames=8, tokenizer=None)
+        targs = train.parse_args(["--stage", "lvdm", "--preset", "demo", "--vae", str(tmp_path / "vae.pt")])
+        folder = train.parse_args(["--stage", "lvdm", "--preset", "demo", "--vae", str(tmp_path / "vae.pt"),
+                                   "--data", str(tmp_path)])
+        before = fvd.open_real(args, (32, 32))[1], train.latent_cache_key(stage, targs), \
+            train.latent_cache_key(stage, folder)
+        assert (fvd.open_real(args, (32, 32))[1], train.latent_cache_key(stage, targs)) == before[:2]
         monkeypatch.setattr(data, "SPEED", (data.SPEED[0], 2 * data.SPEED[1]))
-        assert fvd.open_real(args, (32, 32))[1] != first
+        assert fvd.open_real(args, (32, 32))[1] != before[0]
+        assert train.latent_cache_key(stage, targs) != before[1]
+        assert train.latent_cache_key(stage, folder) == before[2]
 
     # ------------------------------------------------------------------ distances
     def test_fvd_reference_values_from_independent_implementations(self):

@@ -448,13 +448,20 @@ class LatentDataset(torch.utils.data.Dataset):
         pass
 
 
+def latent_cache_key(stage, args):
+    """What the cached latents depend on: the autoencoder file, the data and its settings (for the
+    built-in data also the generator's ranges), and the captions of the text stages."""
+    return json.dumps([os.path.abspath(args.vae), os.path.getmtime(args.vae), args.data, stage.clip_frames,
+                       args.size, args.stride, args.split, args.seed, args.latent_cache] +
+                      ([args.captions or "captions"] if stage.tokenizer is not None else []) +
+                      ([data.synthetic_version()] if args.data == "synthetic" else []))
+
+
 def latent_cache(stage, args, dataset, device, master_process):
     """--latent-cache N: encode the first N clips once (on CPU the encoder costs more than the U-Net
     step) and train on those latents; the file RUN/latents-<key>.pt is keyed by the autoencoder and
     the data settings, so a changed autoencoder or dataset makes a new one."""
-    key = json.dumps([os.path.abspath(args.vae), os.path.getmtime(args.vae), args.data, stage.clip_frames,
-                      args.size, args.stride, args.split, args.seed, args.latent_cache] +
-                     ([args.captions or "captions"] if stage.tokenizer is not None else []))
+    key = latent_cache_key(stage, args)
     path = os.path.join(args.out, f"latents-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
     n = min(args.latent_cache, len(dataset))
     if master_process and not os.path.exists(path):

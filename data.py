@@ -500,9 +500,10 @@ class SyntheticVideos(torch.utils.data.Dataset):
         apart), drawn in order (the later ball covers the earlier one where they overlap); radius ~
         U(RADIUS) (7.7-11.5 px at 64x64);
       * start position (x0, y0) ~ U(r, 1-r) each; speed ~ U(SPEED) frame-widths per frame
-        (0.5-1.2 px/frame at 64x64, 2-4.6 px per latent frame of ft = 4) in a uniform direction; balls bounce elastically off the walls
-        (see `bounce`) and pass through each other; frame t shows the position at time t, so any
-        length is one continuous trajectory and stride s samples every s-th frame of it;
+        (0.5-1.2 px/frame at 64x64, 2-4.6 px per latent frame of ft = 4) in a uniform direction; balls
+        bounce elastically off the walls (see `bounce`) and pass through each other; frame t shows the
+        position at time t, so any length is one continuous trajectory and stride s samples every s-th
+        frame of it;
       * edges are antialiased: alpha = clip((r - d)/w + 1/2, 0, 1), d = distance of the pixel
         center to the ball center, w = 1.5 px (a soft edge a small autoencoder can reproduce);
       * background, the same in every frame: a sinusoidal gradient g = 1/2 + 1/2 sin(2 pi f (x cos a
@@ -789,8 +790,8 @@ def caption_check(video, caption, tol=70.0):
     balls = ball_check(video, tol, found)[0]
     a = video_attributes(video, tol, found)
     colours, speed, bg = parse_caption(caption)
-    ok_speed = speed is None or (a["speed"] is not None and
-                                 (a["speed"] >= FAST - SPEED_SLACK if speed == "fast" else a["speed"] < FAST + SPEED_SLACK))
+    ok_speed = speed is None or (a["speed"] is not None and (a["speed"] >= FAST - SPEED_SLACK if speed == "fast"
+                                                             else a["speed"] < FAST + SPEED_SLACK))
     ok_bg = bg is None or abs((a["hue"] - BACKGROUND_HUES[bg] + 0.5) % 1.0 - 0.5) <= 1 / 12 + 0.05
     out = {"balls": bool(balls), "colours": a["colours"] == colours, "speed": bool(ok_speed), "background": bool(ok_bg)}
     out["ok"] = all(out.values())

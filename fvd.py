@@ -528,9 +528,9 @@ def open_real(args, fake_hw):
     ds = data.make_dataset(args.real, args.frames, args.size, stride=args.stride, split=args.split,
                       random_start=True, flip=False, seed=args.seed)
     if str(args.real) == "synthetic":  # the cache key holds the generator's ranges: a new version gets new features
-        return ds, ["synthetic", len(ds), data.synthetic_version()], (f"{args.n_real} clips of {args.frames} frames (stride {args.stride}) of "
-                                            f"the built-in synthetic videos, split {args.split}, frames 0.. of each, "
-                                            f"rendered at {args.size}x{args.size} (seeded per video, no crop)")
+        return ds, ["synthetic", len(ds), data.synthetic_version()], (
+            f"{args.n_real} clips of {args.frames} frames (stride {args.stride}) of the built-in synthetic videos, "
+            f"split {args.split}, frames 0.. of each, rendered at {args.size}x{args.size} (seeded per video, no crop)")
     return ds, [os.path.abspath(args.real), len(ds)], (
         f"{args.n_real} clips of {args.frames} frames (stride {args.stride}) from {args.real} split {args.split} "
         f"({len(ds)} videos), random start seeded by (seed, run), resized + center-cropped to "

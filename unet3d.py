@@ -357,6 +357,11 @@ class UNet3D(nn.Module):
         def res(cin, cout):
             return ResBlock(cin, emb_dim, cout, cfg.dropout, cfg.use_checkpoint, cfg.norm_over)
 
+        def attention(ch, ds):  # the block a level gets: full, temporal only, or none ([] then)
+            if ds in cfg.attention_resolutions or ds in cfg.temporal_resolutions:
+                return [AttentionBlock(ch, cfg, temporal_only=ds not in cfg.attention_resolutions)]
+            return []
+
         cin = cfg.in_channels + (1 if cfg.mask_channel else 0)
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential([conv_1x3x3(cin, mc)])])
         skip_chans, ch, ds = [mc], mc, 1
@@ -364,8 +369,7 @@ class UNet3D(nn.Module):
             for _ in range(cfg.num_res_blocks):
                 layers = [res(ch, mult * mc)]
                 ch = mult * mc
-                if ds in cfg.attention_resolutions or ds in cfg.temporal_resolutions:
-                    layers.append(AttentionBlock(ch, cfg, temporal_only=ds not in cfg.attention_resolutions))
+                layers += attention(ch, ds)
                 self.input_blocks.append(TimestepEmbedSequential(layers))
                 skip_chans.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -378,8 +382,7 @@ class UNet3D(nn.Module):
             for i in range(cfg.num_res_blocks + 1):
                 layers = [res(ch + skip_chans.pop(), mult * mc)]
                 ch = mult * mc
-                if ds in cfg.attention_resolutions or ds in cfg.temporal_resolutions:
-                    layers.append(AttentionBlock(ch, cfg, temporal_only=ds not in cfg.attention_resolutions))
+                layers += attention(ch, ds)
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2

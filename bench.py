@@ -5,7 +5,7 @@
     python bench.py i3d --i3d PATH         # I3D clips/s at 16x224², and FVD16 time for 256 vs 256 clips
     python bench.py long --pred runs/demo/pred.pt --interp runs/demo/interp.pt   # 1024/4096-frame sampling
     python bench.py study --pred runs/demo/pred.pt --interp runs/demo/interp.pt --ar-pred runs/demo-ar/pred.pt \
-        --i3d PATH --frames 256 --n 16 --pool 4   # §4.4, Fig. 6-7: FVD along long videos, per setting
+        --frames 1024 --n 8 --pool 8 --seeds 3 [--i3d PATH]   # §4.4, Fig. 6-7: score (and FVD) along long videos
     python bench.py faults                 # SIGKILL / SIGTERM + --resume, bitwise; 42 bad inputs, one sentence each
     python bench.py smoke [--device cuda]  # every stage at the paper presets, a few steps: time and peak memory
     python bench.py contention             # the demo's training step next to a busy process: threads, wait policy
@@ -647,58 +647,101 @@ STUDY = {  # name -> (mode, cond-noise s, guidance w); Fig. 6-7 of the paper
 
 
 def study(argv):
-    """FVD and the synthetic score (data.ball_check) of every 16-frame clip across long videos, for the
-    long-video settings of §4.4.
+    """The long-video settings of §4.4 (Fig. 6-7) over several seeds: the synthetic score (data.ball_check)
+    of every 16-frame clip across the videos and, with --i3d, the FVD of every point (fvd.fvd_curve).
 
     python bench.py study --pred runs/demo/pred.pt --interp runs/demo/interp.pt \\
-        --ar-pred runs/demo-ar/pred.pt --i3d i3d-kinetics-400.ckpt --frames 256 --n 16 --pool 4
-    Writes OUT/study.csv and OUT/study.png (one curve per setting)."""
+        --ar-pred runs/demo-ar/pred.pt --frames 1024 --n 8 --pool 8 --seeds 3 [--i3d PATH]
+    Writes OUT/study.csv (one row per setting, seed and point), OUT/study.md (mean ± standard deviation
+    over the seeds per point, and the change from the first point to the last) and OUT/study.png."""
     p = argparse.ArgumentParser(prog="bench.py study", description=study.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pred", required=True, help="prediction model on sparse latents (--gap 4)")
     p.add_argument("--interp", required=True)
-    p.add_argument("--ar-pred", required=True, help="prediction model on consecutive latents (--gap 1)")
-    p.add_argument("--i3d", default=os.environ.get("LVDM_I3D"))
+    p.add_argument("--ar-pred", help="prediction model on consecutive latents (--gap 1); needed by the "
+                   "autoregressive settings")
+    p.add_argument("--i3d", default=os.environ.get("LVDM_I3D"), help="I3D weights; without them only the score")
     p.add_argument("--frames", type=int, default=1024); p.add_argument("--n", type=int, default=16)
     p.add_argument("--real-n", type=int, default=256, help="real synthetic clips for the reference statistics")
     p.add_argument("--steps", type=int, default=50); p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=3, help="independent runs per setting (seeds SEED, SEED+1, ...)")
     p.add_argument("--pool", type=int, default=1, help="score this many consecutive 16-frame clips of every "
                    "video together (n*pool clips per point; fvd.fvd_curve)")
-    p.add_argument("--only", action="append", help="run only these settings (repeatable)")
+    p.add_argument("--only", action="append", choices=sorted(STUDY), help="run only these settings (repeatable)")
     p.add_argument("--out", default="runs/study")
     args = p.parse_args(argv)
-    model = fvd.load_i3d(args.i3d)
+    settings = {name: v for name, v in STUDY.items() if not args.only or name in args.only}
+    if any(mode == "autoregressive" for mode, _, _ in settings.values()) and not args.ar_pred:
+        p.error("the autoregressive settings need --ar-pred (a pred model trained with --gap 1), or pick "
+                "settings with --only hierarchical")
+    model = fvd.load_i3d(args.i3d) if args.i3d else None
     os.makedirs(args.out, exist_ok=True)
-    size = sample.load_model(args.pred, "cpu")[2]["size"]
-    real_ds = data.SyntheticVideos(n=args.real_n, frames=16, size=size, split="test")
-    real = np.stack([data.to_uint8(real_ds[i][None])[0] for i in range(len(real_ds))])  # N x (16,H,W,3) -> (N,16,H,W,3)
-    real_feats = fvd.i3d_features(real, model, progress=True, desc="real clips")
-    curves = {}
-    for name, (mode, s, w) in STUDY.items():
-        if args.only and name not in args.only:
-            continue
-        out = os.path.join(args.out, name.replace(", ", "-").replace(" ", "-"))
-        ckpt = args.pred if mode == "hierarchical" else args.ar_pred
-        sample.main(["--ckpt", ckpt, "--interp", args.interp, "--mode", mode, "--frames", str(args.frames),
-                     "--n", str(args.n), "--batch-size", str(args.n), "--steps", str(args.steps),
-                     "--cond-noise", str(s), "--guidance", str(w), "--seed", str(args.seed), "--out", out])
-        videos = np.load(os.path.join(out, "long.npy"), mmap_mode="r")
-        points = fvd.fvd_curve(real_feats, videos, model, pool=args.pool)
-        for c in points:  # the synthetic data's own check (data.ball_check) on the same frames
-            c["score"] = data.synthetic_score(videos, c["start"], c["end"])[0]
-        curves[f"{name} (s={s}, w={w})"] = points
-        print(name, " ".join(f"{c['fvd']:.0f} ({100 * c['score']:.0f}%)" for c in points), flush=True)
+    real_feats = None
+    if model is not None:
+        size = sample.load_model(args.pred, "cpu")[2]["size"]
+        real_ds = data.SyntheticVideos(n=args.real_n, frames=16, size=size, split="test")
+        real = np.stack([data.to_uint8(real_ds[i][None])[0] for i in range(len(real_ds))])  # N x (16,H,W,3)
+        real_feats = fvd.i3d_features(real, model, progress=True, desc="real clips")
+    curves, rows = {}, []  # label -> [points of seed 0, seed 1, ...]; CSV rows
+    for name, (mode, s, w) in settings.items():
+        label = f"{name} (s={s}, w={w})"
+        for seed in range(args.seed, args.seed + args.seeds):
+            out = os.path.join(args.out, name.replace(", ", "-").replace(" ", "-"), f"seed-{seed}")
+            ckpt = args.pred if mode == "hierarchical" else args.ar_pred
+            sample.main(["--ckpt", ckpt, "--interp", args.interp, "--mode", mode, "--frames", str(args.frames),
+                         "--n", str(args.n), "--batch-size", str(args.n), "--steps", str(args.steps),
+                         "--cond-noise", str(s), "--guidance", str(w), "--seed", str(seed), "--out", out])
+            videos = np.load(os.path.join(out, "long.npy"), mmap_mode="r")
+            span = 16 * args.pool
+            points = (fvd.fvd_curve(real_feats, videos, model, pool=args.pool) if model is not None else
+                      [{"clip": k, "start": k * span, "end": (k + 1) * span, "fvd": float("nan"), "kvd": float("nan")}
+                       for k in range(videos.shape[1] // span)])
+            for c in points:  # the synthetic data's own check on the same frames, clip by 16-frame clip
+                c["score"] = float(np.mean([data.synthetic_score(videos, a, a + 16)[0]
+                                            for a in range(c["start"], c["end"] - 15, 16)]))
+                rows.append([label, seed, c["clip"], c["start"], c["end"], f"{c['fvd']:.3f}", f"{c['kvd']:.5f}",
+                             f"{c['score']:.4f}"])
+            curves.setdefault(label, []).append(points)
+            print(label, f"seed {seed}:", " ".join(f"{c['fvd']:.0f} ({100 * c['score']:.0f}%)" for c in points),
+                  flush=True)
     with atomic_path(os.path.join(args.out, "study.csv")) as tmp, open(tmp, "w", newline="") as f:
         wr = csv.writer(f)
-        wr.writerow(["setting", "clip", "start", "end", "fvd", "kvd", "score"])
-        for name, pts in curves.items():
-            for c in pts:
-                wr.writerow([name, c["clip"], c["start"], c["end"], f"{c['fvd']:.3f}", f"{c['kvd']:.5f}",
-                             f"{c['score']:.4f}"])
-    plot_lines(os.path.join(args.out, "study.png"), curves,
-                 f"FVD of {args.n * args.pool} 16-frame clips per point ({args.n} videos x {args.frames} frames) "
-                 f"vs {args.real_n} real clips")
-    print(f"wrote {args.out}/study.csv and study.png")
+        wr.writerow(["setting", "seed", "clip", "start", "end", "fvd", "kvd", "score"])
+        wr.writerows(rows)
+    table = study_table(curves, "score", "synthetic score (%)", 100.0)
+    if model is not None:
+        table += "\n\n" + study_table(curves, "fvd", "FVD", 1.0)
+    head = (f"{args.n} videos x {args.frames} frames per seed, {args.seeds} seeds, DDIM-{args.steps}; a point is "
+            f"{args.pool} consecutive 16-frame clips of every video" + (f", FVD against {args.real_n} real clips"
+                                                                         if model is not None else "") + ".\n\n")
+    with atomic_path(os.path.join(args.out, "study.md")) as tmp, open(tmp, "w") as f:
+        f.write(head + table + "\n")
+    key, what = ("fvd", "FVD") if model is not None else ("score", "synthetic score")
+    mean_curves = {label: [{"end": pts[0][k]["end"], key: float(np.mean([p[k][key] for p in pts]))}
+                           for k in range(len(pts[0]))] for label, pts in curves.items()}
+    plot_lines(os.path.join(args.out, "study.png"), mean_curves,
+               f"{what}, mean over {args.seeds} seeds ({args.n} videos x {args.frames} frames each)", y_key=key,
+               y_label=what)
+    print(head + table)
+    print(f"wrote {args.out}/study.csv, study.md and study.png")
+
+
+def study_table(curves, key, what, scale):
+    """Markdown: per setting, each point's mean ± standard deviation over the seeds (ddof=1 when there are
+    several), and the last point minus the first, whose spread is taken over the seeds' own differences."""
+    first = next(iter(curves.values()))[0]
+    head = "| setting | " + " | ".join(f"{c['start'] + 1}–{c['end']}" for c in first) + " | last − first |"
+    lines = [f"{what}:", "", head, "|---" * (len(first) + 2) + "|"]
+
+    def cell(values):
+        v = scale * np.asarray(values, np.float64)
+        return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v.mean():.1f}"
+
+    for label, seeds in curves.items():
+        cells = [cell([pts[k][key] for pts in seeds]) for k in range(len(first))]
+        cells.append(cell([pts[-1][key] - pts[0][key] for pts in seeds]))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def t2v(argv):

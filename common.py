@@ -332,6 +332,7 @@ def plot_lines(path, points, title, x_key="end", y_key="fvd", x_label="frame (en
     raw = max(max(ys) - min(0.0, min(ys)), 1e-9) / 5  # y ticks: 1, 2 or 5 times a power of ten
     step = min(m * 10 ** np.floor(np.log10(raw)) for m in (1, 2, 5, 10) if m * 10 ** np.floor(np.log10(raw)) >= raw)
     y_lo, y_hi = np.floor(min(0.0, min(ys)) / step) * step, np.ceil(max(ys) / step) * step
+    y_hi = max(y_hi, y_lo + step)  # a flat line at zero still gets an axis
 
     def px(x, y):  # data -> pixel coordinates
         return (left + (x - x_lo) / (x_hi - x_lo) * (right - left),

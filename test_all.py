@@ -3133,7 +3133,8 @@ class TestBench:
         assert f"| {100 * data.caption_scores(real, prompts)['background']:.1f}% |" in table.split("\n")[3]
 
     def test_study_writes_every_setting_and_its_fvd_curve(self, tmp_path, monkeypatch):
-        """bench.py study: one long-video run per setting of §4.4, each scored by fvd_curve."""
+        """bench.py study: one long-video run per setting of §4.4 and seed, each scored by fvd_curve and
+        data.synthetic_score; study.md holds mean ± standard deviation over the seeds."""
         monkeypatch.setattr(fvd, "load_i3d", lambda path, device="cpu": _FvdTinyFeatures())
         for d in "pai":
             (tmp_path / d).mkdir()
@@ -3142,20 +3143,53 @@ class TestBench:
         interp, *_ = _sample_fixture(tmp_path / "i", "interp", gap=4)
         out = str(tmp_path / "study")
         bench.study(["--pred", pred, "--interp", interp, "--ar-pred", ar, "--frames", "64", "--n", "3", "--real-n", "8",
-                     "--steps", "2", "--pool", "2", "--out", out])
+                     "--steps", "2", "--pool", "2", "--seeds", "2", "--i3d", "fake", "--out", out])
         rows = list(csv.DictReader(open(os.path.join(out, "study.csv"))))
         real_ds = data.SyntheticVideos(n=8, frames=16, size=32, split="test")
         real = fvd.i3d_features(np.stack([data.to_uint8(real_ds[i][None])[0] for i in range(8)]), _FvdTinyFeatures())
         videos = {}
         for name, (mode, s, w) in bench.STUDY.items():
             folder = os.path.join(out, name.replace(", ", "-").replace(" ", "-"))
-            videos[name] = np.load(os.path.join(folder, "long.npy"))
-            assert videos[name].shape == (3, 64, 32, 32, 3)
-            mine = [r for r in rows if r["setting"] == f"{name} (s={s}, w={w})"]
-            ref = fvd.fvd_curve(real, videos[name], _FvdTinyFeatures(), pool=2)
-            assert [(int(r["start"]), int(r["end"])) for r in mine] == [(0, 32), (32, 64)]
-            assert [float(r["fvd"]) for r in mine] == pytest.approx([p["fvd"] for p in ref], abs=6e-4)  # CSV: 3 decimals
+            label = f"{name} (s={s}, w={w})"
+            fvds = []
+            for seed in (0, 1):
+                videos[name, seed] = np.load(os.path.join(folder, f"seed-{seed}", "long.npy"))
+                assert videos[name, seed].shape == (3, 64, 32, 32, 3)
+                mine = [r for r in rows if r["setting"] == label and r["seed"] == str(seed)]
+                ref = fvd.fvd_curve(real, videos[name, seed], _FvdTinyFeatures(), pool=2)
+                assert [(int(r["start"]), int(r["end"])) for r in mine] == [(0, 32), (32, 64)]
+                assert [float(r["fvd"]) for r in mine] == pytest.approx([p["fvd"] for p in ref], abs=6e-4)
+                score = [np.mean([data.synthetic_score(videos[name, seed], a, a + 16)[0] for a in (b, b + 16)])
+                         for b in (0, 32)]
+                assert [float(r["score"]) for r in mine] == pytest.approx(score, abs=6e-5)
+                fvds.append([p["fvd"] for p in ref])
+            # the seeds really differ, and study.md reports their mean ± sample standard deviation
+            assert not np.array_equal(videos[name, 0], videos[name, 1])
+            f = np.array(fvds)  # (seed, point)
+            line = next(x for x in open(os.path.join(out, "study.md")).read().split("FVD:")[1].splitlines()
+                        if x.startswith(f"| {label} |"))
+            cells = [f"{m:.1f} ± {sd:.1f}" for m, sd in zip(f.mean(0), f.std(0, ddof=1))]
+            d = f[:, -1] - f[:, 0]
+            assert line == f"| {label} | " + " | ".join(cells + [f"{d.mean():.1f} ± {d.std(ddof=1):.1f}"]) + " |"
         # the settings really differ: perturbation and guidance change the autoregressive videos
-        assert not np.array_equal(videos["autoregressive"], videos["autoregressive, no perturbation"])
-        assert not np.array_equal(videos["autoregressive"], videos["autoregressive, no guidance"])
+        assert not np.array_equal(videos["autoregressive", 0], videos["autoregressive, no perturbation", 0])
+        assert not np.array_equal(videos["autoregressive", 0], videos["autoregressive, no guidance", 0])
         assert os.path.getsize(os.path.join(out, "study.png")) > 0
+
+    def test_study_without_i3d_scores_only_and_needs_ar_pred_only_for_autoregressive(self, tmp_path, capsys):
+        (tmp_path / "p").mkdir(); (tmp_path / "i").mkdir()
+        pred, *_ = _sample_fixture(tmp_path / "p", "pred", gap=4)
+        interp, *_ = _sample_fixture(tmp_path / "i", "interp", gap=4)
+        out = str(tmp_path / "study")
+        with pytest.raises(SystemExit):
+            bench.study(["--pred", pred, "--interp", interp, "--out", out])
+        assert "--ar-pred" in capsys.readouterr().err
+        bench.study(["--pred", pred, "--interp", interp, "--only", "hierarchical", "--frames", "32", "--n", "2",
+                     "--steps", "2", "--seeds", "1", "--i3d", "", "--out", out])
+        rows = list(csv.DictReader(open(os.path.join(out, "study.csv"))))
+        assert [r["setting"] for r in rows] == ["hierarchical (s=100, w=0.1)"] * 2
+        assert all(np.isnan(float(r["fvd"])) for r in rows)
+        v = np.load(os.path.join(out, "hierarchical", "seed-0", "long.npy"))
+        assert [float(r["score"]) for r in rows] == pytest.approx(
+            [data.synthetic_score(v, a, a + 16)[0] for a in (0, 16)], abs=6e-5)
+        assert "FVD:" not in open(os.path.join(out, "study.md")).read()

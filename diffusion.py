@@ -61,7 +61,8 @@ def from_train_args(a):
     a = a if isinstance(a, dict) else vars(a)
     return GaussianDiffusion(make_betas(a["schedule"], a["timesteps"], a["beta_start"], a["beta_end"]),
                              loss_type=a["loss"], var_type=a.get("var_type") or "fixed_small",
-                             prediction=a.get("prediction") or "eps", ddim_spacing=a.get("ddim_spacing") or "linspace")
+                             prediction=a.get("prediction") or "eps", ddim_spacing=a.get("ddim_spacing") or "linspace",
+                             min_snr=a.get("min_snr"))
 
 
 def _extract(arr, t, x):
@@ -93,9 +94,15 @@ class GaussianDiffusion:
       ending on the predicted ẑ_0 (this project). "release": the public LVDM release's sampler, kept for
       its converted checkpoints (convert.py): every (T//S)-th step shifted by one, the last step landing
       on ᾱ of index 0 instead of on ẑ_0.
+    min_snr: γ of Min-SNR-γ loss weighting (Hang et al. 2023), None or 0 = off (the paper's L_simple).
+      Every prediction's squared error is a multiple of ẑ_0's: |ε̂-ε|² = SNR_t |ẑ_0-z_0|² and
+      |v̂-v|² = (SNR_t + 1) |ẑ_0-z_0|², SNR_t = ᾱ_t / (1-ᾱ_t). The weight min(SNR_t, γ) / SNR_t (ε) or
+      min(SNR_t, γ) / (SNR_t + 1) (v) makes the loss min(SNR_t, γ) |ẑ_0-z_0|²: the nearly clean steps,
+      whose ẑ_0 is easy, stop dominating the gradient.
     """
 
-    def __init__(self, betas, loss_type="l2", var_type="fixed_small", prediction="eps", ddim_spacing="linspace"):
+    def __init__(self, betas, loss_type="l2", var_type="fixed_small", prediction="eps", ddim_spacing="linspace",
+                 min_snr=None):
         if loss_type not in ("l2", "l1"):
             raise UserError(f"unknown loss type {loss_type!r}; use 'l2' or 'l1'.")
         if var_type not in ("fixed_small", "fixed_large"):
@@ -107,7 +114,10 @@ class GaussianDiffusion:
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
             raise UserError("betas must be a 1-D array with values in (0, 1]; build them with make_betas.")
+        if min_snr is not None and not min_snr >= 0:
+            raise UserError(f"--min-snr must be >= 0 (0 = off), got {min_snr}.")
         self.loss_type, self.var_type, self.prediction = loss_type, var_type, prediction
+        self.min_snr = min_snr or None
         self.ddim_spacing = ddim_spacing
         self.num_timesteps = T = len(betas)
 
@@ -199,6 +209,10 @@ class GaussianDiffusion:
         diff = out.to(dtype) - target.to(dtype)
         err = diff ** 2 if self.loss_type == "l2" else diff.abs()  # Eq. (7)
         dims = list(range(1, x0.dim()))
+        if self.min_snr:  # Min-SNR-γ: the loss becomes min(SNR_t, γ) |ẑ_0 - z_0|² (class docstring)
+            snr = torch.from_numpy(self.alphas_cumprod / (1.0 - self.alphas_cumprod)).to(x0.device)[t]  # (B,)
+            w_t = snr.clamp(max=self.min_snr) / (snr + 1 if self.prediction == "v" else snr)
+            err = err * w_t.to(err.dtype).reshape(B, *([1] * (x0.dim() - 1)))  # (B,) -> (B,1,1,1,1)
         if weight is None:
             return err.mean(dim=dims)
         w = torch.broadcast_to(weight.to(err.dtype), err.shape)

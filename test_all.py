@@ -1795,6 +1795,30 @@ class TestDiffusion:
         with pytest.raises(UserError, match="prediction"):
             GaussianDiffusion(d.betas, prediction="x0")
 
+    @pytest.mark.parametrize("prediction", ["eps", "v"])
+    def test_min_snr_loss_is_min_snr_times_the_x0_error(self, prediction):
+        """Min-SNR-γ: for any network, the weighted loss equals min(SNR_t, γ) |ẑ_0 - z_0|², with ẑ_0 taken
+        through the sampler's own conversion (model_eps, predict_xstart_from_eps); γ = 0 is L_simple."""
+        betas = make_betas("linear", 1000, 0.0015, 0.0155)
+        plain = GaussianDiffusion(betas, prediction=prediction)
+        d = GaussianDiffusion(betas, prediction=prediction, min_snr=5.0)
+        g = torch.Generator().manual_seed(6)
+        x0 = torch.randn(5, 2, 3, 4, 4, generator=g, dtype=torch.float64)
+        noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+        t = torch.tensor([0, 30, 120, 500, 999])  # SNR from ~600 down to ~0.005: both sides of γ
+        f = lambda x_t, tt: torch.sin(3 * x_t) + 0.1 * tt.to(x_t.dtype).reshape(-1, 1, 1, 1, 1) / 1000
+        x_t = d.q_sample(x0, t, noise)
+        x0_hat = d.predict_xstart_from_eps(x_t, t, d.model_eps(f, x_t, t))
+        abar = torch.from_numpy(np.cumprod(1 - betas))[t]
+        snr = abar / (1 - abar)
+        assert snr[0] > 5 > snr[-1]
+        expected = snr.clamp(max=5.0) * (x0_hat - x0).pow(2).mean(dim=(1, 2, 3, 4))
+        torch.testing.assert_close(d.training_loss(f, x0, t, noise), expected)
+        assert torch.equal(GaussianDiffusion(betas, prediction=prediction, min_snr=0.0).training_loss(f, x0, t, noise),
+                           plain.training_loss(f, x0, t, noise))
+        with pytest.raises(UserError, match="min-snr"):
+            GaussianDiffusion(betas, min_snr=-1.0)
+
     def test_ddpm_and_ddim_sample_gaussian_data(self):
         d = _diffusion_ldm()
         mu, sd = torch.from_numpy(_DIFF_MU), torch.from_numpy(_DIFF_SD)

@@ -163,6 +163,8 @@ def parse_args(argv=None):
     p.add_argument("--beta-start", type=positive_float, default=0.0015)
     p.add_argument("--beta-end", type=positive_float, default=0.0155)
     p.add_argument("--loss", default="l2", choices=["l2", "l1"])
+    p.add_argument("--min-snr", type=natural_float, default=0.0, metavar="GAMMA",
+                   help="Min-SNR-GAMMA loss weighting (Hang et al. 2023; e.g. 5); 0 = off, the paper's L_simple")
     p.add_argument("--var-type", default="fixed_small", choices=["fixed_small", "fixed_large"],
                    help="Σ_θ of Eq. (5) for DDPM sampling: the posterior variance β̃_t (LDM) or β_t")
     p.add_argument("--prediction", choices=["eps", "v"],

@@ -692,10 +692,9 @@ def study(argv):
                          "--n", str(args.n), "--batch-size", str(args.n), "--steps", str(args.steps),
                          "--cond-noise", str(s), "--guidance", str(w), "--seed", str(seed), "--out", out])
             videos = np.load(os.path.join(out, "long.npy"), mmap_mode="r")
-            span = 16 * args.pool
             points = (fvd.fvd_curve(real_feats, videos, model, pool=args.pool) if model is not None else
-                      [{"clip": k, "start": k * span, "end": (k + 1) * span, "fvd": float("nan"), "kvd": float("nan")}
-                       for k in range(videos.shape[1] // span)])
+                      [dict(p, fvd=float("nan"), kvd=float("nan"))
+                       for p in fvd.curve_points(videos.shape[1], pool=args.pool)])
             for c in points:  # the synthetic data's own check on the same frames, clip by 16-frame clip
                 c["score"] = float(np.mean([data.synthetic_score(videos, a, a + 16)[0]
                                             for a in range(c["start"], c["end"] - 15, 16)]))

@@ -210,9 +210,8 @@ class GaussianDiffusion:
         err = diff ** 2 if self.loss_type == "l2" else diff.abs()  # Eq. (7)
         dims = list(range(1, x0.dim()))
         if self.min_snr:  # Min-SNR-γ: the loss becomes min(SNR_t, γ) |ẑ_0 - z_0|² (class docstring)
-            snr = torch.from_numpy(self.alphas_cumprod / (1.0 - self.alphas_cumprod)).to(x0.device)[t]  # (B,)
-            w_t = snr.clamp(max=self.min_snr) / (snr + 1 if self.prediction == "v" else snr)
-            err = err * w_t.to(err.dtype).reshape(B, *([1] * (x0.dim() - 1)))  # (B,) -> (B,1,1,1,1)
+            snr = _extract(self.alphas_cumprod / (1.0 - self.alphas_cumprod), t, err)  # (B,1,1,1,1)
+            err = err * snr.clamp(max=self.min_snr) / (snr + 1 if self.prediction == "v" else snr)
         if weight is None:
             return err.mean(dim=dims)
         w = torch.broadcast_to(weight.to(err.dtype), err.shape)

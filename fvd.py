@@ -383,15 +383,20 @@ def fvd_curve(real_feats, fake_videos, model, frames=16, protocol="lvdm", batch_
     for a 400-dimensional covariance.
     """
     length = fake_videos.shape[1] if hasattr(fake_videos, "shape") else len(np.asarray(fake_videos[0]))
-    points, span = [], frames * pool
-    for k in range(length // span):
+    points = curve_points(length, frames, pool)
+    for p in points:
         feats = np.concatenate([  # (N*pool, 400)
-            i3d_features(Clips(fake_videos, k * span + j * frames, frames), model, batch_size, device, progress,
-                         desc=f"clip {k * pool + j}") for j in range(pool)])
-        points.append({"clip": k, "start": k * span, "end": (k + 1) * span,
-                       "fvd": frechet_distance(real_feats, feats, protocol),
-                       "kvd": kernel_distance(real_feats, feats)})
+            i3d_features(Clips(fake_videos, p["start"] + j * frames, frames), model, batch_size, device, progress,
+                         desc=f"clip {p['clip'] * pool + j}") for j in range(pool)])
+        p.update(fvd=frechet_distance(real_feats, feats, protocol), kvd=kernel_distance(real_feats, feats))
     return points
+
+
+def curve_points(length, frames=16, pool=1):
+    """The points of fvd_curve along a video of `length` frames: [{"clip", "start", "end"}], each
+    pool * frames long, end exclusive; a remainder shorter than that is left out."""
+    span = frames * pool
+    return [{"clip": k, "start": k * span, "end": (k + 1) * span} for k in range(length // span)]
 
 
 class Clips:

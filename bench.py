@@ -43,6 +43,7 @@ import convert
 import data
 import diffusion
 import fvd
+import hierarchical
 import sample
 import unet3d
 import vae
@@ -664,7 +665,7 @@ def study(argv):
     p.add_argument("--frames", type=int, default=1024); p.add_argument("--n", type=int, default=16)
     p.add_argument("--real-n", type=int, default=256, help="real synthetic clips for the reference statistics")
     p.add_argument("--steps", type=int, default=50); p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (sample.py's default; the README's study: 0)")
+    p.add_argument("--eta", type=float, default=hierarchical.DDIM_ETA, help="DDIM eta (the README's study: 0)")
     p.add_argument("--seeds", type=int, default=3, help="independent runs per setting (seeds SEED, SEED+1, ...)")
     p.add_argument("--pool", type=int, default=1, help="score this many consecutive 16-frame clips of every "
                    "video together (n*pool clips per point; fvd.fvd_curve)")
@@ -691,7 +692,8 @@ def study(argv):
             ckpt = args.pred if mode == "hierarchical" else args.ar_pred
             sample.main(["--ckpt", ckpt, "--interp", args.interp, "--mode", mode, "--frames", str(args.frames),
                          "--n", str(args.n), "--batch-size", str(args.n), "--steps", str(args.steps),
-                         "--eta", str(args.eta), "--cond-noise", str(s), "--guidance", str(w), "--seed", str(seed), "--out", out])
+                         "--eta", str(args.eta), "--cond-noise", str(s), "--guidance", str(w), "--seed", str(seed),
+                         "--out", out])
             videos = np.load(os.path.join(out, "long.npy"), mmap_mode="r")
             points = (fvd.fvd_curve(real_feats, videos, model, pool=args.pool) if model is not None else
                       [dict(p, fvd=float("nan"), kvd=float("nan"))
@@ -755,7 +757,7 @@ def t2v(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", action="append", required=True, help="image or t2v checkpoint (repeatable)")
     p.add_argument("--n", type=int, default=64); p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (sample.py's default)")
+    p.add_argument("--eta", type=float, default=hierarchical.DDIM_ETA, help="DDIM eta")
     p.add_argument("--w", type=float, action="append", help="text guidance values (default: 2)")
     p.add_argument("--no-uncond", action="store_true", help="skip the unconditional row")
     p.add_argument("--i3d", default=os.environ.get("LVDM_I3D"))

@@ -75,10 +75,8 @@ def parse_args(argv=None):
                    help="frames per video (long modes; default: the training clip length)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
     p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps")
-    p.add_argument("--eta", type=natural_float, default=1.0,
-                   help="DDIM eta: 1 (default, as the release's samplers) draws fresh noise every step with DDPM's "
-                        "variance; 0 is deterministic (on the demo: 70%% of samples pass the synthetic score at 1, "
-                        "52%% at 0; README)")
+    p.add_argument("--eta", type=natural_float, default=hierarchical.DDIM_ETA,
+                   help="DDIM eta: 1 (default) draws fresh noise every step with DDPM's variance, 0 is deterministic")
     p.add_argument("--cond-noise", type=natural_int, default=100, help="conditional latent perturbation level s (§3.3)")
     p.add_argument("--guidance", type=natural_float, default=0.1, help="unconditional guidance strength w, Eq. (9) (0 = off)")
     p.add_argument("--k", type=positive_int, default=1, help="latents each autoregressive step conditions on")

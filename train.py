@@ -600,7 +600,7 @@ def visualize(stage, args, step, ema, device):
             os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
             with open(os.path.join(args.out, "samples", f"{args.stage}-{step:07d}.txt"), "w") as f:
                 f.write("\n".join(stage.prompts[:4]) + "\n")
-        z = stage.diffusion.ddim_sample_loop(fn, shape, steps=50, eta=1.0, generator=g)  # sample.py's default
+        z = stage.diffusion.ddim_sample_loop(fn, shape, steps=50, eta=hierarchical.DDIM_ETA, generator=g)
         x = stage.autoencoder.decode_latents(z) if stage.autoencoder is not None else z
     stage.model.train()
     write_visuals(args, f"{args.stage}-{step:07d}", x.float().clamp(-1, 1).cpu())

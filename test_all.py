@@ -2168,6 +2168,27 @@ class TestTrain:
         z = model.encode_latents(x)
         assert abs(z.mean().item()) < 1e-4 and abs(z.std(unbiased=False).item() - 1) < 1e-3
 
+    def test_decoder_only_finetune_keeps_the_latents(self, tmp_path):
+        """--init vae.pt --decoder-only: the decoder trains (with the GAN on), while the encoder, its latent
+        statistics and so every latent stay bitwise those of the autoencoder it started from."""
+        first, second = str(tmp_path / "a"), str(tmp_path / "b")
+        train.main(_TINY_VAE + ["--out", first, "--steps", "2", "--sample-every", "1000"])
+        train.main(_TINY_VAE + ["--out", second, "--steps", "2", "--sample-every", "1000", "--disc-start", "0",
+                                "--init", os.path.join(first, "vae.pt"), "--decoder-only", "--seed", "1",
+                                "--eval-clips", "3"])  # other held-out clips: statistics recomputed would differ
+        a, b = _train_state(os.path.join(first, "vae.pt"))["model"], _train_state(os.path.join(second, "vae.pt"))["model"]
+        for k in a:
+            if k.startswith("decoder.") or k.startswith("post_quant_conv."):
+                continue
+            assert torch.equal(a[k], b[k]), k
+        assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+        x = train.eval_clips(train.parse_args(_TINY_VAE + ["--out", first]), 2)
+        ae_a, ae_b = vae.load_vae(os.path.join(first, "vae.pt")), vae.load_vae(os.path.join(second, "vae.pt"))
+        assert torch.equal(ae_a.encode_latents(x), ae_b.encode_latents(x))
+        assert not torch.equal(ae_a.decode_latents(ae_a.encode_latents(x)), ae_b.decode_latents(ae_b.encode_latents(x)))
+        with pytest.raises(UserError, match="--init RUN/vae.pt"):
+            train.parse_args(_TINY_VAE + ["--decoder-only"])
+
     def test_ddp_two_processes_equal_one_process(self, tmp_path):
         """A 2-process gloo step on batches of 1 equals a 1-process step on the same global batch of 2.
 

@@ -153,11 +153,14 @@ def parse_args(argv=None):
     p.add_argument("--sample-posterior", type=int, default=1, help="train on z ~ q(z|x) (1) or its mean (0)")
     p.add_argument("--crop", type=natural_int, help="train the autoencoder on random CROP x CROP windows of the "
                    "clips (it is fully convolutional: a step costs (CROP/size)^2 as much; 0 = whole frames)")
+    p.add_argument("--decoder-only", action="store_true", help="with --init: train the decoder alone, the encoder "
+                   "frozen, so its latents (and every model trained on them) stay valid")
     p.add_argument("--eval-clips", type=positive_int, default=32, help="held-out clips for PSNR / latent statistics")
     # stages lvdm / pred / interp (§3.2, §3.3)
     p.add_argument("--vae", help="frozen autoencoder checkpoint (default RUN/vae.pt)")
     p.add_argument("--init", help="checkpoint to start from: pred/interp from the unconditional lvdm (default "
-                   "RUN/lvdm.pt), t2v from the image model (default RUN/image.pt; 'none': from scratch)")
+                   "RUN/lvdm.pt), t2v from the image model (default RUN/image.pt; 'none': from scratch), vae from "
+                   "a trained autoencoder (e.g. to fine-tune its decoder, --decoder-only)")
     p.add_argument("--space", default="latent", choices=["latent", "pixel"],
                    help="pixel = the same U-Net on pixels (the VDM-style baseline of Table 2)")
     p.add_argument("--timesteps", type=positive_int, default=1000)
@@ -231,6 +234,9 @@ def check_args(args):
     if args.stage == "vae" and args.crop and args.crop < 32 and args.disc_start < args.steps:
         raise UserError(f"--crop {args.crop}: the patch discriminator needs windows of at least 32 px; pass --crop 32 "
                         f"or more, or --disc-start {args.steps} to train without it.")
+    if args.decoder_only and not (args.stage == "vae" and args.init):
+        raise UserError("--decoder-only fine-tunes a trained autoencoder's decoder: pass --stage vae and "
+                        "--init RUN/vae.pt.")
     if args.s_max > args.timesteps:
         raise UserError(f"--s-max {args.s_max} is more noise steps than --timesteps {args.timesteps}; pass an "
                         f"--s-max of at most {args.timesteps}.")
@@ -336,8 +342,16 @@ class Stage:
 
 def build_vae_stage(args, device, master_process):
     """Stage vae (§3.1): E and D of 3D convs, the loss of Eq. (1) with a patch discriminator ψ."""
-    cfg = make_config(vae.VAEConfig, vae.vae_presets()[args.model_preset], parse_overrides(args.model))
+    init = load_checkpoint(args.init, "vae") if args.init else None
+    base = init["model_args"] if init is not None else vae.vae_presets()[args.model_preset]
+    cfg = make_config(vae.VAEConfig, base, parse_overrides(args.model))
     model = build_model(vae.VideoAutoencoder, cfg).to(device)
+    if init is not None:
+        load_weights(model, init.get("ema") or init["model"], args.init, "autoencoder")
+    if args.decoder_only:  # E (and its 1x1 conv) frozen: q(z|x) and so every latent stays what it was
+        for part in (model.encoder, getattr(model, "quant_conv", None)):
+            if part is not None:
+                part.requires_grad_(False)
     model.check_input(torch.empty(1, 3, args.frames, args.size, args.size, device="meta"))
     lpips = None
     if args.lpips:
@@ -347,7 +361,7 @@ def build_vae_stage(args, device, master_process):
                                   perceptual_weight=args.perceptual_weight, disc_weight=args.disc_weight,
                                   disc_start=args.disc_start, lpips_frames=args.lpips_frames).to(device)
     # Adam for both players; LDM's betas are (0.5, 0.9) (the paper preset).
-    opt_g = torch.optim.Adam(model.parameters(), lr=args.lr, betas=args.betas)
+    opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=args.betas)
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=args.betas)
     if master_process:
         print(f"autoencoder: fs={model.fs} ft={model.ft} encoder {count_params(model.encoder) / 1e6:.2f}M "
@@ -561,6 +575,8 @@ def checkpoint_extras(stage, args, device, world, ema):
         if stage.tokenizer is not None:  # §5: the text encoder's architecture (its weights are in model)
             extras["text_args"] = asdict(stage.model.text.cfg)
         return extras
+    if args.decoder_only:  # the frozen encoder's latents keep the statistics the diffusion models were trained with
+        return {"latent_scale": float(stage.model.latent_scale), "latent_shift": float(stage.model.latent_shift)}
     rank = dist.get_rank() if dist.is_initialized() else 0
     x = held_out_clips(stage, args)[rank::world]  # each process its share
     nets = {"model": stage.model}

@@ -525,8 +525,15 @@ def psnr(args):
     ds = data.SyntheticVideos(n=args.n_score, frames=args.frames, size=size, split="test")
     x = torch.stack([ds[i] for i in range(len(ds))])                       # (N,3,T,H,W)
     p = vae.psnr(vae.reconstruct(model, x, args.device), x)
-    return (f"{args.vae}: {p.mean():.2f} dB ± {p.std():.2f} over {len(ds)} held-out synthetic clips of "
+    line = (f"{args.vae}: {p.mean():.2f} dB ± {p.std():.2f} over {len(ds)} held-out synthetic clips of "
             f"{args.frames} frames at {size}² (fs={model.fs}, ft={model.ft}, {model.cfg.z_channels} latent channels)")
+    if args.npz:  # the FVD floor: reconstructions of the training clips fvd.py's reference row uses
+        train = data.SyntheticVideos(n=args.n_score, frames=args.frames, size=size, split="train")
+        rec = vae.reconstruct(model, torch.stack([train[i] for i in range(len(train))]), args.device)
+        data.save_npz(args.npz, data.to_uint8(rec))
+        line += (f"\nreconstructions of {len(train)} training clips -> {args.npz}: pass them to `python fvd.py --real "
+                 f"synthetic --fake {args.npz} --n {len(train)} --runs 1`, the FVD no model on these latents can beat")
+    return line
 
 
 # ----------------------------------------------------------------------------- the release's models
@@ -822,6 +829,7 @@ def main(argv=None):
     p.add_argument("--pred"); p.add_argument("--interp"); p.add_argument("--steps", type=int, default=20)
     p.add_argument("--ae", help="release: ae_sky.ckpt"); p.add_argument("--lvdm", help="release: short_sky.ckpt")
     p.add_argument("--vae", help="psnr: an autoencoder checkpoint")
+    p.add_argument("--npz", help="psnr: also write its reconstructions of --n-score training clips here (for fvd.py)")
     p.add_argument("--n-score", type=int, default=256, help="score: real clips per split")
     p.add_argument("--seed", type=int, default=0, help="faults: seeds the kill moments")
     p.add_argument("--kills", type=int, default=5); p.add_argument("--fault-steps", type=int, default=12)

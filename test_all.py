@@ -3150,6 +3150,25 @@ class TestConvert:
 class TestBench:
     """bench.py: the reproductions run end to end on tiny models."""
 
+    def test_psnr_reports_held_out_clips_and_writes_training_reconstructions(self, tmp_path, capsys):
+        """bench.py psnr: the PSNR of the posterior-mode reconstructions of the held-out clips, and with --npz
+        the reconstructions of as many training clips (the FVD reference's fake side for the floor)."""
+        _, _, _, autoencoder = _sample_fixture(tmp_path)
+        npz = str(tmp_path / "rec.npz")
+        bench.main(["psnr", "--vae", str(tmp_path / "vae.pt"), "--n-score", "3", "--frames", "8", "--npz", npz])
+        printed = float(re.search(r"vae\.pt: ([\d.]+) dB", capsys.readouterr().out).group(1))
+        autoencoder.eval()
+        for split in ("test", "train"):
+            ds = data.SyntheticVideos(n=3, frames=8, size=64, split=split)
+            x = torch.stack([ds[i] for i in range(3)])
+            with torch.no_grad():
+                rec = autoencoder(x, sample_posterior=False)[0].clamp(-1, 1)
+            if split == "test":
+                assert abs(printed - vae.psnr(rec, x).mean().item()) < 0.006
+            else:
+                written = np.load(npz)["arr_0"].astype(int)
+                assert written.shape == (3, 8, 64, 64, 3) and np.abs(written - data.to_uint8(rec).astype(int)).max() <= 1
+
     def test_t2v_scores_each_checkpoints_samples_against_the_held_out_prompts(self, tmp_path, monkeypatch):
         """bench.py t2v: the rows are data.caption_scores of the samples it wrote, against the first held-out
         captions of the test split, which it wrote to prompts.txt."""

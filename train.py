@@ -343,7 +343,7 @@ class Stage:
 def build_vae_stage(args, device, master_process):
     """Stage vae (§3.1): E and D of 3D convs, the loss of Eq. (1) with a patch discriminator ψ."""
     init = load_checkpoint(args.init, "vae") if args.init else None
-    base = init["model_args"] if init is not None else vae.vae_presets()[args.model_preset]
+    base = (init or {}).get("model_args") or vae.vae_presets()[args.model_preset]
     cfg = make_config(vae.VAEConfig, base, parse_overrides(args.model))
     model = build_model(vae.VideoAutoencoder, cfg).to(device)
     if init is not None:

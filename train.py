@@ -78,7 +78,8 @@ STAGE_DEFAULTS = {
     # The demo autoencoder trains on random 32x32 windows (--crop; a quarter of a 64x64 frame's cost) of
     # 16-frame clips, the length the later stages encode: trained on 8-frame clips, it reconstructed
     # the same frames 2.6 dB worse inside 16-frame ones (issue 13's sweep, README). Its GAN term would
-    # start where the default run ends: PSNR is what the demo needs, and the GAN steps cost 2.3x.
+    # start where the default run ends: PSNR is what the demo needs, and the GAN steps cost 2.3x (on the
+    # decoder alone, 1000 GAN steps also did worse than 1000 plain ones on PSNR and FVD: README).
     ("vae", "demo"):  dict(steps=1600, batch_size=4, crop=32, lr=2e-3, schedule_lr="cosine", warmup=20, ema=0.0,
                            disc_start=1600, kl_weight=1e-6, disc_weight=0.5, perceptual_weight=1.0, betas=(0.9, 0.999),
                            save_every=400, sample_every=800),

@@ -519,20 +519,24 @@ def score(args):
 
 def psnr(args):
     """Held-out reconstruction PSNR of any autoencoder checkpoint: --n-score synthetic test clips of --frames
-    frames at the size it was trained on (mean and std over clips)."""
+    frames at the size it was trained on (mean and std over clips); --npz also writes its reconstructions of
+    as many training clips, the fake side of its FVD floor."""
     model = vae.load_vae(args.vae, args.device)
     size = load_checkpoint(args.vae).get("train_args", {}).get("size", 64)
-    ds = data.SyntheticVideos(n=args.n_score, frames=args.frames, size=size, split="test")
-    x = torch.stack([ds[i] for i in range(len(ds))])                       # (N,3,T,H,W)
+
+    def clips(split):  # the first --n-score synthetic clips of a split, (N,3,T,H,W)
+        ds = data.SyntheticVideos(n=args.n_score, frames=args.frames, size=size, split=split)
+        return torch.stack([ds[i] for i in range(len(ds))])
+
+    x = clips("test")
     p = vae.psnr(vae.reconstruct(model, x, args.device), x)
-    line = (f"{args.vae}: {p.mean():.2f} dB ± {p.std():.2f} over {len(ds)} held-out synthetic clips of "
+    line = (f"{args.vae}: {p.mean():.2f} dB ± {p.std():.2f} over {len(x)} held-out synthetic clips of "
             f"{args.frames} frames at {size}² (fs={model.fs}, ft={model.ft}, {model.cfg.z_channels} latent channels)")
     if args.npz:  # the FVD floor: reconstructions of the training clips fvd.py's reference row uses
-        train = data.SyntheticVideos(n=args.n_score, frames=args.frames, size=size, split="train")
-        rec = vae.reconstruct(model, torch.stack([train[i] for i in range(len(train))]), args.device)
+        rec = vae.reconstruct(model, clips("train"), args.device)
         data.save_npz(args.npz, data.to_uint8(rec))
-        line += (f"\nreconstructions of {len(train)} training clips -> {args.npz}: pass them to `python fvd.py --real "
-                 f"synthetic --fake {args.npz} --n {len(train)} --runs 1`, the FVD no model on these latents can beat")
+        line += (f"\nreconstructions of {len(rec)} training clips -> {args.npz}: pass them to `python fvd.py --real "
+                 f"synthetic --fake {args.npz} --n {len(rec)} --runs 1`, the FVD no model on these latents can beat")
     return line
 
 

@@ -294,12 +294,15 @@ def write_report(run):
     if not os.path.isdir(run):
         raise UserError(f"run folder {run} does not exist; train first (python train.py --stage all --preset demo).")
     rows, body = [], []
-    vae_log = os.path.join(run, "log-vae.jsonl")
-    if os.path.isfile(vae_log):
-        evals = [json.loads(line) for line in open(vae_log) if '"eval_psnr"' in line]
+    decoder = os.path.join(run, "decoder")  # the demo's decoder step (train.py DEMO_DECODER), when it ran
+    for folder, what, cmd in ((run, "autoencoder", "python train.py --stage vae (end of the stage)"),
+                              (decoder, "its decoder trained on alone", "python train.py --stage vae --init RUN/vae.pt "
+                               "--decoder-only --out RUN/decoder (the main job's decoder step)")):
+        vae_log = os.path.join(folder, "log-vae.jsonl")
+        evals = [json.loads(line) for line in open(vae_log) if '"eval_psnr"' in line] if os.path.isfile(vae_log) else []
         if evals:
-            rows.append(("autoencoder: held-out reconstruction PSNR", f"{evals[-1]['eval_psnr']:.2f} dB over "
-                         f"{evals[-1]['eval_clips']} clips", "python train.py --stage vae (end of the stage)"))
+            rows.append((f"{what}: held-out reconstruction PSNR", f"{evals[-1]['eval_psnr']:.2f} dB over "
+                         f"{evals[-1]['eval_clips']} clips", cmd))
     short = os.path.join(run, "samples-short", "samples.npz")
     if os.path.isfile(short):
         samples = data.load_npz(short)
@@ -324,10 +327,12 @@ def write_report(run):
                     + _figure(run, os.path.join(run, "samples-hierarchical", "long_000.mp4"), "the first long video",
                             width=256)
                     + _figure(run, strip, f"frames 0, 128, 256, ... and {T - 1} of each long video (one row each)"))
-    for stage, title in (("vae", "Autoencoder (§3.1): real clips (odd rows) over their reconstructions (even rows)"),
-                         ("lvdm", "Unconditional samples during training (§3.2)"),
-                         ("pred", "Prediction model samples (§3.3)"), ("interp", "Interpolation model samples (§3.3)")):
-        png = _latest(os.path.join(run, "samples"), stage + "-")
+    for folder, stage, title in (
+            (run, "vae", "Autoencoder (§3.1): real clips (odd rows) over their reconstructions (even rows)"),
+            (decoder, "vae", "The same, its decoder trained on alone (the decoder step)"),
+            (run, "lvdm", "Unconditional samples during training (§3.2)"),
+            (run, "pred", "Prediction model samples (§3.3)"), (run, "interp", "Interpolation model samples (§3.3)")):
+        png = _latest(os.path.join(folder, "samples"), stage + "-")
         if png:
             body.append(f"<h2>{html.escape(title)}</h2>\n" + _figure(run, png, os.path.basename(png))
                         + _figure(run, png[:-4] + ".gif", "the first four, as a video"))
@@ -335,15 +340,16 @@ def write_report(run):
                 + _figure(run, os.path.join(run, "samples-short", "grid.png"), "every sample, frames left to right")
                 + _figure(run, os.path.join(run, "samples-short", "video_000.gif"), "the first sample"))
     curves = ""
-    for stage in ("vae", "lvdm", "pred", "interp"):
-        log = os.path.join(run, f"log-{stage}.jsonl")
+    for folder, stage in ((run, "vae"), (decoder, "vae"), (run, "lvdm"), (run, "pred"), (run, "interp")):
+        log = os.path.join(folder, f"log-{stage}.jsonl")
         points = [json.loads(line) for line in open(log)] if os.path.isfile(log) else []
         points = [p for p in points if "step" in p and "loss" in p]
         if points:
-            png = os.path.join(run, f"loss-{stage}.png")
-            plot_lines(png, points, f"{stage}: training loss", x_key="step", y_key="loss", x_label="step",
+            png = os.path.join(folder, f"loss-{stage}.png")
+            name = os.path.relpath(log, run)
+            plot_lines(png, points, f"{name}: training loss", x_key="step", y_key="loss", x_label="step",
                        y_label="loss")
-            curves += _figure(run, png, f"{stage} loss (log-{stage}.jsonl)", width=480)
+            curves += _figure(run, png, f"training loss ({name})", width=480)
     body.append("<h2>Training losses</h2>\n" + curves)
     table = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td><code>{html.escape(c)}</code></td></tr>"
                     for a, b, c in rows)

@@ -2499,11 +2499,22 @@ class TestTrain:
         ok = lambda cmd: calls.append([os.path.basename(c) if c.endswith(".py") else c for c in cmd[1:]]) or \
             subprocess.CompletedProcess(cmd, 0)
         train.run_all(["--stage", "all", "--preset", "demo", "--out", run_dir], run=ok)
-        rest = ["--preset", "demo", "--out", run_dir]
-        assert calls[:3] == [["train.py", "--stage", "lvdm", *rest, "--resume"], ["train.py", "--stage", "pred", *rest],
-                             ["train.py", "--stage", "interp", *rest]]
-        assert [c[0] for c in calls[3:]] == ["sample.py"] * 3
-        assert "hierarchical" in calls[4] and "1024" in calls[4] and calls[5] == ["sample.py", "--report", run_dir]
+        rest, decoder = ["--preset", "demo", "--out", run_dir], os.path.join(run_dir, "decoder")
+        # the demo's decoder step: RUN/vae.pt's decoder trained on alone into RUN/decoder, which the
+        # diffusion stages then use (a --vae of the user's, in rest, comes later and wins)
+        later = ["--vae", os.path.join(decoder, "vae.pt"), *rest]
+        assert calls[:4] == [["train.py", "--stage", "vae", "--init", os.path.join(run_dir, "vae.pt"),
+                              *train.DEMO_DECODER, *rest, "--out", decoder],
+                             ["train.py", "--stage", "lvdm", *later, "--resume"], ["train.py", "--stage", "pred", *later],
+                             ["train.py", "--stage", "interp", *later]]
+        assert [c[0] for c in calls[4:]] == ["sample.py"] * 3
+        assert "hierarchical" in calls[5] and "1024" in calls[5] and calls[6] == ["sample.py", "--report", run_dir]
+        args = train.parse_args(calls[0][1:])  # what the decoder step's process will run with
+        assert args.decoder_only and args.steps == 2000 and args.disc_start >= args.steps and args.out == decoder
+        calls.clear()  # a finished decoder step is skipped like any stage
+        common.save_checkpoint(os.path.join(decoder, "vae.pt"), {"stage": "vae", "step": 2000})
+        train.run_all(["--stage", "all", "--preset", "demo", "--out", run_dir], run=ok)
+        assert calls[0][:3] == ["train.py", "--stage", "lvdm"]
         fail = lambda cmd: subprocess.CompletedProcess(cmd, 1)
         with pytest.raises(UserError, match="run --stage all again"):
             train.run_all(["--stage=all", "--preset", "demo", "--out", run_dir], run=fail)
@@ -2583,14 +2594,18 @@ class TestSample:
         (run_dir / "samples-hierarchical").mkdir()
         long = data.SyntheticVideos(n=2, frames=256, size=64, split="test")
         np.save(run_dir / "samples-hierarchical" / "long.npy", np.stack([long.render(i) for i in range(2)]))
+        (run_dir / "decoder" / "samples").mkdir(parents=True)  # the demo's decoder step
+        with open(run_dir / "decoder" / "log-vae.jsonl", "w") as f:
+            f.write(json.dumps({"step": 10, "loss": 0.5}) + "\n" + json.dumps({"eval_psnr": 31.5, "eval_clips": 32}) + "\n")
+        data.write_grid(str(run_dir / "decoder" / "samples" / "vae-0000010.png"), clips)
         page = open(sample.write_report(str(run_dir))).read()
-        assert "27.25 dB over 32 clips" in page
+        assert "27.25 dB over 32 clips" in page and "alone: held-out reconstruction PSNR</td><td>31.50 dB" in page
         score = data.synthetic_score(clips)[0]
         assert f"synthetic score of the short samples (data.ball_check)</td><td>{100 * score:.0f}%" in page
         links = re.findall(r'src="([^"]+)"', page)
         assert links and all((run_dir / link).is_file() for link in links)          # relative, and really there
         assert {"samples/vae-0000030.png", "samples-short/grid.png", "samples-hierarchical/strip.png",
-                "loss-vae.png"} <= set(links)
+                "loss-vae.png", "decoder/samples/vae-0000010.png", "decoder/loss-vae.png"} <= set(links)
         strip = np.asarray(Image.open(run_dir / "samples-hierarchical" / "strip.png"))
         assert strip.shape[0] >= 2 * 64 and strip.shape[1] >= 3 * 64                 # 2 videos x frames 0,128,255
         assert "<script" not in page

@@ -84,6 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--out"); p.add_argument("--npz", action="store_true")
     p.add_argument("--fps", type=positive_int, default=8); p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's, one per core); on cores "
+                   "other processes also use, 1 is faster (README, 'Sharing the CPU')")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     # text-to-video (§5)
     p.add_argument("--prompt", action="append", default=[], help="caption to sample (image/t2v checkpoints; "
@@ -103,6 +105,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.report:
         return write_report(args.report)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     net, diffusion, targs = load_model(args.ckpt, device, not args.no_ema)
     vae = load_decoder(targs, args.vae, device)

@@ -2511,10 +2511,11 @@ class TestTrain:
         assert "hierarchical" in calls[5] and "1024" in calls[5] and calls[6] == ["sample.py", "--report", run_dir]
         args = train.parse_args(calls[0][1:])  # what the decoder step's process will run with
         assert args.decoder_only and args.steps == 2000 and args.disc_start >= args.steps and args.out == decoder
-        calls.clear()  # a finished decoder step is skipped like any stage
+        calls.clear()  # a finished decoder step is skipped like any stage; --threads reaches sample.py too
         common.save_checkpoint(os.path.join(decoder, "vae.pt"), {"stage": "vae", "step": 2000})
-        train.run_all(["--stage", "all", "--preset", "demo", "--out", run_dir], run=ok)
+        train.run_all(["--stage", "all", "--preset", "demo", "--out", run_dir, "--threads", "1"], run=ok)
         assert calls[0][:3] == ["train.py", "--stage", "lvdm"]
+        assert all(c[-2:] == ["--threads", "1"] for c in calls[3:5])
         fail = lambda cmd: subprocess.CompletedProcess(cmd, 1)
         with pytest.raises(UserError, match="run --stage all again"):
             train.run_all(["--stage=all", "--preset", "demo", "--out", run_dir], run=fail)

@@ -822,12 +822,13 @@ def run_all(argv, run=subprocess.run):
         resume = ["--resume"] if done is not None and "--resume" not in rest else []
         step([os.path.join(here, "train.py"), *stage_argv, *resume])
     run_dir, sample_py = args.out, os.path.join(here, "sample.py")
+    threads = ["--threads", str(args.threads)] if args.threads else []
     if not os.path.isfile(os.path.join(run_dir, "samples-short", "samples.npz")):
-        step([sample_py, "--ckpt", os.path.join(run_dir, "lvdm.pt"), "--n", "8", "--npz"])
+        step([sample_py, "--ckpt", os.path.join(run_dir, "lvdm.pt"), "--n", "8", "--npz", *threads])
     long_path = os.path.join(run_dir, "samples-hierarchical", "long.npy")
     if not os.path.isfile(long_path) or np.load(long_path, mmap_mode="r").shape[1] != 1024:
         step([sample_py, "--ckpt", os.path.join(run_dir, "pred.pt"), "--interp", os.path.join(run_dir, "interp.pt"),
-              "--mode", "hierarchical", "--frames", "1024", "--n", "2"])
+              "--mode", "hierarchical", "--frames", "1024", "--n", "2", *threads])
     step([sample_py, "--report", run_dir])
 
 

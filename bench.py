@@ -710,8 +710,7 @@ def study(argv):
                       [dict(p, fvd=float("nan"), kvd=float("nan"))
                        for p in fvd.curve_points(videos.shape[1], pool=args.pool)])
             for c in points:  # the synthetic data's own check on the same frames, clip by 16-frame clip
-                c["score"] = float(np.mean([data.synthetic_score(videos, a, a + 16)[0]
-                                            for a in range(c["start"], c["end"] - 15, 16)]))
+                c["score"] = data.clip_score(videos, c["start"], c["end"])
                 rows.append([label, seed, c["clip"], c["start"], c["end"], f"{c['fvd']:.3f}", f"{c['kvd']:.5f}",
                              f"{c['score']:.4f}"])
             curves.setdefault(label, []).append(points)

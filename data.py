@@ -823,6 +823,13 @@ def synthetic_score(videos, start=0, end=None):
     return reasons.get("ok", 0) / max(sum(reasons.values()), 1), reasons
 
 
+def clip_score(videos, start, end, clip=16):
+    """synthetic_score of frames [start, end) of long videos taken clip by clip: the mean over the
+    consecutive `clip`-frame clips in that range (a 128-frame window of a long video is 8 clips), the
+    long-video study's measure (a window scored whole fails on one bad clip)."""
+    return float(np.mean([synthetic_score(videos, a, a + clip)[0] for a in range(start, end - clip + 1, clip)]))
+
+
 def make_dataset(data, frames, size, stride=1, split="train", random_start=True, flip=False, seed=0, captions=None,
                  **kw):
     """SyntheticVideos when data == "synthetic", else VideoDataset(data, ...). captions (§5): items become

@@ -321,8 +321,8 @@ def write_report(run):
         videos = np.load(long_path, mmap_mode="r")                          # (N,T,H,W,3)
         T = videos.shape[1]
         if T >= 256:
-            first, last = (data.synthetic_score(videos, a, b)[0] for a, b in ((0, 128), (T - 128, T)))
-            rows.append((f"synthetic score of the {T}-frame videos, first / last 128 frames",
+            first, last = (data.clip_score(videos, a, b) for a, b in ((0, 128), (T - 128, T)))
+            rows.append((f"synthetic score of the {T}-frame videos, first / last 128 frames (per 16-frame clip)",
                          f"{100 * first:.0f}% / {100 * last:.0f}%",
                          f"python sample.py --ckpt RUN/pred.pt --interp RUN/interp.pt --mode hierarchical --frames {T}"))
         strip = os.path.join(run, "samples-hierarchical", "strip.png")

@@ -2599,7 +2599,13 @@ class TestSample:
         with open(run_dir / "decoder" / "log-vae.jsonl", "w") as f:
             f.write(json.dumps({"step": 10, "loss": 0.5}) + "\n" + json.dumps({"eval_psnr": 31.5, "eval_clips": 32}) + "\n")
         data.write_grid(str(run_dir / "decoder" / "samples" / "vae-0000010.png"), clips)
+        videos = np.load(run_dir / "samples-hierarchical" / "long.npy")
+        videos[1, 16:32] = 0    # one black 16-frame clip of 16 in the first 128 frames: 15/16 of them pass
+        np.save(run_dir / "samples-hierarchical" / "long.npy", videos)
+        first, last = data.clip_score(videos, 0, 128), data.clip_score(videos, 128, 256)
+        assert first == last - 1 / 16 and last == data.synthetic_score(videos[:, :16])[0]  # real clips: all pass
         page = open(sample.write_report(str(run_dir))).read()
+        assert f"first / last 128 frames (per 16-frame clip)</td><td>{100 * first:.0f}% / {100 * last:.0f}%" in page
         assert "27.25 dB over 32 clips" in page and "alone: held-out reconstruction PSNR</td><td>31.50 dB" in page
         score = data.synthetic_score(clips)[0]
         assert f"synthetic score of the short samples (data.ball_check)</td><td>{100 * score:.0f}%" in page

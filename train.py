@@ -821,8 +821,8 @@ def run_all(argv, run=subprocess.run):
             continue
         resume = ["--resume"] if done is not None and "--resume" not in rest else []
         step([os.path.join(here, "train.py"), *stage_argv, *resume])
-    run_dir, sample_py = args.out, os.path.join(here, "sample.py")
-    threads = ["--threads", str(args.threads)] if args.threads else []
+    run_dir, sample_py = first.out, os.path.join(here, "sample.py")
+    threads = ["--threads", str(first.threads)] if first.threads else []
     if not os.path.isfile(os.path.join(run_dir, "samples-short", "samples.npz")):
         step([sample_py, "--ckpt", os.path.join(run_dir, "lvdm.pt"), "--n", "8", "--npz", *threads])
     long_path = os.path.join(run_dir, "samples-hierarchical", "long.npy")

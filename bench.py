@@ -6,6 +6,8 @@
     python bench.py long --pred runs/demo/pred.pt --interp runs/demo/interp.pt   # 1024/4096-frame sampling
     python bench.py study --pred runs/demo/pred.pt --interp runs/demo/interp.pt --ar-pred runs/demo-ar/pred.pt \
         --frames 1024 --n 8 --pool 8 --seeds 3 [--i3d PATH]   # §4.4, Fig. 6-7: score (and FVD) along long videos
+    python bench.py keyframes --pred runs/demo/pred.pt --interp runs/demo/interp.pt   # does hierarchical sampling
+                                           # fail in the keyframes or the interpolation?
     python bench.py faults                 # SIGKILL / SIGTERM + --resume, bitwise; 42 bad inputs, one sentence each
     python bench.py smoke [--device cuda]  # every stage at the paper presets, a few steps: time and peak memory
     python bench.py contention             # the demo's training step next to a busy process: threads, wait policy
@@ -738,6 +740,92 @@ def study(argv):
     print(f"wrote {args.out}/study.csv, study.md and study.png")
 
 
+def key_check(chunks):
+    """Keyframes alone: chunks, one uint8 (f,H,W,3) per keyframe of a video (each keyframe latent decoded by
+    itself) -> (passed, reason). They pass when each passes data.ball_check and all show the same ball
+    colours: the identities a video keeps between frames `gap` latents apart. Reasons: ball_check's, or
+    "the colours change between keyframes"."""
+    colours = set()
+    for chunk in chunks:
+        found = data._balls_per_frame(chunk, 70.0)
+        ok, why = data.ball_check(chunk, found=found)
+        if not ok:
+            return False, why
+        colours.add(frozenset(data.video_attributes(chunk, found=found)["colours"]))
+    return (True, "ok") if len(colours) == 1 else (False, "the colours change between keyframes")
+
+
+def keyframes(argv):
+    """Where hierarchical sampling (§3.3) loses quality: the prediction model's keyframes, or the interpolation
+    between them? On --n held-out synthetic clips, the synthetic score per 16-frame clip of the first
+    --frames frames of
+      * the autoencoder's reconstructions (the ceiling of everything below),
+      * real keyframes (every gap-th latent of the encoded clip) infilled by --interp (hierarchical.infill),
+      * --pred's keyframes (its first clip unconditional, then autoregressive) infilled by --interp, which is
+        hierarchical sampling itself;
+    and the keyframes alone, real and predicted, each keyframe latent decoded by itself (key_check).
+
+    python bench.py keyframes --pred runs/demo/pred.pt --interp runs/demo/interp.pt --n 32"""
+    p = argparse.ArgumentParser(prog="bench.py keyframes", description=keyframes.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pred", required=True, help="prediction model (--stage pred; any --gap)")
+    p.add_argument("--interp", help="interpolation model with the same gap; without it, the keyframe rows only")
+    p.add_argument("--vae", help="autoencoder (default: the one --pred records)")
+    p.add_argument("--n", type=int, default=32); p.add_argument("--frames", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20); p.add_argument("--eta", type=float, default=hierarchical.DDIM_ETA)
+    p.add_argument("--cond-noise", type=int, default=100); p.add_argument("--guidance", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    net, gd, targs = sample.load_model(args.pred, "cpu")
+    if targs["stage"] != "pred":
+        p.error(f"--pred {args.pred} is a '{targs['stage']}' checkpoint; pass one from --stage pred")
+    ae = sample.load_decoder(targs, args.vae, "cpu")
+    c, ft, hw = sample.latent_shape(net, targs, ae)
+    gap, n_lat = targs["gap"], args.frames // ft
+    if args.frames % (16 * gap * ft // np.gcd(16, gap * ft)):
+        p.error(f"--frames must be a multiple of 16 and of gap x ft = {gap * ft}")
+    interp = None
+    if args.interp:
+        interp, _, iargs = sample.load_model(args.interp, "cpu")
+        if iargs["stage"] != "interp" or iargs["gap"] != gap:
+            p.error(f"--interp must be an interp checkpoint with gap {gap}; got stage {iargs['stage']} gap {iargs['gap']}")
+    n_key = n_lat // gap + 1                                       # keyframes 0, gap, ..., n_lat: the last pair's end
+    real = data.SyntheticVideos(n=args.n, frames=(n_lat + gap) * ft, size=targs["size"], split="test")
+    with torch.no_grad():
+        z = torch.cat([ae.encode_latents(torch.stack([real[j] for j in range(i, min(i + 8, args.n))]))
+                       for i in range(0, args.n, 8)])              # (N,c,n_lat+gap,h,w)
+        decode = lambda lat: np.concatenate([data.to_uint8(ae.decode_latents(lat[i:i + 8]))
+                                             for i in range(0, len(lat), 8)])   # (N,c,l,h,w) -> (N,l*ft,H,W,3)
+        kw = dict(s=args.cond_noise, w=args.guidance, steps=args.steps, eta=args.eta)
+        g = lambda: torch.Generator().manual_seed(args.seed)
+        pred_keys = torch.cat(list(hierarchical.autoregressive(net, gd, (args.n, c, targs["frames"] // ft, hw, hw),
+                                                               n_key, k=1, generator=g(), **kw)), 2)  # (N,c,n_key,h,w)
+        real_keys = z[:, :, ::gap][:, :, :n_key]                   # (N,c,n_key,h,w)
+        videos = [("reconstructions", decode(z[:, :, :n_lat]))]
+        if interp is not None:
+            for name, keys in (("real keyframes + interpolation", real_keys),
+                               ("predicted keyframes + interpolation (hierarchical)", pred_keys)):
+                videos.append((name, decode(torch.cat(list(hierarchical.infill(interp, gd, keys, n_lat, gap=gap,
+                                                                                 generator=g(), **kw)), 2))))
+        keysets = [(name, [key_check([decode(keys[i:i + 1, :, j:j + 1])[0] for j in range(n_key)])
+                           for i in range(args.n)]) for name, keys in (("real", real_keys), ("predicted", pred_keys))]
+    rows = [f"| {args.n} held-out clips, {args.frames} frames, gap {gap} (keyframes {gap * ft} frames apart), "
+            f"DDIM-{args.steps} eta {args.eta:g}, s = {args.cond_noise}, w = {args.guidance:g} | pass | failures |",
+            "|---|---|---|"]
+    for name, v in videos:
+        share, reasons = data.synthetic_score([x[a:a + 16] for x in v for a in range(0, args.frames, 16)])
+        fails = ", ".join(f"{k}: {n}" for k, n in sorted(reasons.items()) if k != "ok") or "none"
+        rows.append(f"| {name}, per 16-frame clip | {100 * share:.1f}% | {fails} |")
+    for name, checks in keysets:
+        reasons = {}
+        for _, why in checks:
+            reasons[why] = reasons.get(why, 0) + 1
+        fails = ", ".join(f"{k}: {n}" for k, n in sorted(reasons.items()) if k != "ok") or "none"
+        rows.append(f"| {name} keyframes alone, {n_key} per video (key_check) | "
+                    f"{100 * reasons.get('ok', 0) / args.n:.1f}% | {fails} |")
+    return "\n".join(rows)
+
+
 def study_table(curves, key, what, scale):
     """Markdown: per setting, each point's mean ± standard deviation over the seeds (ddof=1 when there are
     several), and the last point minus the first, whose spread is taken over the seeds' own differences."""
@@ -814,7 +902,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", default="table2",
                    choices=["table2", "loader", "i3d", "long", "faults", "smoke", "contention", "release", "score", "psnr",
-                            "study", "all"])
+                            "study", "t2v", "keyframes", "all"])
     p.add_argument("root", nargs="?", help="loader: folder of frame folders (default: a temporary one, made)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--width", type=int, default=64, help="U-Net model_channels (paper: 256; reduced on CPU)")
@@ -844,6 +932,8 @@ def main(argv=None):
         return study(argv[1:])
     if argv[:1] == ["t2v"]:
         return print(t2v(argv[1:]))
+    if argv[:1] == ["keyframes"]:
+        return print(keyframes(argv[1:]))
     args = p.parse_args(argv)
     todo = ["table2", "loader", "i3d"] if args.what == "all" else [args.what]
     for what in todo:

@@ -227,14 +227,25 @@ def hierarchical(pred_model, interp_model, diffusion, clip_shape, n_latents, gap
                  steps=50, eta=0.0, generator=None):
     """Yields latent chunks holding exactly n_latents latents: sparse keyframes `gap` apart from the
     prediction model, every consecutive pair infilled by the interpolation model (to the end)."""
-    B, c, _, height, width = clip_shape
     n_key = -(-(n_latents - 1) // gap) + 1  # keyframes 0, gap, 2 gap, ... covering the last latent
     keys = torch.cat(list(autoregressive(pred_model, diffusion, clip_shape, n_key, k=k, s=s, w=w, steps=steps,
                                          eta=eta, generator=generator)), dim=2)  # chunks -> (B,c,n_key,h,w)
+    yield from infill(interp_model, diffusion, keys, n_latents, gap=gap, s=s, w=w, steps=steps, eta=eta,
+                      generator=generator)
+
+
+@torch.no_grad()
+def infill(interp_model, diffusion, keys, n_latents, gap=4, s=100, w=0.0, steps=50, eta=0.0, generator=None):
+    """The second level of `hierarchical`: yields latent chunks holding the first n_latents latents of the
+    video whose latents 0, gap, 2 gap, ... are keys (B,c,n_key,h,w), each consecutive pair infilled by the
+    interpolation model. Keys from anywhere: the prediction model, or real latents (bench.py keyframes)."""
+    B, c, n_key, height, width = keys.shape
     ishape = (B, c, gap + 1, height, width)
     m = frame_mask(B, gap + 1, [0, gap], keys.device)
     made = 0
     for i in range(n_key - 1):
+        if made >= n_latents:
+            return
         cond = torch.zeros(ishape, device=keys.device)
         cond[:, :, 0], cond[:, :, gap] = keys[:, :, i], keys[:, :, i + 1]  # (B,c,h,w) each: the pair's ends
         z = sample_clip(interp_model, diffusion, ishape, cond, m, s=s, w=w, steps=steps, eta=eta,

@@ -2086,6 +2086,26 @@ class TestHierarchical:
             if i * gap < n_latents:
                 assert torch.equal(video[:, :, i * gap], keys[:, :, i])
 
+    def test_infill_keeps_the_given_keyframes_and_stops_at_n_latents(self):
+        diff = _hier_diffusion(100)
+        interp = _hier_unet()
+        calls = []
+        orig = interp.forward
+
+        def counting(x, t, mask=None, s=None):
+            calls.append(1)
+            return orig(x, t, mask=mask, s=s)
+        interp.forward = counting
+        keys = torch.randn(2, 4, 5, 4, 4)                              # 5 keyframes: latents 0, 3, 6, 9, 12
+        chunks = list(hierarchical.infill(interp, diff, keys, 8, gap=3, s=0, steps=2,
+                                          generator=torch.Generator().manual_seed(0)))
+        video = torch.cat(chunks, 2)
+        assert video.shape[2] == 8
+        for i in range(3):                                             # keyframes 0, 3, 6 lie within 8 latents
+            assert torch.equal(video[:, :, 3 * i], keys[:, :, i])
+        assert len(calls) == 2 * 3                                     # pairs (0,3), (3,6), (6,9); not (9,12)
+        assert not torch.equal(video[:, :, 1], video[:, :, 2])         # the middles are made, not copied
+
     def test_stream_decode_matches_one_shot_decode(self):
         torch.manual_seed(0)
         model = vae.VideoAutoencoder(vae.VAEConfig(hidden=8, ch_mult=(1, 1, 1))).eval().double()
@@ -3262,6 +3282,39 @@ class TestBench:
         assert not np.array_equal(videos["autoregressive", 0], videos["autoregressive, no perturbation", 0])
         assert not np.array_equal(videos["autoregressive", 0], videos["autoregressive, no guidance", 0])
         assert os.path.getsize(os.path.join(out, "study.png")) > 0
+
+    def test_key_check_passes_real_keyframes_and_catches_a_changed_ball(self):
+        ds = data.SyntheticVideos(n=40, frames=64, size=64, split="test")
+        colours = [frozenset(b["color"] for b in ds.params(i)["balls"]) for i in range(40)]
+        a = 0
+        b = next(i for i in range(1, 40) if colours[i] != colours[a] and len(colours[i]) == len(colours[a]))
+        va, vb = ds.render(a), ds.render(b)                            # (64,64,64,3) uint8
+        chunks = [va[t:t + 4] for t in range(0, 64, 16)]               # keyframes 16 frames apart, 4 frames each
+        assert data.ball_check(va)[0] and bench.key_check(chunks) == (True, "ok")
+        swapped = chunks[:2] + [vb[32:36]] + chunks[3:]                # another video's balls in the third
+        assert bench.key_check(swapped) == (False, "the colours change between keyframes")
+        noise = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+        assert bench.key_check(chunks[:1] + [noise])[0] is False
+
+    def test_keyframes_reports_each_row_over_every_clip(self, tmp_path, capsys):
+        for d in "pia":
+            (tmp_path / d).mkdir()
+        pred, *_ = _sample_fixture(tmp_path / "p", "pred", gap=2)
+        interp, *_ = _sample_fixture(tmp_path / "i", "interp", gap=2)
+        table = bench.keyframes(["--pred", pred, "--interp", interp, "--n", "3", "--frames", "16", "--steps", "2"])
+        rows = table.split("\n")[2:]
+        assert [r.split(" | ")[0] for r in rows] == [
+            "| reconstructions, per 16-frame clip", "| real keyframes + interpolation, per 16-frame clip",
+            "| predicted keyframes + interpolation (hierarchical), per 16-frame clip",
+            "| real keyframes alone, 3 per video (key_check)", "| predicted keyframes alone, 3 per video (key_check)"]
+        for r in rows:                                                 # failures add up to the videos scored
+            share, fails = r.split(" | ")[1:3]
+            counted = sum(int(x.split(": ")[1]) for x in fails.rstrip(" |").split(", ") if ": " in x)
+            assert counted + round(float(share.rstrip("%")) / 100 * 3) == 3
+        other, *_ = _sample_fixture(tmp_path / "a", "interp", gap=4)
+        with pytest.raises(SystemExit):
+            bench.keyframes(["--pred", pred, "--interp", other, "--frames", "16"])
+        assert "gap 2" in capsys.readouterr().err
 
     def test_study_without_i3d_scores_only_and_needs_ar_pred_only_for_autoregressive(self, tmp_path, capsys):
         (tmp_path / "p").mkdir(); (tmp_path / "i").mkdir()

@@ -747,11 +747,10 @@ def key_check(chunks):
     "the colours change between keyframes"."""
     colours = set()
     for chunk in chunks:
-        found = data._balls_per_frame(chunk, 70.0)
-        ok, why = data.ball_check(chunk, found=found)
+        ok, why = data.ball_check(chunk)
         if not ok:
             return False, why
-        colours.add(frozenset(data.video_attributes(chunk, found=found)["colours"]))
+        colours.add(frozenset(data.video_attributes(chunk)["colours"]))
     return (True, "ok") if len(colours) == 1 else (False, "the colours change between keyframes")
 
 

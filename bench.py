@@ -747,10 +747,11 @@ def key_check(chunks):
     "the colours change between keyframes"."""
     colours = set()
     for chunk in chunks:
-        ok, why = data.ball_check(chunk)
+        found = data.find_balls(chunk)  # one detection for both checks
+        ok, why = data.ball_check(chunk, found=found)
         if not ok:
             return False, why
-        colours.add(frozenset(data.video_attributes(chunk)["colours"]))
+        colours.add(frozenset(data.video_attributes(chunk, found=found)["colours"]))
     return (True, "ok") if len(colours) == 1 else (False, "the colours change between keyframes")
 
 

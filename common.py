@@ -2,6 +2,7 @@
 
     UserError           a mistake the user can fix, said in one sentence (CLIs exit 2 with it)
     ArgumentParser, positive_int, ...   argparse whose mistakes are UserErrors, and checked number types
+    add_threads_flag    the --threads flag the CPU-heavy command lines share
     main_guard(main)    the command-line entry: runs main, turns a UserError into that sentence
     StopSignals         SIGTERM / SIGINT remembered instead of ending the process (graceful preemption)
     atomic_path(path)   write to a temporary file, then os.replace it onto `path`
@@ -64,6 +65,12 @@ positive_int = _number(int, 0, False, "a positive integer")
 natural_int = _number(int, 0, True, "zero or a positive integer")
 positive_float = _number(float, 0.0, False, "a positive number")
 natural_float = _number(float, 0.0, True, "zero or a positive number")
+
+
+def add_threads_flag(parser):
+    """--threads, one flag for every CLI that runs torch on the CPU: set with torch.set_num_threads."""
+    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's, one per core); on "
+                        "cores that other processes also use, 1 is faster (README, 'Sharing the CPU')")
 
 
 def main_guard(main, argv=None):

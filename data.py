@@ -654,9 +654,10 @@ SCORE_FAILURES = ("no ball", "a blob too large", "a misshapen ball", "a ball tha
                   "a ball that jumps", "a ball that vanishes")
 
 
-def _balls_per_frame(video, tol):
+def find_balls(video, tol=70.0):
     """{(t, palette index): (mask (H,W), area)} of the ball-sized regions near each palette colour in each
-    frame; pieces of one colour are merged (a ball cut by two occluders)."""
+    frame of a uint8 video (T,H,W,3); pieces of one colour are merged (a ball cut by two occluders). The
+    detection ball_check, video_attributes and caption_check share: pass it as their `found=` to run it once."""
     v = np.asarray(video, np.float32)
     T, S = v.shape[:2]
     palette = np.array(list(PALETTE.values()), np.float32)
@@ -680,7 +681,7 @@ def _balls_per_frame(video, tol):
 
 
 def _regions(found, T, S):
-    """Where the balls of _balls_per_frame are: (union (T,H,W) of every ball's mask per frame,
+    """Where the balls of find_balls are: (union (T,H,W) of every ball's mask per frame,
     {(t, palette index): (ys, xs, centre y, centre x, touched)}), touched when another ball's region lies
     within 2 px of it (an occluder)."""
     union = np.zeros((T, S, S), bool)
@@ -704,9 +705,9 @@ def ball_check(video, tol=70.0, found=None):
       * every colour seen is seen in at least half the frames (no ball appears and vanishes);
       * a ball moves at most 0.1 frame widths per frame (the data: at most SPEED[1]) unless an occluder
         touches it, and is missing only where another ball may cover it (near its last position).
-    found: _balls_per_frame(video, tol), when the caller has it already."""
+    found: find_balls(video, tol), when the caller has it already."""
     T, S = np.asarray(video).shape[:2]
-    found = _balls_per_frame(video, tol) if found is None else found
+    found = find_balls(video, tol) if found is None else found
     if not found:
         return False, "no ball"
     union, where = _regions(found, T, S)
@@ -757,7 +758,7 @@ def video_attributes(video, tol=70.0, found=None):
     the pixels 3 px or more away from every ball}."""
     v = np.asarray(video)
     T, S = v.shape[:2]
-    found = _balls_per_frame(v, tol) if found is None else found
+    found = find_balls(v, tol) if found is None else found
     colours = {c for c in {c for _, c in found} if sum((t, c) in found for t in range(T)) >= T / 2}
     union, where = _regions(found, T, S)
     centres = {k: w[2:] for k, w in where.items()}                                # (t, c) -> (y, x, touched)
@@ -786,7 +787,7 @@ def caption_check(video, caption, tol=70.0):
     (SPEED_SLACK of slack, the measurement's own error on real clips); "background" the mean hue lies in the
     named colour's bin (±1/12) widened by 0.05 (the gradient and the drift move it that much);
     "ok" the first four. A stand-in for CLIP-score, valid only on the built-in data."""
-    found = _balls_per_frame(video, tol)
+    found = find_balls(video, tol)
     balls = ball_check(video, tol, found)[0]
     a = video_attributes(video, tol, found)
     colours, speed, bg = parse_caption(caption)

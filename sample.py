@@ -28,8 +28,8 @@ import hierarchical
 import text as text_lib
 import unet3d
 import vae as vae_lib
-from common import (ArgumentParser, UserError, atomic_path, load_checkpoint, load_weights, main_guard,
-                    natural_float, natural_int, plot_lines, positive_int)
+from common import (ArgumentParser, UserError, add_threads_flag, atomic_path, load_checkpoint, load_weights,
+                    main_guard, natural_float, natural_int, plot_lines, positive_int)
 
 
 def load_model(path, device, use_ema=True):
@@ -84,8 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--out"); p.add_argument("--npz", action="store_true")
     p.add_argument("--fps", type=positive_int, default=8); p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's, one per core); on cores "
-                   "other processes also use, 1 is faster (README, 'Sharing the CPU')")
+    add_threads_flag(p)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     # text-to-video (§5)
     p.add_argument("--prompt", action="append", default=[], help="caption to sample (image/t2v checkpoints; "

@@ -55,8 +55,8 @@ import hierarchical
 import text
 import unet3d
 import vae
-from common import (ArgumentParser, RunLock, StopSignals, UserError, atomic_path, build_model, count_params,
-                    load_checkpoint, load_weights, main_guard, make_config, natural_float, natural_int,
+from common import (ArgumentParser, RunLock, StopSignals, UserError, add_threads_flag, atomic_path, build_model,
+                    count_params, load_checkpoint, load_weights, main_guard, make_config, natural_float, natural_int,
                     parse_overrides, positive_float, positive_int, rng_state, save_checkpoint, set_rng_state)
 
 # ----------------------------------------------------------------------------- defaults
@@ -140,8 +140,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=natural_int, default=0, help="DataLoader workers per process")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's, one per core); on cores "
-                   "that other processes also use, 1 is faster (README, 'Sharing the CPU')")
+    add_threads_flag(p)
     p.add_argument("--save-every", type=positive_int); p.add_argument("--sample-every", type=positive_int)
     p.add_argument("--keep-every", type=positive_int, help="also keep RUN/<stage>-<step>.pt every N steps "
                    "(to evaluate points during training, bench.py t2v)")
@@ -354,7 +353,7 @@ def build_vae_stage(args, device, master_process):
     cfg = make_config(vae.VAEConfig, base, parse_overrides(args.model))
     model = build_model(vae.VideoAutoencoder, cfg).to(device)
     if init is not None:
-        load_weights(model, init.get("ema") or init["model"], args.init, "autoencoder")
+        load_weights(model, init["ema"] if init.get("ema") is not None else init["model"], args.init, "autoencoder")
     if args.decoder_only:  # E (and its 1x1 conv) frozen: q(z|x) and so every latent stays what it was
         for part in (model.encoder, getattr(model, "quant_conv", None)):
             if part is not None:

@@ -2540,6 +2540,38 @@ class TestTrain:
         with pytest.raises(UserError, match="run --stage all again"):
             train.run_all(["--stage=all", "--preset", "demo", "--out", run_dir], run=fail)
 
+    @pytest.mark.slow
+    def test_stage_all_for_real_connects_every_stage_and_a_second_run_changes_nothing(self, tmp_path):
+        """The README's one command as a user runs it (real processes, demo preset, 2 steps a stage,
+        about 6 minutes on one core): each stage's checkpoint feeds the next, the page links only files
+        that exist, and running it again skips every stage and leaves the checkpoints as they were."""
+        run_dir = tmp_path / "run"
+        cmd = [sys.executable, os.path.join(_HERE, "train.py"), "--stage", "all", "--preset", "demo",
+               "--out", str(run_dir), "--steps", "2", "--threads", "1"]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        first = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert first.returncode == 0, first.stderr[-2000:]
+        stages = {"vae.pt": "vae", "decoder/vae.pt": "vae", "lvdm.pt": "lvdm", "pred.pt": "pred", "interp.pt": "interp"}
+        ckpts = {name: common.load_checkpoint(str(run_dir / name)) for name in stages}
+        assert all(ckpts[name]["stage"] == stage and ckpts[name]["step"] == 2 for name, stage in stages.items())
+        ae, dec = ckpts["vae.pt"], ckpts["decoder/vae.pt"]
+        enc_keys = [k for k in ae["model"] if k.startswith("encoder.")]
+        assert enc_keys and all(torch.equal(ae["model"][k], dec["model"][k]) for k in enc_keys)  # encoder frozen
+        assert not all(torch.equal(ae["model"][k], dec["model"][k]) for k in ae["model"] if k.startswith("decoder."))
+        assert torch.equal(torch.as_tensor(ae["latent_scale"]), torch.as_tensor(dec["latent_scale"]))
+        decoder = str(run_dir / "decoder" / "vae.pt")
+        assert all(ckpts[n]["vae_path"] == decoder for n in ("lvdm.pt", "pred.pt", "interp.pt"))
+        assert data.load_npz(str(run_dir / "samples-short" / "samples.npz")).shape == (8, 16, 64, 64, 3)
+        long = np.load(run_dir / "samples-hierarchical" / "long.npy", mmap_mode="r")
+        assert long.shape == (2, 1024, 64, 64, 3) and long.dtype == np.uint8
+        page = (run_dir / "index.html").read_text()
+        links = re.findall(r'(?:src|href)="([^"#:]+)"', page)
+        assert len(links) >= 10 and all((run_dir / link).is_file() for link in links), links
+        before = {name: (run_dir / name).read_bytes() for name in stages}
+        again = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert again.returncode == 0 and again.stdout.count("skipped") == len(stages), again.stdout[-2000:]
+        assert all((run_dir / name).read_bytes() == before[name] for name in stages)
+
 # =============================================================================
 class TestSample:
     """sample.py: checkpoints round trip into the same samples; long modes."""

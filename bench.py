@@ -740,19 +740,26 @@ def study(argv):
     print(f"wrote {args.out}/study.csv, study.md and study.png")
 
 
-def key_check(chunks):
-    """Keyframes alone: chunks, one uint8 (f,H,W,3) per keyframe of a video (each keyframe latent decoded by
-    itself) -> (passed, reason). They pass when each passes data.ball_check and all show the same ball
-    colours: the identities a video keeps between frames `gap` latents apart. Reasons: ball_check's, or
-    "the colours change between keyframes"."""
-    colours = set()
+def key_detections(chunks):
+    """The keyframes of one video, chunks of uint8 (f,H,W,3) (each keyframe latent decoded by itself), each
+    detected once -> [(data.ball_check's (passed, reason), the ball colours seen)] per keyframe."""
+    out = []
     for chunk in chunks:
-        found = data.find_balls(chunk)  # one detection for both checks
-        ok, why = data.ball_check(chunk, found=found)
-        if not ok:
-            return False, why
-        colours.add(frozenset(data.video_attributes(chunk, found=found)["colours"]))
-    return (True, "ok") if len(colours) == 1 else (False, "the colours change between keyframes")
+        found = data.find_balls(chunk)
+        out.append((data.ball_check(chunk, found=found), frozenset(data.video_attributes(chunk, found=found)["colours"])))
+    return out
+
+
+def key_check(chunks, detections=None):
+    """Keyframes alone -> (passed, reason). They pass when each passes data.ball_check and all show the same
+    ball colours: the identities a video keeps between frames `gap` latents apart. Reasons: the first
+    failing keyframe's ball_check reason, or "the colours change between keyframes". detections:
+    key_detections(chunks), when the caller has it already."""
+    detections = key_detections(chunks) if detections is None else detections
+    why = next((why for (ok, why), _ in detections if not ok), None)
+    if why is not None:
+        return False, why
+    return (True, "ok") if len({c for _, c in detections}) == 1 else (False, "the colours change between keyframes")
 
 
 def keyframes(argv):
@@ -763,7 +770,8 @@ def keyframes(argv):
       * real keyframes (every gap-th latent of the encoded clip) infilled by --interp (hierarchical.infill),
       * --pred's keyframes (its first clip unconditional, then autoregressive) infilled by --interp, which is
         hierarchical sampling itself;
-    and the keyframes alone, real and predicted, each keyframe latent decoded by itself (key_check).
+    and the keyframes alone, real and predicted, each keyframe latent decoded by itself (key_check), with
+    the share of keyframes that pass ball_check and of consecutive keyframes that show the same colours.
 
     python bench.py keyframes --pred runs/demo/pred.pt --interp runs/demo/interp.pt --n 32"""
     p = argparse.ArgumentParser(prog="bench.py keyframes", description=keyframes.__doc__,
@@ -812,15 +820,19 @@ def keyframes(argv):
         for name, keys in (("real", real_keys), ("predicted", pred_keys)):
             alone = decode(keys.transpose(1, 2).flatten(0, 1)[:, :, None])  # (N,c,K,h,w) -> (N*K,c,1,h,w) -> (N*K,ft,H,W,3)
             alone = alone.reshape(args.n, n_key, *alone.shape[1:])              # (N,K,ft,H,W,3)
-            whys = [key_check(list(video))[1] for video in alone]
+            dets = [key_detections(list(video)) for video in alone]
+            whys = [key_check(None, d)[1] for d in dets]
+            formed = np.mean([ok for d in dets for (ok, _), _ in d])                    # each keyframe alone
+            same = np.mean([a[1] == b[1] for d in dets for a, b in zip(d, d[1:])])      # consecutive keyframes
             scored.append((f"{name} keyframes alone, {n_key} per video (key_check)",
-                           (whys.count("ok") / args.n, {w: whys.count(w) for w in set(whys)})))
+                           (whys.count("ok") / args.n, {w: whys.count(w) for w in set(whys)}),
+                           f"{100 * formed:.1f}% | {100 * same:.1f}%"))
     rows = [f"| {args.n} held-out clips, {args.frames} frames, gap {gap} (keyframes {gap * ft} frames apart), "
-            f"DDIM-{args.steps} eta {args.eta:g}, s = {args.cond_noise}, w = {args.guidance:g} | pass | failures |",
-            "|---|---|---|"]
-    for name, (share, reasons) in scored:
+            f"DDIM-{args.steps} eta {args.eta:g}, s = {args.cond_noise}, w = {args.guidance:g} | pass | failures "
+            "| keyframes that pass ball_check | consecutive keyframes with the same colours |", "|---|---|---|---|---|"]
+    for name, (share, reasons), *keys in scored:
         fails = ", ".join(f"{k}: {n}" for k, n in sorted(reasons.items()) if k != "ok") or "none"
-        rows.append(f"| {name} | {100 * share:.1f}% | {fails} |")
+        rows.append(f"| {name} | {100 * share:.1f}% | {fails} | {keys[0] if keys else ' | '} |")
     return "\n".join(rows)
 
 

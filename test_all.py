@@ -3325,6 +3325,9 @@ class TestBench:
         assert data.ball_check(va)[0] and bench.key_check(chunks) == (True, "ok")
         swapped = chunks[:2] + [vb[32:36]] + chunks[3:]                # another video's balls in the third
         assert bench.key_check(swapped) == (False, "the colours change between keyframes")
+        dets = bench.key_detections(swapped)                           # each keyframe detected once
+        assert [ok for ok, _ in dets] == [(True, "ok")] * 4 and bench.key_check(None, dets) == bench.key_check(swapped)
+        assert [a[1] == b[1] for a, b in zip(dets, dets[1:])] == [True, False, False]  # pairs with the third differ
         noise = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
         assert bench.key_check(chunks[:1] + [noise])[0] is False
 
@@ -3339,6 +3342,8 @@ class TestBench:
             "| reconstructions, per 16-frame clip", "| real keyframes + interpolation, per 16-frame clip",
             "| predicted keyframes + interpolation (hierarchical), per 16-frame clip",
             "| real keyframes alone, 3 per video (key_check)", "| predicted keyframes alone, 3 per video (key_check)"]
+        for r in rows[3:]:                                             # keyframe rows: two shares more
+            assert all(0 <= float(x.rstrip("%")) <= 100 for x in r.rstrip(" |").split(" | ")[3:5])
         for r in rows:                                                 # failures add up to the videos scored
             share, fails = r.split(" | ")[1:3]
             counted = sum(int(x.split(": ")[1]) for x in fails.rstrip(" |").split(", ") if ": " in x)

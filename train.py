@@ -86,7 +86,7 @@ STAGE_DEFAULTS = {
     ("vae", "paper"): dict(steps=100_000, batch_size=2, crop=0, lr=3.6e-5, schedule_lr="constant", warmup=0, ema=0.0,
                            disc_start=50_001, kl_weight=1e-6, disc_weight=0.5, perceptual_weight=1.0, betas=(0.5, 0.9),
                            save_every=2000, sample_every=2000),
-    # 10000 demo LVDM steps: 80.5% of 256 DDIM samples pass the synthetic score, 71% after a 5000-step run (README)
+    # 10000 demo LVDM steps: 75-80% of 256 DDIM samples pass the synthetic score, 71% after 5000 steps (README)
     ("lvdm", "demo"):   dict(steps=10_000, batch_size=8, lr=1e-3, schedule_lr="cosine", warmup=50, ema=0.999,
                              prediction="v", save_every=500, sample_every=1000, latent_cache=2048),
     ("pred", "demo"):   dict(steps=1250, batch_size=8, lr=1e-3, schedule_lr="cosine", warmup=50, ema=0.999,

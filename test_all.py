@@ -2539,6 +2539,15 @@ class TestTrain:
         fail = lambda cmd: subprocess.CompletedProcess(cmd, 1)
         with pytest.raises(UserError, match="run --stage all again"):
             train.run_all(["--stage=all", "--preset", "demo", "--out", run_dir], run=fail)
+        # a finished checkpoint trained with other --model overrides is not taken for this chain's
+        lvdm_args = vars(train.parse_args(["--stage", "lvdm", "--preset", "demo", "--out", run_dir]))
+        common.save_checkpoint(os.path.join(run_dir, "lvdm.pt"), {"stage": "lvdm", "step": 10_000, "train_args": {
+            **lvdm_args, "model": ["attention=joint"]}})
+        calls.clear()
+        with pytest.raises(UserError, match=r"lvdm.pt is complete but was trained with model = \['attention=joint'\]"):
+            train.run_all(["--stage", "all", "--preset", "demo", "--out", run_dir], run=ok)
+        train.run_all(["--stage", "all", "--preset", "demo", "--out", run_dir, "--model", "attention=joint"], run=ok)
+        assert [c[2] for c in calls if c[0] == "train.py"] == ["pred", "interp"]  # the same overrides: skipped
 
     @pytest.mark.slow
     def test_stage_all_for_real_connects_every_stage_and_a_second_run_changes_nothing(self, tmp_path):

@@ -814,8 +814,16 @@ def run_all(argv, run=subprocess.run):
     for stage_argv in chain:
         args = parse_args(stage_argv)
         path = os.path.join(args.out, f"{args.stage}.pt")
-        done = load_checkpoint(path).get("step", 0) if os.path.isfile(path) else None
+        ckpt = load_checkpoint(path) if os.path.isfile(path) else None
+        done = ckpt.get("step", 0) if ckpt is not None else None
         if done is not None and done >= args.steps:
+            # a finished checkpoint of another architecture must not stand in for this one
+            had = ckpt.get("train_args") or {}
+            for key in ("model_preset", "model", "gap", "prediction", "size", "frames"):
+                if key in had and had[key] != getattr(args, key):
+                    raise UserError(f"{path} is complete but was trained with {key} = {had[key]!r} where this "
+                                    f"chain asks for {getattr(args, key)!r}; move it away to train it again, or "
+                                    f"run the chain with the flags it was trained with.")
             print(f"{path}: complete ({done} steps), skipped")
             continue
         resume = ["--resume"] if done is not None and "--resume" not in rest else []

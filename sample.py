@@ -28,8 +28,8 @@ import hierarchical
 import text as text_lib
 import unet3d
 import vae as vae_lib
-from common import (ArgumentParser, UserError, add_threads_flag, atomic_path, load_checkpoint, load_weights,
-                    main_guard, natural_float, natural_int, plot_lines, positive_int)
+from common import (ArgumentParser, UserError, add_threads_flag, atomic_path, checkpoint_weights, load_checkpoint,
+                    load_weights, main_guard, natural_float, natural_int, plot_lines, positive_int)
 
 
 def load_model(path, device, use_ema=True):
@@ -48,7 +48,7 @@ def load_model(path, device, use_ema=True):
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path} lacks the model or training settings train.py stores ({type(e).__name__}: {e}); "
                         f"pass a checkpoint written by train.py.") from None
-    load_weights(net, ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt.get("model"), path, "U-Net")
+    load_weights(net, checkpoint_weights(ckpt, use_ema), path, "U-Net")
     return net.to(device).eval(), gd, dict(a, stage=ckpt["stage"], vae_path=ckpt.get("vae_path"))
 
 

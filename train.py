@@ -56,8 +56,9 @@ import text
 import unet3d
 import vae
 from common import (ArgumentParser, RunLock, StopSignals, UserError, add_threads_flag, atomic_path, build_model,
-                    count_params, load_checkpoint, load_weights, main_guard, make_config, natural_float, natural_int,
-                    parse_overrides, positive_float, positive_int, rng_state, save_checkpoint, set_rng_state)
+                    checkpoint_weights, count_params, load_checkpoint, load_weights, main_guard, make_config,
+                    natural_float, natural_int, parse_overrides, positive_float, positive_int, rng_state,
+                    save_checkpoint, set_rng_state)
 
 # ----------------------------------------------------------------------------- defaults
 # Dataset presets (§4.1): 256², 16 frames; Taichi uses frame stride 4, UCF-101 and
@@ -353,7 +354,7 @@ def build_vae_stage(args, device, master_process):
     cfg = make_config(vae.VAEConfig, base, parse_overrides(args.model))
     model = build_model(vae.VideoAutoencoder, cfg).to(device)
     if init is not None:
-        load_weights(model, init["ema"] if init.get("ema") is not None else init["model"], args.init, "autoencoder")
+        load_weights(model, checkpoint_weights(init), args.init, "autoencoder")
     if args.decoder_only:  # E (and its 1x1 conv) frozen: q(z|x) and so every latent stays what it was
         for part in (model.encoder, getattr(model, "quant_conv", None)):
             if part is not None:
@@ -443,7 +444,7 @@ def build_text_stage(args, device, master_process, base, autoencoder, clip_frame
     cfg = make_config(unet3d.UNetConfig, base, parse_overrides(args.model))
     model = text.TextConditioned(build_model(unet3d.UNet3D, cfg), encoder).to(device)
     if init is not None:
-        unet3d.init_from_image(model, init["ema"] if init.get("ema") is not None else init["model"], args.init)
+        unet3d.init_from_image(model, checkpoint_weights(init), args.init)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
     if master_process:

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, count_params, load_checkpoint, load_numpy_pickle, load_weights
+from common import UserError, checkpoint_weights, count_params, load_checkpoint, load_numpy_pickle, load_weights
 
 
 # --------------------------------------------------------------------------- config
@@ -655,7 +655,7 @@ def load_vae(path, device="cpu"):
     except (KeyError, TypeError, ValueError) as e:  # missing settings, or ones this vae.py does not know
         raise UserError(f"{path} has no autoencoder settings this vae.py can use ({type(e).__name__}: {e}); pass "
                         "the checkpoint written by `python train.py --stage vae` of this version.") from None
-    load_weights(model, ckpt.get("ema") or ckpt.get("model"), path, "autoencoder")
+    load_weights(model, checkpoint_weights(ckpt), path, "autoencoder")
     return model.to(device).eval().requires_grad_(False)
 
 

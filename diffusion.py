@@ -65,12 +65,6 @@ def from_train_args(a):
                              min_snr=a.get("min_snr"))
 
 
-def _extract(arr, t, x):
-    """Pick arr[t] for every batch element and shape it to broadcast against x: (B,) -> (B,1,...,1)."""
-    out = torch.from_numpy(arr).to(device=t.device)[t].to(x.dtype)
-    return out.reshape(t.shape[0], *([1] * (x.dim() - 1)))  # (B,) -> (B,1,1,1,1)
-
-
 def _randn(shape, generator, device, dtype):
     return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
@@ -142,22 +136,37 @@ class GaussianDiffusion:
             np.append(self.posterior_variance[1], self.posterior_variance[1:]) if T > 1 else betas)
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        # Read by the samplers and the loss: log β_t (Σ_θ = β_t), ᾱ with a 1 appended (DDIM's ᾱ_prev at
+        # t_prev = -1, before the first step) and SNR_t = ᾱ_t / (1-ᾱ_t) (Min-SNR weighting).
+        self.log_betas = np.log(betas)
+        self.alphas_cumprod_then_one = np.append(self.alphas_cumprod, 1.0)
+        self.snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
+        self._buffers = {}  # (name, device) -> the schedule array as a float64 tensor there (_extract)
+
+    def _extract(self, name, t, x):
+        """Entry t of the schedule array `name` for every batch element, shaped to broadcast against x:
+        (B,) -> (B,1,...,1). Each array is copied to t's device once and kept there, so a training or
+        sampling step indexes it without a host-to-device copy (which waits for the device)."""
+        buf = self._buffers.get((name, t.device))
+        if buf is None:
+            buf = self._buffers[(name, t.device)] = torch.from_numpy(getattr(self, name)).to(t.device)
+        return buf[t].to(x.dtype).reshape(t.shape[0], *([1] * (x.dim() - 1)))  # (B,) -> (B,1,1,1,1)
 
     # ------------------------------------------------------------------ forward process
     def q_sample(self, x0, t, noise=None):
         """Draw z_t ~ q(z_t | z_0) = N(√ᾱ_t z_0, (1-ᾱ_t) I): Eq. (2)-(3) in closed form."""
         if noise is None:
             noise = torch.randn_like(x0)
-        return _extract(self.sqrt_alphas_cumprod, t, x0) * x0 + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        return self._extract("sqrt_alphas_cumprod", t, x0) * x0 + self._extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise
 
     def q_posterior_mean_variance(self, x0, x_t, t):
         """Mean, variance and log-variance of q(z_{t-1} | z_t, z_0) (DDPM Eq. 6-7)."""
-        mean = _extract(self.posterior_mean_coef1, t, x_t) * x0 + _extract(self.posterior_mean_coef2, t, x_t) * x_t
-        return mean, _extract(self.posterior_variance, t, x_t), _extract(self.posterior_log_variance_clipped, t, x_t)
+        mean = self._extract("posterior_mean_coef1", t, x_t) * x0 + self._extract("posterior_mean_coef2", t, x_t) * x_t
+        return mean, self._extract("posterior_variance", t, x_t), self._extract("posterior_log_variance_clipped", t, x_t)
 
     def predict_xstart_from_eps(self, x_t, t, eps):
         """z_0 = (z_t - √(1-ᾱ_t) ε) / √ᾱ_t, the closed form of Eq. (2)-(3) solved for z_0."""
-        return _extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        return self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
 
     def model_eps(self, model_fn, x_t, t):
         """ε_θ(z_t, t): the model's output, converted from v when prediction == "v"."""
@@ -167,7 +176,7 @@ class GaussianDiffusion:
         if self.prediction == "eps":
             return out
         # z_t = √ᾱ z_0 + √(1-ᾱ) ε and v = √ᾱ ε - √(1-ᾱ) z_0  =>  ε = √ᾱ v + √(1-ᾱ) z_t
-        return _extract(self.sqrt_alphas_cumprod, t, x_t) * out + _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
+        return self._extract("sqrt_alphas_cumprod", t, x_t) * out + self._extract("sqrt_one_minus_alphas_cumprod", t, x_t) * x_t
 
     # ------------------------------------------------------------------ reverse process
     def p_mean_variance(self, model_fn, x_t, t):
@@ -181,11 +190,11 @@ class GaussianDiffusion:
         pred_xstart = self.predict_xstart_from_eps(x_t, t, eps)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
         if self.var_type == "fixed_small":  # Σ_θ = β̃_t I
-            variance = _extract(self.posterior_variance, t, x_t)
-            log_variance = _extract(self.posterior_log_variance_clipped, t, x_t)
+            variance = self._extract("posterior_variance", t, x_t)
+            log_variance = self._extract("posterior_log_variance_clipped", t, x_t)
         else:  # "fixed_large": Σ_θ = β_t I
-            variance = _extract(self.betas, t, x_t)
-            log_variance = _extract(np.log(self.betas), t, x_t)
+            variance = self._extract("betas", t, x_t)
+            log_variance = self._extract("log_betas", t, x_t)
         return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart, "eps": eps}
 
     def training_loss(self, model_fn, x0, t=None, noise=None, generator=None, weight=None):
@@ -204,13 +213,13 @@ class GaussianDiffusion:
         out = model_fn(x_t, t)
         target = noise
         if self.prediction == "v":  # v = √ᾱ ε - √(1-ᾱ) z_0
-            target = _extract(self.sqrt_alphas_cumprod, t, x0) * noise - _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+            target = self._extract("sqrt_alphas_cumprod", t, x0) * noise - self._extract("sqrt_one_minus_alphas_cumprod", t, x0) * x0
         dtype = torch.promote_types(noise.dtype, torch.float32)  # the loss in at least float32, also under AMP
         diff = out.to(dtype) - target.to(dtype)
         err = diff ** 2 if self.loss_type == "l2" else diff.abs()  # Eq. (7)
         dims = list(range(1, x0.dim()))
         if self.min_snr:  # Min-SNR-γ: the loss becomes min(SNR_t, γ) |ẑ_0 - z_0|² (class docstring)
-            snr = _extract(self.alphas_cumprod / (1.0 - self.alphas_cumprod), t, err)  # (B,1,1,1,1)
+            snr = self._extract("snr", t, err)  # (B,1,1,1,1)
             err = err * snr.clamp(max=self.min_snr) / (snr + 1 if self.prediction == "v" else snr)
         if weight is None:
             return err.mean(dim=dims)
@@ -280,9 +289,8 @@ class GaussianDiffusion:
         """
         out = self.p_mean_variance(model_fn, x_t, t)
         eps = out["eps"]
-        a_t = _extract(self.alphas_cumprod, t, x_t)
-        abar_prev = np.append(self.alphas_cumprod, 1.0)  # index -1 wraps to the appended 1: ᾱ before the first step
-        a_prev = _extract(abar_prev, t_prev, x_t)
+        a_t = self._extract("alphas_cumprod", t, x_t)
+        a_prev = self._extract("alphas_cumprod_then_one", t_prev, x_t)  # t_prev = -1 reads the appended 1
         sigma = eta * torch.sqrt((1 - a_prev) / (1 - a_t)) * torch.sqrt(1 - a_t / a_prev)
         if noise is None:
             noise = _randn(x_t.shape, generator, x_t.device, x_t.dtype)
@@ -342,7 +350,7 @@ if __name__ == "__main__":
     mu, sd = 0.5, 0.5
 
     def exact_eps(x, t):  # the posterior-mean ε of N(mu, sd²) data
-        a = _extract(d.alphas_cumprod, t, x)
+        a = d._extract("alphas_cumprod", t, x)
         return torch.sqrt(1 - a) * (x - torch.sqrt(a) * mu) / (a * sd ** 2 + 1 - a)
 
     g = torch.Generator().manual_seed(0)

@@ -218,7 +218,8 @@ def text_presets():
 class TextConditioned(nn.Module):
     """§5's denoiser: a network reading the text encoder's states through cross-attention,
         forward(z_t, t, ids) = net(z_t, t, context=encoder(ids))      ids: (B, 77) token ids
-    (or context= given directly: samplers encode each prompt once). The encoder trains with the net
+    (or context= given directly: samplers encode each prompt once). repeat=r: each caption's states serve
+    r consecutive inputs (the image stage's latent frames), encoded once. The encoder trains with the net
     (the demo's, from scratch) or is frozen (a pretrained CLIP: requires_grad off)."""
 
     def __init__(self, net, encoder):
@@ -229,9 +230,11 @@ class TextConditioned(nn.Module):
     def cfg(self):
         return self.net.cfg
 
-    def forward(self, x, t, ids=None, context=None, **kw):
+    def forward(self, x, t, ids=None, context=None, repeat=1, **kw):
         if context is None:
             context = self.text(ids)                       # (B, 77) -> (B, 77, width)
+        if repeat > 1:
+            context = context.repeat_interleave(repeat, 0)  # (B, 77, width) -> (B*repeat, 77, width)
         return self.net(x, t, context=context, **kw)
 
     def prompt_states(self, tokenizer, prompts):

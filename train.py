@@ -31,6 +31,7 @@ but the last micro-step.
 import argparse
 import contextlib
 import copy
+import datetime
 import hashlib
 import json
 import math
@@ -55,10 +56,10 @@ import hierarchical
 import text
 import unet3d
 import vae
-from common import (ArgumentParser, RunLock, StopSignals, UserError, add_threads_flag, atomic_path, build_model,
-                    checkpoint_weights, count_params, load_checkpoint, load_weights, main_guard, make_config,
-                    natural_float, natural_int, parse_overrides, positive_float, positive_int, rng_state,
-                    save_checkpoint, set_rng_state)
+from common import (ArgumentParser, RunLock, StopSignals, UserError, add_threads_flag, atomic_path, auto_amp,
+                    build_model, checkpoint_weights, count_params, load_checkpoint, load_weights, main_guard,
+                    make_config, natural_float, natural_int, parse_overrides, positive_float, positive_int, rng_state,
+                    save_checkpoint, set_rng_state, setup_cuda)
 
 # ----------------------------------------------------------------------------- defaults
 # Dataset presets (§4.1): 256², 16 frames; Taichi uses frame stride 4, UCF-101 and
@@ -139,7 +140,8 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=natural_float, help="EMA decay in [0, 1) (0 = off)")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=natural_int, default=0, help="DataLoader workers per process")
+    p.add_argument("--workers", type=natural_int, help="DataLoader workers per process (default: on a GPU up to 4, "
+                   "persistent over the run; on the CPU and with --latent-cache 0: the cores train the model)")
     p.add_argument("--device", default="auto")
     add_threads_flag(p)
     p.add_argument("--save-every", type=positive_int); p.add_argument("--sample-every", type=positive_int)
@@ -251,28 +253,39 @@ def check_args(args):
 
 # ----------------------------------------------------------------------------- helpers
 class EMA:
-    """Exponential moving average of weights with LDM's warm-up: decay_n = min(decay, (1+n)/(10+n))."""
+    """Exponential moving average of weights with LDM's warm-up: decay_n = min(decay, (1+n)/(10+n)).
+    The shadow is float32 on the model's device; one `_foreach` update per step over lists made once
+    (the state dict's tensors share storage with the parameters the optimizer updates in place)."""
 
     def __init__(self, model, decay):
         self.decay, self.num_updates = decay, 0
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        state = model.state_dict()
+        self.shadow = {k: v.detach().clone().float() for k, v in state.items()}
+        self._averaged = [(self.shadow[k], v) for k, v in state.items() if v.dtype.is_floating_point]
+        self._copied = [(self.shadow[k], v) for k, v in state.items() if not v.dtype.is_floating_point]
 
     @torch.no_grad()
     def update(self, model):
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v.float(), 1 - d)
-            else:
-                self.shadow[k].copy_(v)
+        if self._averaged:
+            torch._foreach_lerp_([s for s, _ in self._averaged], [v.float() for _, v in self._averaged], 1 - d)
+        for s, v in self._copied:
+            s.copy_(v)
 
     def state_dict(self):
         return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
 
     def load_state_dict(self, st):
+        """Copied into the existing shadow tensors, which keep their device and dtype (a checkpoint is
+        loaded to the CPU; the update then mixes them with the parameters on theirs)."""
         self.decay, self.num_updates = st["decay"], st["num_updates"]
-        self.shadow = {k: v.clone() for k, v in st["shadow"].items()}
+        if set(st["shadow"]) != set(self.shadow):
+            raise UserError("the checkpoint's EMA holds other weights than this model; resume with the model "
+                            "settings it was trained with.")
+        with torch.no_grad():
+            for k, v in st["shadow"].items():
+                self.shadow[k].copy_(v)
 
 
 def lr_factor(args, step):
@@ -294,13 +307,29 @@ def allreduce_grads(module, world):
             p.grad /= world
 
 
+def fused(device):
+    """Adam's `fused` flag: on CUDA one kernel per step, which also takes the scaler's skip decision on the
+    device (no host sync); elsewhere torch's default."""
+    return True if device.type == "cuda" else None
+
+
+def make_scaler(device, amp):
+    """fp16: GradScaler's dynamic loss scale. bf16 and fp32: a scaler whose scale stays 1.0, kept for what
+    it does on the device without a host sync: a step whose gradients are not all finite is skipped."""
+    if amp == "fp16":
+        return torch.amp.GradScaler(device.type)
+    return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2 ** 30)
+
+
 def optimizer_step(optimizer, scaler, grad_clip):
-    """Unscale (fp16), clip the gradient norm, step, update the loss scale."""
+    """Unscale, clip the gradient norm (0 = off), step (skipped by the scaler when a gradient is not
+    finite), update the loss scale. Returns the gradient norm before clipping, a tensor on the device."""
     scaler.unscale_(optimizer)
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))  # inf: norm only
     scaler.step(optimizer)
     scaler.update()
+    return norm
 
 
 def eval_clips(args, n):
@@ -368,8 +397,9 @@ def build_vae_stage(args, device, master_process):
                                   perceptual_weight=args.perceptual_weight, disc_weight=args.disc_weight,
                                   disc_start=args.disc_start, lpips_frames=args.lpips_frames).to(device)
     # Adam for both players; LDM's betas are (0.5, 0.9) (the paper preset).
-    opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=args.betas)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=args.betas)
+    opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=args.betas,
+                             fused=fused(device))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=args.betas, fused=fused(device))
     if master_process:
         print(f"autoencoder: fs={model.fs} ft={model.ft} encoder {count_params(model.encoder) / 1e6:.2f}M "
               f"decoder {count_params(model.decoder) / 1e6:.2f}M discriminator {count_params(disc) / 1e6:.2f}M params")
@@ -415,7 +445,7 @@ def build_diffusion_stage(args, device, master_process):
             raise UserError(f"--init {args.init} predicts {init_prediction}, this run {args.prediction}; "
                             f"pass --prediction {init_prediction}.")
         hierarchical.init_from_unconditional(model, init)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=fused(device))
     if master_process:
         print(f"U-Net: {count_params(model) / 1e6:.2f}M params, space={args.space}, "
               f"{'conditional (mask channel + s embedding)' if conditional else 'unconditional'}")
@@ -446,7 +476,7 @@ def build_text_stage(args, device, master_process, base, autoencoder, clip_frame
     if init is not None:
         unet3d.init_from_image(model, checkpoint_weights(init), args.init)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                            weight_decay=args.weight_decay)
+                            weight_decay=args.weight_decay, fused=fused(device))
     if master_process:
         print(f"U-Net: {count_params(model.net) / 1e6:.2f}M params, attention={cfg.attention}, cross-attention to "
               f"text encoder {count_params(encoder) / 1e6:.2f}M params "
@@ -482,23 +512,39 @@ def latent_cache_key(stage, args):
                       ([data.synthetic_version()] if args.data == "synthetic" else []))
 
 
-def latent_cache(stage, args, dataset, device, master_process):
+def latent_cache(stage, args, dataset, device, rank, world):
     """--latent-cache N: encode the first N clips once (on CPU the encoder costs more than the U-Net
     step) and train on those latents; the file RUN/latents-<key>.pt is keyed by the autoencoder and
-    the data settings, so a changed autoencoder or dataset makes a new one."""
+    the data settings, so a changed autoencoder or dataset makes a new one. Under DDP every process
+    encodes its share of the batches of 8 (the same batches as one process would), rank 0 joins them."""
     key = latent_cache_key(stage, args)
     path = os.path.join(args.out, f"latents-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
     n = min(args.latent_cache, len(dataset))
-    if master_process and not os.path.exists(path):
+    build = not os.path.exists(path)
+    if dist.is_initialized():
+        dist.barrier()  # every process has looked before rank 0 can write it
+    if build:
         dataset.set_epoch(0)
-        zs, captions = [], []
-        for i in tqdm(range(0, n, 8), desc="latent cache"):
+        batches = range(0, n, 8)
+        zs, captions = [], []                                   # this process's batches: batch k is batches[rank + k * world]
+        for i in tqdm(batches[rank::world], desc="latent cache", disable=rank != 0):
             items = [dataset[j] for j in range(i, min(i + 8, n))]
             if isinstance(items[0], tuple):                     # (clip, caption) items (§5)
-                captions += [c for _, c in items]
+                captions.append([c for _, c in items])
                 items = [x for x, _ in items]
             zs.append(stage.autoencoder.encode_latents(torch.stack(items).to(device)).cpu())  # (8,3,T,H,W) -> (8,c,l,h,w)
-        save_checkpoint(path, {"latents": torch.cat(zs), "key": key, "captions": captions or None})  # (N,c,l,h,w)
+        if world > 1:
+            save_checkpoint(f"{path}.part{rank}", {"latents": zs, "captions": captions})
+            dist.barrier()
+        if rank == 0:
+            parts = [torch.load(f"{path}.part{r}", weights_only=True) for r in range(world)] if world > 1 else \
+                [{"latents": zs, "captions": captions}]
+            order = [(j % world, j // world) for j in range(len(batches))]  # batch j: process j % world's (j // world)-th
+            latents = torch.cat([parts[r]["latents"][k] for r, k in order])  # (N,c,l,h,w)
+            captions = [c for r, k in order for c in parts[r]["captions"][k]] if parts[0]["captions"] else None
+            save_checkpoint(path, {"latents": latents, "key": key, "captions": captions})
+            for r in range(1, world):
+                os.remove(f"{path}.part{r}")
     if dist.is_initialized():
         dist.barrier()
     stage.latents_cached = True
@@ -517,14 +563,16 @@ def random_crops(x, size):
 
 def vae_step(stage, ddp_model, x, step, gan, args, autocast, scalers):
     """Eq. (1) for one micro-batch: the autoencoder's loss backward, then (once the GAN is on) the
-    discriminator's. ψ is not wrapped in DDP: the generator pass calls it with its gradients off,
+    discriminator's; returns the logged values, 0-dim tensors on the device. ψ is not wrapped in DDP: the generator pass calls it with its gradients off,
     and its own gradients are averaged by hand (allreduce_grads) before its optimizer step."""
     if args.crop and args.crop < x.shape[-1]:
         x = random_crops(x, args.crop)
     stage.disc.requires_grad_(False)
+    loss_scale = scalers["optimizer"].scale(torch.ones((), device=x.device))  # fp16's loss scale (a tensor), else 1
     with autocast:
         recon, posterior = ddp_model(x, sample_posterior=bool(args.sample_posterior))
-        g_loss, logs = stage.loss_fn.generator_loss(x, recon, posterior, step, last_layer=stage.model.last_layer)
+        g_loss, logs = stage.loss_fn.generator_loss(x, recon, posterior, step, last_layer=stage.model.last_layer,
+                                                    loss_scale=loss_scale)
     scalers["optimizer"].scale(g_loss / args.grad_accum).backward()
     stage.disc.requires_grad_(True)
     if gan:
@@ -551,18 +599,19 @@ def diffusion_step(stage, ddp_model, x, args, autocast, scaler, captions=None):
     if stage.tokenizer is not None:
         drop = (torch.rand(len(captions)) < args.caption_dropout).tolist()
         ids = stage.tokenizer(["" if d else c for c, d in zip(captions, drop)]).to(z0.device)  # (B, 77)
+        repeat = 1
         if args.stage == "image":  # every latent frame an image: (B,c,l,h,w) -> (B*l,c,1,h,w)
             B, c, l, h, w = z0.shape
             z0 = z0.transpose(1, 2).reshape(B * l, c, 1, h, w)
-            ids = ids.repeat_interleave(l, 0)                                                 # (B*l, 77)
-        model_fn = lambda z, t: ddp_model(z, t, ids=ids)
+            repeat = l             # the text encoder runs once per caption; its states are repeated per frame
+        model_fn = lambda z, t: ddp_model(z, t, ids=ids, repeat=repeat)
     with autocast:
         if not stage.conditional:
             loss = stage.diffusion.training_loss(model_fn, z0).mean()
         else:
             loss = hierarchical.training_loss(stage.diffusion, ddp_model, z0, args.stage, s_max=args.s_max).mean()
     scaler.scale(loss / args.grad_accum).backward()
-    return {"loss": loss.item()}
+    return {"loss": loss.detach()}  # a tensor on the device: read only when logged (a host sync)
 
 
 # ----------------------------------------------------------------------------- evaluation and checkpoints
@@ -651,9 +700,9 @@ def save_run(path, stage, args, step, stream, ema, scalers, ddp, master_process,
     """Write RUN/<stage>.pt atomically with everything an exact --resume needs (all ranks call this)."""
     rngs = [None] * world
     if ddp:
-        dist.all_gather_object(rngs, rng_state())
+        dist.all_gather_object(rngs, rng_state(device))
     else:
-        rngs = [rng_state()]
+        rngs = [rng_state(device)]
     extras = checkpoint_extras(stage, args, device, world, ema)
     if not master_process:
         return
@@ -675,7 +724,7 @@ def save_run(path, stage, args, step, stream, ema, scalers, ddp, master_process,
     save_checkpoint(path, ck)
 
 
-def resume(path, stage, args, stream, ema, scalers, rank, world, master_process):
+def resume(path, stage, args, stream, ema, scalers, rank, world, master_process, device):
     """Restore a run from RUN/<stage>.pt; returns its step."""
     if not os.path.isfile(path):
         raise UserError(f"--resume: {path} does not exist; drop --resume to start fresh, or pass the --out of the "
@@ -683,16 +732,17 @@ def resume(path, stage, args, stream, ema, scalers, rank, world, master_process)
     ckpt = load_checkpoint(path, args.stage)
     load_weights(stage.model, ckpt.get("model"), path, "model (--resume)")
     load_weights(stage.optimizer, ckpt.get("optimizer"), path, "optimizer (--resume)")
-    scalers["optimizer"].load_state_dict(ckpt["scaler"]["optimizer"])
+    for name, scaler in scalers.items():  # an empty state: saved by a run without a scaler
+        if ckpt["scaler"].get(name):
+            scaler.load_state_dict(ckpt["scaler"][name])
     if stage.disc is not None:
         load_weights(stage.optimizer_d, ckpt.get("optimizer_d"), path, "discriminator optimizer (--resume)")
-        scalers["optimizer_d"].load_state_dict(ckpt["scaler"]["optimizer_d"])
         load_weights(stage.disc, ckpt.get("discriminator", ckpt.get("extra")), path, "discriminator")  # old name: extra
     if ema is not None and ckpt.get("ema_state") is not None:
         ema.load_state_dict(ckpt["ema_state"])
-    stream.epoch, stream.batch_in_epoch = ckpt["data_state"]["epoch"], ckpt["data_state"]["batch_in_epoch"]
+    stream.restore(ckpt["data_state"])
     if len(ckpt["rng"]) == world:
-        set_rng_state(ckpt["rng"][rank])
+        set_rng_state(ckpt["rng"][rank], device)
     elif master_process:
         print(f"resume: the checkpoint has RNG states for {len(ckpt['rng'])} processes, this run has {world}; "
               f"random streams are re-seeded (the run is no longer bit-exact)")
@@ -707,9 +757,28 @@ def resume(path, stage, args, stream, ema, scalers, rank, world, master_process)
     return ckpt["step"]
 
 
+class EpochItems(torch.utils.data.Dataset):
+    """Item (epoch, i) of `dataset`: the epoch is set where the item is made, so a persistent DataLoader
+    worker, whose copy of the dataset the main process cannot reach, makes the same item."""
+
+    def __init__(self, dataset):
+        self.dataset, self.epoch = dataset, None
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        if epoch != self.epoch:
+            self.dataset.set_epoch(epoch)
+            self.epoch = epoch
+        return self.dataset[i]
+
+
 class ClipStream:
-    """This process's batches from (epoch, batch_in_epoch) on, forever. Item i of epoch e is a pure
-    function of (seed, e, i) (data.py), so this position alone restores the stream on resume."""
+    """This process's batches from (epoch, batch_in_epoch) on, forever, from one DataLoader for the whole
+    run (its workers persist across epochs). Item i of epoch e is a pure function of (seed, e, i)
+    (data.py), so this position alone restores the stream on resume."""
 
     def __init__(self, dataset, args, rank, world, pin_memory):
         self.dataset, self.args, self.rank, self.world, self.pin_memory = dataset, args, rank, world, pin_memory
@@ -722,48 +791,60 @@ class ClipStream:
     def state(self):
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
 
-    def __iter__(self):
-        bs = self.args.batch_size
+    def restore(self, state):
+        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+        if self.batch_in_epoch >= self.per_epoch:  # saved at the end of an epoch (by the loader of older versions)
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def positions(self):
+        """(epoch, index) of every item this process reads, from the current position on."""
+        bs, epoch, start = self.args.batch_size, self.epoch, self.batch_in_epoch * self.args.batch_size
         while True:
             sampler = torch.utils.data.DistributedSampler(self.dataset, num_replicas=self.world, rank=self.rank,
                                                           shuffle=True, seed=self.args.seed, drop_last=True)
-            sampler.set_epoch(self.epoch)
-            self.dataset.set_epoch(self.epoch)
-            indices = list(sampler)[: self.per_epoch * bs][self.batch_in_epoch * bs:]
-            loader = torch.utils.data.DataLoader(self.dataset, batch_size=bs, sampler=indices,
-                                                 num_workers=self.args.workers, drop_last=True,
-                                                 pin_memory=self.pin_memory,
-                                                 # its own generator: making a loader iterator draws a
-                                                 # worker seed, which must not move the global RNG
-                                                 generator=torch.Generator().manual_seed(self.args.seed + self.epoch))
-            for x in loader:
-                self.batch_in_epoch += 1
-                yield x
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            sampler.set_epoch(epoch)
+            for i in list(sampler)[: self.per_epoch * bs][start:]:
+                yield epoch, i
+            epoch, start = epoch + 1, 0
+
+    def __iter__(self):
+        loader = torch.utils.data.DataLoader(EpochItems(self.dataset), batch_size=self.args.batch_size,
+                                             sampler=self.positions(), num_workers=self.args.workers,
+                                             persistent_workers=self.args.workers > 0, pin_memory=self.pin_memory,
+                                             # its own generator: making a loader iterator draws a worker
+                                             # seed, which must not move the global RNG
+                                             generator=torch.Generator().manual_seed(self.args.seed))
+        for x in loader:
+            self.batch_in_epoch += 1
+            if self.batch_in_epoch == self.per_epoch:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            yield x
 
 
-def abort(lock, ddp, why, ckpt_path):
-    """Stop every process without saving: the last checkpoint on disk stays the last good one."""
-    if lock is not None:
-        lock.release()
-    if ddp:
-        dist.destroy_process_group()
+def abort(why, ckpt_path):
+    """Stop without saving: the last checkpoint on disk stays the last good one."""
     raise UserError(f"{why}; stopped without saving, so the last good checkpoint {ckpt_path} is intact; "
                     f"fix that (lower --lr or use --amp none for a non-finite loss), then --resume.")
 
 
 def setup_processes(args):
-    """nanoGPT's start: torchrun sets RANK/WORLD_SIZE; plain python is world 1. -> (ddp, rank, world, device)"""
+    """nanoGPT's start: torchrun sets RANK/WORLD_SIZE; plain python is world 1.
+    -> (ddp, rank, world, device, control): `control` is the process group of the per-step stop flags,
+    gloo on the CPU, so agreeing on them never waits for the GPU (None: the default group, or no DDP)."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    rank, world = 0, 1
+    rank, world, control = 0, 1, None
     if ddp:
-        dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo")
+        # 30 minutes instead of NCCL's 10: at 256² rank 0 can keep the others waiting that long while it
+        # writes a checkpoint of a 549M-parameter model with its EMA and AdamW moments to network storage.
+        dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo",
+                                timeout=datetime.timedelta(minutes=30))
         rank, world = dist.get_rank(), dist.get_world_size()
         if args.device.startswith("cuda"):
             args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(args.device)
+            control = dist.new_group(backend="gloo")
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -772,13 +853,14 @@ def setup_processes(args):
         print(f"note: other processes keep the CPU busy (load {load:.1f}, {os.cpu_count()} cores); torch's "
               f"{torch.get_num_threads()} threads spin-wait for each other and can run several times slower on "
               f"shared cores: --threads 1 (or OMP_WAIT_POLICY=PASSIVE) helps")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    # AMP: bf16 where supported, else fp16 with a GradScaler, never on CPU by default.
+    setup_cuda(device, benchmark=True)  # training shapes are fixed: let cuDNN pick its fastest algorithms
     if args.amp == "auto":
-        args.amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "none"
-    return ddp, rank, world, device
+        args.amp = auto_amp(device)
+    if args.workers is None:  # on the CPU its cores train the model; the in-memory latent cache needs none
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        args.workers = min(4, (os.cpu_count() or 1) // per_node) if device.type == "cuda" and not (
+            args.latent_cache and args.space == "latent") else 0
+    return ddp, rank, world, device, control
 
 
 # ----------------------------------------------------------------------------- main
@@ -843,115 +925,142 @@ def run_all(argv, run=subprocess.run):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--stage=all" in argv or any(a == "--stage" and argv[i + 1:i + 2] == ["all"] for i, a in enumerate(argv)):
+        if int(os.environ.get("RANK", -1)) != -1:
+            raise UserError("--stage all starts each stage as its own process and cannot run under torchrun; run "
+                            "it with plain python (one GPU), or each stage with torchrun --stage vae, lvdm, ...")
         return run_all(argv)
     args = parse_args(argv)
-    ddp, rank, world, device = setup_processes(args)
+    ddp, rank, world, device, control = setup_processes(args)
     master_process = rank == 0
     torch.manual_seed(args.seed)  # every process builds identical models (the discriminator is not DDP's)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, f"{args.stage}.pt")
-    lock = RunLock(os.path.join(args.out, f"{args.stage}.lock")) if master_process else None  # one run per checkpoint
-    if master_process:
-        print(f"train.py stage={args.stage} preset={args.preset} world={world} device={device} amp={args.amp}")
-        print("settings: " + json.dumps({k: v for k, v in sorted(vars(args).items())}, default=str))
-
-    # --- the model of this stage, and its data: items (3,T,H,W) in [-1,1] (or cached latents)
-    stage = (build_vae_stage if args.stage == "vae" else build_diffusion_stage)(args, device, master_process)
-    dataset = data.make_dataset(args.data, stage.clip_frames, args.size, stride=args.stride, split=args.split,
-                                random_start=True, flip=bool(args.flip), seed=args.seed,
-                                captions=(args.captions or "txt") if stage.tokenizer is not None else None)
-    videos = dataset  # counts the videos it could not read (data.py)
-    if stage.tokenizer is not None:
-        stage.prompts = eval_prompts(args, dataset, 4)
-    if args.latent_cache and stage.autoencoder is not None:
-        dataset = latent_cache(stage, args, dataset, device, master_process)
-    stream = ClipStream(dataset, args, rank, world, pin_memory=device.type == "cuda")
-
-    # From here on each process draws its own noise (posterior samples, diffusion t and ε).
-    torch.manual_seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    random.seed(args.seed + rank)
-    model = stage.model
-    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
-    optimizers = {"optimizer": stage.optimizer}
-    if stage.optimizer_d is not None:
-        optimizers["optimizer_d"] = stage.optimizer_d
-    scalers = {k: torch.amp.GradScaler(device.type, enabled=args.amp == "fp16") for k in optimizers}
-    ema = EMA(model, args.ema) if args.ema > 0 else None
-    step = resume(ckpt_path, stage, args, stream, ema, scalers, rank, world, master_process) if args.resume else 0
-
-    # --- the loop
-    log_path = os.path.join(args.out, f"log-{args.stage}.jsonl")
-    batches = iter(stream)
-    pbar = tqdm(total=args.steps, initial=step, desc=args.stage, dynamic_ncols=True) if master_process else None
-    signals, stop = StopSignals(), 0  # SIGTERM / SIGINT: finish this step, save, exit
-    t0 = time.time()
-    while step < args.steps:
-        gan = args.stage == "vae" and step >= args.disc_start  # the discriminator trains from --disc-start on
-        for opt in optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        for micro in range(args.grad_accum):
-            x = next(batches)
-            x, captions = x if isinstance(x, (list, tuple)) else (x, None)  # (clips, captions) in stages image/t2v
-            x = x.to(device, non_blocking=True)
-            if ddp:  # sync gradients only on the last micro-step (nanoGPT)
-                ddp_model.require_backward_grad_sync = micro == args.grad_accum - 1
-            if args.stage == "vae":
-                logs = vae_step(stage, ddp_model, x, step, gan, args, autocast, scalers)
-            else:
-                logs = diffusion_step(stage, ddp_model, x, args, autocast, scalers["optimizer"], captions)
-        # what any process met reaches every process: a non-finite loss (stop before saving anything),
-        # most videos unreadable (stop), a stop signal (finish this step, save, exit)
-        skipped = getattr(videos, "skipped", 0)
-        flags = torch.tensor([0.0 if all(math.isfinite(v) for v in logs.values()) else 1.0,
-                              float(2 * skipped > len(videos)), float(signals.signum)], device=device)
-        if ddp:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if flags[0] > 0 or flags[1] > 0:
-            abort(lock, ddp, f"loss became non-finite at step {step} ({logs})" if flags[0] > 0 else
-                  f"{skipped} of the {len(videos)} videos could not be read (see the lines above); check the files or "
-                  f"run `python data.py prepare SRC DST`", ckpt_path)
-        stop = int(flags[2])
-        for opt in optimizers.values():
-            for group in opt.param_groups:
-                group["lr"] = args.lr * lr_factor(args, step)
-        optimizer_step(stage.optimizer, scalers["optimizer"], args.grad_clip)
-        if gan:
-            allreduce_grads(stage.disc, world)
-            optimizer_step(stage.optimizer_d, scalers["optimizer_d"], args.grad_clip)
-        if ema is not None:
-            ema.update(model)
-        step += 1
+    # one run per checkpoint; --resume may take over the lock of its own run requeued from another host
+    lock = RunLock(os.path.join(args.out, f"{args.stage}.lock"), takeover=args.resume) if master_process else None
+    try:
         if master_process:
-            pbar.update(1)
-            pbar.set_postfix({**{k: f"{v:.4g}" for k, v in list(logs.items())[:3]}, **({"skipped": skipped} if skipped else {})})
-            if step % args.log_every == 0 or step == args.steps:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": step, "time": round(time.time() - t0, 2), **logs,
-                                        "skipped_videos": skipped}) + "\n")
-        keep = args.keep_every and step % args.keep_every == 0
-        if step % args.save_every == 0 or step == args.steps or stop or keep:
-            save_run(ckpt_path, stage, args, step, stream, ema, scalers, ddp, master_process, device, world)
-            if keep and master_process:  # a copy for evaluating this point of training later
-                with atomic_path(os.path.join(args.out, f"{args.stage}-{step:07d}.pt")) as tmp:
-                    shutil.copyfile(ckpt_path, tmp)
-        if stop:
-            break
-        if master_process and (step % args.sample_every == 0 or step == args.steps):
-            visualize(stage, args, step, ema, device)
-    signals.restore()
-    if master_process:
-        pbar.close()
-        if stop:
-            print(f"stopped by {signal.Signals(stop).name} after step {step}: {ckpt_path} holds it; continue with "
-                  f"the same command and --resume")
-        else:
-            if args.stage == "vae":
-                report_psnr(stage, args, device)
-            print(f"done: {step} steps in {time.time() - t0:.1f}s; checkpoint {ckpt_path}")
-        lock.release()
+            print(f"train.py stage={args.stage} preset={args.preset} world={world} device={device} amp={args.amp}")
+            print("settings: " + json.dumps({k: v for k, v in sorted(vars(args).items())}, default=str))
+
+        # --- the model of this stage, and its data: items (3,T,H,W) in [-1,1] (or cached latents)
+        stage = (build_vae_stage if args.stage == "vae" else build_diffusion_stage)(args, device, master_process)
+        dataset = data.make_dataset(args.data, stage.clip_frames, args.size, stride=args.stride, split=args.split,
+                                    random_start=True, flip=bool(args.flip), seed=args.seed,
+                                    captions=(args.captions or "txt") if stage.tokenizer is not None else None)
+        videos = dataset  # counts the videos it could not read (data.py)
+        if stage.tokenizer is not None:
+            stage.prompts = eval_prompts(args, dataset, 4)
+        if args.latent_cache and stage.autoencoder is not None:
+            dataset = latent_cache(stage, args, dataset, device, rank, world)
+        stream = ClipStream(dataset, args, rank, world, pin_memory=device.type == "cuda")
+
+        # From here on each process draws its own noise (posterior samples, diffusion t and ε).
+        torch.manual_seed(args.seed + rank)
+        np.random.seed(args.seed + rank)
+        random.seed(args.seed + rank)
+        model = stage.model
+        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
+        optimizers = {"optimizer": stage.optimizer}
+        if stage.optimizer_d is not None:
+            optimizers["optimizer_d"] = stage.optimizer_d
+        scalers = {k: make_scaler(device, args.amp) for k in optimizers}
+        ema = EMA(model, args.ema) if args.ema > 0 else None
+        step = resume(ckpt_path, stage, args, stream, ema, scalers, rank, world, master_process, device) \
+            if args.resume else 0
+
+        # --- the loop. Nothing in it reads a value off the device except at log and save steps: losses and
+        # the non-finite flag stay tensors there until then, so the host can queue the next steps' work.
+        log_path = os.path.join(args.out, f"log-{args.stage}.jsonl")
+        batches = iter(stream)
+        pbar = tqdm(total=args.steps, initial=step, desc=args.stage, dynamic_ncols=True) if master_process else None
+        signals, stop = StopSignals(), 0  # SIGTERM / SIGINT / SIGUSR1: finish this step, save, exit
+        nonfinite = torch.zeros((), dtype=torch.long, device=device)  # 1 + the first step since the last check
+        t0 = time.time()                                              # with a non-finite loss or gradient, or 0
+        while step < args.steps:
+            gan = args.stage == "vae" and step >= args.disc_start  # the discriminator trains from --disc-start on
+            for opt in optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            finite = torch.ones((), dtype=torch.bool, device=device)
+            for micro in range(args.grad_accum):
+                x = next(batches)
+                x, captions = x if isinstance(x, (list, tuple)) else (x, None)  # (clips, captions): image/t2v
+                x = x.to(device, non_blocking=True)
+                if ddp:  # sync gradients only on the last micro-step (nanoGPT)
+                    ddp_model.require_backward_grad_sync = micro == args.grad_accum - 1
+                if args.stage == "vae":
+                    logs = vae_step(stage, ddp_model, x, step, gan, args, autocast, scalers)
+                else:
+                    logs = diffusion_step(stage, ddp_model, x, args, autocast, scalers["optimizer"], captions)
+                finite &= torch.stack(list(logs.values())).isfinite().all()  # every micro-batch's losses
+            for opt in optimizers.values():
+                for group in opt.param_groups:
+                    group["lr"] = args.lr * lr_factor(args, step)
+            # a step with non-finite gradients is skipped by its scaler; with fp16 that is how the loss
+            # scale finds its level, otherwise it is an error like a non-finite loss
+            norm = optimizer_step(stage.optimizer, scalers["optimizer"], args.grad_clip)
+            if args.amp != "fp16":
+                finite &= norm.isfinite()
+            if gan:
+                allreduce_grads(stage.disc, world)
+                norm_d = optimizer_step(stage.optimizer_d, scalers["optimizer_d"], args.grad_clip)
+                if args.amp != "fp16":
+                    finite &= norm_d.isfinite()
+            if ema is not None:
+                ema.update(model)
+            nonfinite = torch.where((nonfinite == 0) & ~finite, step + 1, nonfinite)
+            step += 1
+            # what any process met reaches every process: most videos unreadable (stop), a stop signal
+            # (finish this step, save, exit); host values, agreed on over the CPU (`control`)
+            skipped = getattr(videos, "skipped", 0)
+            flags = torch.tensor([int(2 * skipped > len(videos)), signals.signum])
+            if ddp:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=control)
+            if flags[0] > 0:
+                abort(f"{skipped} of the {len(videos)} videos could not be read (see the lines above); check the "
+                      f"files or run `python data.py prepare SRC DST`", ckpt_path)
+            stop = int(flags[1])
+            keep = args.keep_every and step % args.keep_every == 0
+            log = step % args.log_every == 0 or step == args.steps
+            save = step % args.save_every == 0 or step == args.steps or stop or keep
+            if log or save:  # read the device: the non-finite flag, then the logged values
+                if ddp:
+                    dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
+                bad = int(nonfinite)
+                if bad:
+                    abort(f"the loss or the gradients became non-finite at step {bad}", ckpt_path)
+                logs = dict(zip(logs, torch.stack(list(logs.values())).tolist()))  # one host sync
+                if master_process and log:
+                    pbar.set_postfix({**{k: f"{v:.4g}" for k, v in list(logs.items())[:3]},
+                                      **({"skipped": skipped} if skipped else {})}, refresh=False)
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"step": step, "time": round(time.time() - t0, 2), **logs,
+                                            "skipped_videos": skipped}) + "\n")
+            if master_process:
+                pbar.update(1)
+            if save:
+                save_run(ckpt_path, stage, args, step, stream, ema, scalers, ddp, master_process, device, world)
+                if keep and master_process:  # a copy for evaluating this point of training later
+                    with atomic_path(os.path.join(args.out, f"{args.stage}-{step:07d}.pt")) as tmp:
+                        shutil.copyfile(ckpt_path, tmp)
+            if stop:
+                break
+            if master_process and (step % args.sample_every == 0 or step == args.steps):
+                visualize(stage, args, step, ema, device)
+        signals.restore()
+        if master_process:
+            pbar.close()
+            if stop:
+                print(f"stopped by {signal.Signals(stop).name} after step {step}: {ckpt_path} holds it; continue "
+                      f"with the same command and --resume")
+            else:
+                if args.stage == "vae":
+                    report_psnr(stage, args, device)
+                print(f"done: {step} steps in {time.time() - t0:.1f}s; checkpoint {ckpt_path}")
+    finally:
+        if lock is not None:
+            lock.release()
     if ddp:
         dist.barrier()
         dist.destroy_process_group()

@@ -554,12 +554,19 @@ class AutoencoderLoss(nn.Module):
                if self.disc_active(float("inf")) else "GAN off")
         return f"AE loss: pixel {self.pixel_loss}, {lpips}, KL x{self.kl_weight:g}, {gan}"
 
-    def calculate_adaptive_weight(self, nll_loss, g_loss, last_layer):
-        """VQGAN's balance: |grad_last L_rec| / |grad_last L_adv|, clamped, times disc_weight."""
-        nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-        g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-        d_weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
-        return torch.clamp(d_weight, 0.0, 1e4).detach() * self.disc_weight
+    def calculate_adaptive_weight(self, nll_loss, g_loss, last_layer, loss_scale=1.0):
+        """VQGAN's balance: |grad_last L_rec| / |grad_last L_adv|, clamped, times disc_weight.
+
+        Both gradients are taken of the losses times `loss_scale`, the fp16 loss scale (a tensor; 1.0 without
+        one): unscaled, the per-pixel gradients at 256² x 16 (~1e-8) underflow in fp16 and the weight would be
+        0. The ratio does not depend on the scale (the 1e-4 is scaled with the norms). A scale too large for a
+        step gives a non-finite weight; that step uses 0 (the loss scale's own step is skipped then too)."""
+        nll_grads = torch.autograd.grad(nll_loss * loss_scale, last_layer, retain_graph=True)[0]
+        g_grads = torch.autograd.grad(g_loss * loss_scale, last_layer, retain_graph=True)[0]
+        d_weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4 * loss_scale)
+        d_weight = torch.clamp(d_weight, 0.0, 1e4)
+        d_weight = torch.where(torch.isfinite(d_weight), d_weight, torch.zeros_like(d_weight))
+        return d_weight.detach() * self.disc_weight
 
     def perceptual(self, x, recon):
         """Mean LPIPS over (a random subset of) the frames of each clip."""
@@ -568,28 +575,30 @@ class AutoencoderLoss(nn.Module):
             x, recon = x[:, :, idx], recon[:, :, idx]
         return self.lpips(fold_frames(x), fold_frames(recon)).mean()
 
-    def generator_loss(self, x, recon, posterior, step, last_layer):
+    def generator_loss(self, x, recon, posterior, step, last_layer, loss_scale=1.0):
+        """-> (loss, log): log maps names to detached 0-dim tensors on the device (reading them is a host
+        sync, which train.py does only when it logs). loss_scale: see calculate_adaptive_weight."""
         err = recon - x
         pixel = (err ** 2).mean() if self.pixel_loss == "mse" else err.abs().mean()
-        log = {"pixel": pixel.item()}
+        log = {"pixel": pixel}
         nll = pixel                                                   # L_rec of Eq. (1)
         if self.perceptual_active:
             p_loss = self.perceptual(x, recon)
             nll = nll + self.perceptual_weight * p_loss
-            log["lpips"] = p_loss.item()
+            log["lpips"] = p_loss
         kl = posterior.kl().mean() / x[0].numel()                     # per pixel, see docstring
         loss = nll + self.kl_weight * kl
-        log.update(nll=nll.item(), kl=kl.item())
+        log.update(nll=nll, kl=kl)
         if self.disc_active(step):                                    # L_adv of Eq. (1)
             g_loss = -self.discriminator(fold_frames(recon)).mean()
             if torch.is_grad_enabled() and last_layer.requires_grad:
-                d_weight = self.calculate_adaptive_weight(nll, g_loss, last_layer)
+                d_weight = self.calculate_adaptive_weight(nll, g_loss, last_layer, loss_scale)
             else:                                                     # evaluation: no gradients
                 d_weight = torch.zeros((), device=x.device)
             loss = loss + d_weight * g_loss
-            log.update(g_loss=g_loss.item(), d_weight=d_weight.item())
-        log.update(disc_factor=1.0 if self.disc_active(step) else 0.0, loss=loss.item())
-        return loss, log
+            log.update(g_loss=g_loss, d_weight=d_weight)
+        log.update(disc_factor=torch.tensor(1.0 if self.disc_active(step) else 0.0, device=x.device), loss=loss)
+        return loss, {k: v.detach().float() for k, v in log.items()}
 
     def discriminator_loss(self, x, recon, step):
         """Hinge loss of psi on real frames vs detached reconstructions; times 0 before
@@ -598,8 +607,8 @@ class AutoencoderLoss(nn.Module):
         logits_fake = self.discriminator(fold_frames(recon).detach())
         factor = 1.0 if self.disc_active(step) else 0.0
         d_loss = factor * hinge_d_loss(logits_real, logits_fake)
-        return d_loss, {"disc_loss": d_loss.item(), "logits_real": logits_real.mean().item(),
-                        "logits_fake": logits_fake.mean().item()}
+        return d_loss, {"disc_loss": d_loss.detach().float(), "logits_real": logits_real.mean().detach().float(),
+                        "logits_fake": logits_fake.mean().detach().float()}
 
 
 # --------------------------------------------------------------------------- latents + checkpoints

@@ -25,6 +25,7 @@ imports this one.
 import argparse
 import csv
 import json
+import math
 import os
 import pickle
 import platform
@@ -270,7 +271,7 @@ TINY = ["--preset", "demo", "--size", "32", "--frames", "8", "--batch-size", "2"
 
 def _same(a, b):
     """Bitwise equality of two checkpoints' training state."""
-    ca, cb = (torch.load(p, weights_only=True) for p in (a, b))
+    ca, cb = (torch.load(p, map_location="cpu", weights_only=True) for p in (a, b))
 
     def eq(x, y):
         if torch.is_tensor(x):
@@ -311,7 +312,7 @@ def catalogue(root):
     good = open(vae_pt, "rb").read()
     evil = write("evil.pt", pickle.dumps({"stage": "vae", "model": _Evil()}))
     other = write("other_arch.pt", b"")
-    torch.save({**torch.load(vae_pt, weights_only=True), "model": {"encoder.conv_in.conv.weight": torch.zeros(1)},
+    torch.save({**torch.load(vae_pt, map_location="cpu", weights_only=True), "model": {"encoder.conv_in.conv.weight": torch.zeros(1)},
                 "ema": None}, other)
     bad_npz = os.path.join(root, "float.npz")
     np.savez(bad_npz, arr_0=np.zeros((2, 16, 8, 8, 3), np.float32))
@@ -407,7 +408,7 @@ def faults(args):
         p.kill()
         p.wait()
         ck = os.path.join(killed, "vae.pt")
-        kills.append(torch.load(ck, weights_only=True)["step"] if os.path.exists(ck) else 0)
+        kills.append(torch.load(ck, map_location="cpu", weights_only=True)["step"] if os.path.exists(ck) else 0)
     resume = ["--resume"] if os.path.exists(os.path.join(killed, "vae.pt")) else []
     subprocess.run([sys.executable, *base, "--out", killed, *resume], cwd=HERE, env=env, capture_output=True,
                    check=True)
@@ -423,7 +424,7 @@ def faults(args):
         time.sleep(0.02)
     p.send_signal(signal.SIGTERM)
     out, _ = p.communicate()
-    step = torch.load(os.path.join(termed, "vae.pt"), weights_only=True)["step"]
+    step = torch.load(os.path.join(termed, "vae.pt"), map_location="cpu", weights_only=True)["step"]
     logged = json.loads(open(log).readlines()[-1])["step"]
     subprocess.run([sys.executable, *base, "--out", termed, "--resume"], cwd=HERE, env=env, capture_output=True,
                    check=True)
@@ -447,49 +448,105 @@ def faults(args):
 
 
 # ----------------------------------------------------------------------------- smoke
+def _last_log(folder, stage):
+    """The records of RUN/log-<stage>.jsonl (empty if there is none)."""
+    path = os.path.join(folder, f"log-{stage}.jsonl")
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+def _sigterm_row(argv, folder, env=None):
+    """Start `train.py argv`, SIGTERM it once it has logged a step, then --resume it: -> (wall, result)."""
+    t = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "train.py", *argv], cwd=HERE, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    while p.poll() is None and not _last_log(folder, argv[1]):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate()
+    ck = os.path.join(folder, f"{argv[1]}.pt")
+    step = torch.load(ck, map_location="cpu", weights_only=True)["step"] if os.path.exists(ck) else None
+    logged = _last_log(folder, argv[1])[-1]["step"] if _last_log(folder, argv[1]) else None
+    if p.returncode != 128 + signal.SIGTERM or step is None or step != logged:
+        return time.perf_counter() - t, f"FAIL: exit {p.returncode}, checkpoint step {step}, logged {logged}: " \
+                                        f"{(err.strip().splitlines() or [''])[-1][:80]}"
+    r = subprocess.run([sys.executable, "train.py", *argv, "--resume"], cwd=HERE, env=env, capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        return time.perf_counter() - t, f"FAIL on --resume: {(r.stderr.strip().splitlines() or [''])[-1][:80]}"
+    return time.perf_counter() - t, f"ok: exit 143 after step {step} (its checkpoint), resumed to the end"
+
+
 def smoke(args):
-    """Every stage at the paper presets for a few steps on synthetic 256² clips, with the device's AMP;
-    one line per stage with its wall time and peak memory. On a CPU the autoencoder (--ae-hidden) and the
+    """Every path a GPU user meets, a few steps each, unattended, in one table: each stage at the paper presets
+    with the device's AMP; the autoencoder with its GAN term under bf16 and fp16 (the adaptive weight must stay
+    above 0); LVDM under fp16; --resume with EMA; SIGTERM mid-run, then --resume; two processes sharing one
+    device over gloo; long sampling with its peak memory; FVD. On a CPU the autoencoder (--ae-hidden) and the
     U-Net (--width) are narrowed."""
     root = tempfile.mkdtemp(prefix="lvdm-smoke-")
     on_gpu = args.device.startswith("cuda")
+    n = args.smoke_steps
     narrow = [] if on_gpu else ["--model", f"model_channels={args.width}"]  # U-Net
     narrow_ae = [] if on_gpu else ["--model", f"hidden={args.ae_hidden}"]  # one paper-size AE step: ~3 min here
-    run = ["--preset", "sky", "--data", "synthetic", "--device", args.device, "--steps", str(args.smoke_steps),
-           "--batch-size", "1", "--save-every", str(args.smoke_steps), "--sample-every", "100000", "--eval-clips", "2",
-           "--log-every", "1", "--out", root]
+    run = ["--preset", "sky", "--data", "synthetic", "--device", args.device, "--batch-size", "1",
+           "--sample-every", "100000", "--eval-clips", "2", "--log-every", "1"]
+    ae = ["--stage", "vae", *run, *narrow_ae, "--steps", str(2 * n), "--disc-start", "1"]  # the GAN from step 2 on
+    dm = [*run, *narrow, "--vae", os.path.join(root, "vae.pt")]
     weights = args.i3d
     if not weights:  # random I3D weights: the FVD path runs, its numbers mean nothing
         weights = os.path.join(root, "i3d_random.pt")
         torch.save(fvd.InceptionI3d().state_dict(), weights)
     ck = {s: os.path.join(root, f"{s}.pt") for s in ("vae", "lvdm", "pred", "interp")}
-    stages = [
-        ("vae: autoencoder, 256² x 16, batch 1", "train.py", ["--stage", "vae", *run, *narrow_ae], 1),
-        ("vae: the same, 2 processes (torchrun)", "train.py", ["--stage", "vae", *run, *narrow_ae, "--out",
-                                                               root + "-ddp"], 2),
-        ("lvdm: U-Net on 32² x 4 latents", "train.py", ["--stage", "lvdm", *run, *narrow], 1),
-        ("pred: from lvdm.pt, 64-frame clips", "train.py", ["--stage", "pred", *run, *narrow], 1),
-        ("interp: from lvdm.pt, 20-frame clips", "train.py", ["--stage", "interp", *run, *narrow], 1),
+
+    def gan_weight(folder):  # the adaptive GAN weight of the logged GAN steps: 0 would mean the GAN term vanished
+        w = [r["d_weight"] for r in _last_log(folder, "vae") if "d_weight" in r]
+        ok = w and all(math.isfinite(v) for v in w) and max(w) > 0
+        return ("" if ok else "FAIL: ") + f"d_weight {', '.join(f'{v:.3g}' for v in w) or 'never logged'}"
+
+    stages = [  # (what, script, argv, processes, extra check of the result or None)
+        ("vae: autoencoder 256² x 16, GAN from step 2, --amp auto", "train.py", [*ae, "--out", root], 1,
+         lambda: gan_weight(root)),
+        ("vae: the same, --amp bf16", "train.py", [*ae, "--amp", "bf16", "--out", root + "-bf16"], 1,
+         lambda: gan_weight(root + "-bf16")),
+        ("vae: the same, --amp fp16 (loss scale)", "train.py", [*ae, "--amp", "fp16", "--out", root + "-fp16"], 1,
+         lambda: gan_weight(root + "-fp16")),
+        ("vae: 2 processes on one device over gloo (torchrun)", "train.py",
+         [*ae, "--dist-backend", "gloo", "--out", root + "-gloo"], 2, None),
+        ("lvdm: U-Net on 32² x 4 latents, EMA", "train.py", ["--stage", "lvdm", *dm, "--steps", str(n), "--out", root],
+         1, None),
+        ("lvdm: --resume with EMA, to twice the steps", "train.py",
+         ["--stage", "lvdm", *dm, "--steps", str(2 * n), "--out", root, "--resume"], 1, None),
+        ("lvdm: --amp fp16 (loss scale)", "train.py",
+         ["--stage", "lvdm", *dm, "--steps", str(n), "--amp", "fp16", "--out", root + "-fp16"], 1, None),
+        ("pred: from lvdm.pt, 64-frame clips", "train.py", ["--stage", "pred", *dm, "--steps", str(n), "--out", root],
+         1, None),
+        ("interp: from lvdm.pt, 20-frame clips", "train.py",
+         ["--stage", "interp", *dm, "--steps", str(n), "--out", root], 1, None),
         ("sample short: DDIM-4, 2 videos", "sample.py", ["--ckpt", ck["lvdm"], "--n", "2", "--steps", "4", "--npz",
-                                                       "--device", args.device], 1),
-        ("sample hierarchical: 64 frames, DDIM-2", "sample.py", ["--ckpt", ck["pred"], "--interp", ck["interp"],
-                                                                 "--mode", "hierarchical", "--frames", "64", "--n", "1",
-                                                                 "--steps", "2", "--device", args.device], 1),
+                                                       "--device", args.device], 1, None),
+        ("sample hierarchical: 2 x 128 frames, DDIM-2, 1 video decoded at a time", "sample.py",
+         ["--ckpt", ck["pred"], "--interp", ck["interp"], "--mode", "hierarchical", "--frames", "128", "--n", "2",
+          "--steps", "2", "--device", args.device], 1, None),
         ("fvd: 2 vs 2 clips", "fvd.py", ["--real", "synthetic", "--fake", os.path.join(root, "samples-short",
                                                                                     "samples.npz"),
                                           "--n", "2", "--runs", "1", "--i3d", weights, "--device", args.device,
-                                          "--cache-dir", ""], 1),
+                                          "--cache-dir", ""], 1, None),
     ]
     rows = [f"Machine: {machine()}. {'Full widths' if on_gpu else f'CPU, narrowed: autoencoder hidden={args.ae_hidden}, U-Net model_channels={args.width}'}; "
             f"I3D weights: {'given' if args.i3d else 'random (timing only)'}.", "",
-            "| stage | processes | wall (s) | peak RSS (MiB) | peak CUDA (MiB) | result |", "|---|---|---|---|---|---|"]
-    for what, script, argv, nproc in stages:
+            "| what | processes | wall (s) | peak RSS (MiB) | peak CUDA (MiB) | result |", "|---|---|---|---|---|---|"]
+    for what, script, argv, nproc, check in stages:
         r = run_script(script, argv, nproc=nproc)
         result = "ok" if r["rc"] == 0 else f"FAIL: {(r['err'].strip().splitlines() or [''])[-1][:100]}"
+        if r["rc"] == 0 and check is not None:
+            result = check()
         rows.append(f"| {what} | {nproc} | {r['wall']:.1f} | {r['rss']:.0f} | {r['cuda']:.0f} | {result} |")
         print(rows[-1], flush=True)
-    for folder in (root, root + "-ddp"):
-        shutil.rmtree(folder, ignore_errors=True)
+    wall, result = _sigterm_row(["--stage", "lvdm", *dm, "--steps", "100000", "--save-every", "100000",
+                                 "--out", root + "-term"], root + "-term")
+    rows.append(f"| lvdm: SIGTERM after the first logged step, then --resume | 1 | {wall:.1f} | | | {result} |")
+    print(rows[-1], flush=True)
+    for suffix in ("", "-bf16", "-fp16", "-gloo", "-term"):
+        shutil.rmtree(root + suffix, ignore_errors=True)
     return "\n".join(rows)
 
 
@@ -552,7 +609,7 @@ times = []
 def model_fn(x, t):
     start = time.perf_counter(); out = net(x, t); times.append(time.perf_counter() - start); return out
 with torch.no_grad():
-    z = gd.ddim_sample_loop(model_fn, shape, int(sys.argv[2]), generator=torch.Generator().manual_seed(0))
+    z = gd.ddim_sample_loop(model_fn, shape, int(sys.argv[2]), generator=torch.Generator(sys.argv[3]).manual_seed(0))
     start = time.perf_counter(); x = ae.decode_latents(z); decode = time.perf_counter() - start
 print("RESULT", json.dumps(dict(steps=len(times), first=times[0], step=statistics.median(times[1:]), decode=decode,
                                 shape=list(x.shape))))

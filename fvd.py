@@ -49,7 +49,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from common import ArgumentParser, UserError, atomic_path, load_numpy_pickle, main_guard, plot_lines, positive_int
+from common import (ArgumentParser, UserError, atomic_path, load_numpy_pickle, main_guard, plot_lines, positive_int,
+                    setup_cuda)
 
 I3D_SIZE = 224          # spatial input size of the Kinetics I3D
 I3D_MIN_FRAMES = 9      # the 2x7x7 average pool needs >= 2 frames after 3 temporal /2 stages
@@ -591,6 +592,7 @@ def run(args):
         raise UserError("pass both --real DATA and --fake samples.npz (or run python bench.py i3d).")
     if args.frames < I3D_MIN_FRAMES:
         raise UserError(f"I3D needs clips of at least {I3D_MIN_FRAMES} frames, got --frames {args.frames}; use 16.")
+    setup_cuda(args.device, benchmark=True)  # TF32 and cuDNN's autotuner on a GPU: the clips' shape is fixed
     model = load_i3d(args.i3d, args.device)
     fake = load_videos(args.fake)
     first = np.asarray(fake[0])

@@ -27,6 +27,8 @@ Glossary, the public release's names -> this file's:
     python sample.py --ckpt runs/demo/pred.pt --interp runs/demo/interp.pt --mode hierarchical --frames 1024
     python bench.py study ...       # the degradation study of §4.4 (Fig. 6-7)
 """
+import copy
+
 import torch
 
 from common import UserError, checkpoint_weights
@@ -39,7 +41,8 @@ P_COND = {"pred": 0.5, "interp": 0.9}
 def frame_mask(batch, length, given, device=None):
     """Binary mask m of Eq. (8), one value per latent frame: (B,1,l,1,1), 1 where the latent is given."""
     m = torch.zeros(batch, 1, length, 1, 1, device=device)  # (B,1,l,1,1): broadcasts over (c,h,w)
-    m[:, :, list(given)] = 1.0
+    for i in given:  # integer indices: a fill on the device (a list index would be copied there first)
+        m[:, :, i] = 1.0
     return m
 
 
@@ -155,10 +158,11 @@ def guided_model_fn(model, cond, m, s=0, w=0.0, diffusion=None, generator=None):
     zeros = torch.zeros_like(s_vec)
 
     def model_fn(z_t, t):
-        out_c = model(replace_given(z_t, cond, m), t, mask=mask_c, s=s_vec)   # conditional
         if w == 0:
-            return out_c
-        out_u = model(z_t, t, mask=mask_u, s=zeros)                          # all masks zero
+            return model(replace_given(z_t, cond, m), t, mask=mask_c, s=s_vec)  # conditional
+        both = model(torch.cat([replace_given(z_t, cond, m), z_t]), torch.cat([t, t]),  # one batch: (2B, ...),
+                     mask=torch.cat([mask_c, mask_u]), s=torch.cat([s_vec, zeros]))  # the second with all masks zero
+        out_c, out_u = both.chunk(2)                                               # (2B,...) -> 2 x (B,...)
         return guided(out_c, out_u, w)
     return model_fn
 
@@ -263,18 +267,28 @@ def infill(interp_model, diffusion, keys, n_latents, gap=4, s=100, w=0.0, steps=
 def temporal_reach(vae, probe=64):
     """How many latents to either side one latent influences in the decoder (its temporal receptive
     field), found by decoding a probe with one latent changed. Finite because vae.py's convolutions
-    are local in time and its GroupNorm statistics are per frame."""
-    p = next(vae.parameters())
-    z = torch.zeros(1, vae.cfg.z_channels, probe, 1, 1, device=p.device, dtype=p.dtype)
-    a = vae.decode(z)
+    are local in time and its GroupNorm statistics are per frame. The probe runs on a float64 copy on
+    the CPU, where a frame the change cannot reach decodes to exactly the same values (on a GPU,
+    cuDNN's algorithms need not be bitwise equal at every position, and fp16/bf16 weights round)."""
+    probe_vae = copy.deepcopy(vae).to("cpu", torch.float64)
+    z = torch.zeros(1, vae.cfg.z_channels, probe, 1, 1, dtype=torch.float64)
+    a = probe_vae.decode(z)
     z[:, :, probe // 2] = 1.0
-    changed = ((vae.decode(z) - a).abs().amax(dim=(0, 1, 3, 4)) > 0).nonzero().flatten()  # frame indices
+    changed = ((probe_vae.decode(z) - a).abs().amax(dim=(0, 1, 3, 4)) > 0).nonzero().flatten()  # frame indices
     first, last = (probe // 2) * vae.ft, (probe // 2 + 1) * vae.ft - 1
     return -(-max(first - int(changed.min()), int(changed.max()) - last) // vae.ft)
 
 
+def decode_latents(vae, z, batch=None):
+    """vae.decode_latents on at most `batch` videos at a time (None: all at once): the activations of
+    a decode grow with the videos decoded together, the output only with their frames."""
+    if batch is None or z.shape[0] <= batch:
+        return vae.decode_latents(z)
+    return torch.cat([vae.decode_latents(z[i:i + batch]) for i in range(0, z.shape[0], batch)])  # (B,3,n*ft,H,W)
+
+
 @torch.no_grad()
-def overlapped_decode(vae, latent_chunks, window=4, overlap=1):
+def overlapped_decode(vae, latent_chunks, window=4, overlap=1, batch=None):
     """For autoencoders whose GroupNorm statistics span the whole clip (the release's, converted by
     convert.py), where no decode of a part equals the one-shot decode: decode windows of `window`
     latents (the release's training clip: 16 frames = 4 latents) that overlap by 2*overlap, and keep
@@ -286,22 +300,23 @@ def overlapped_decode(vae, latent_chunks, window=4, overlap=1):
     for chunk in latent_chunks:
         buf = chunk if buf is None else torch.cat([buf, chunk], 2)   # (B,c,n1+n2,h,w)
         while buf.shape[2] > window:                                  # more follows this window: emit its middle
-            x = vae.decode_latents(buf[:, :, :window])                # (B,c,window,h,w) -> (B,3,window*ft,H,W)
+            x = decode_latents(vae, buf[:, :, :window], batch)        # (B,c,window,h,w) -> (B,3,window*ft,H,W)
             yield x[:, :, (0 if first else overlap) * ft:(window - overlap) * ft]
             buf, first = buf[:, :, window - 2 * overlap:], False      # the next window re-reads 2*overlap latents
     if buf is not None:
-        yield vae.decode_latents(buf)[:, :, (0 if first else overlap) * ft:]
+        yield decode_latents(vae, buf, batch)[:, :, (0 if first else overlap) * ft:]
 
 
 @torch.no_grad()
-def stream_decode(vae, latent_chunks, context=None):
+def stream_decode(vae, latent_chunks, context=None, batch=None):
     """Decode a stream of latent chunks (B,c,n,h,w) into frame chunks (B,3,n*ft,H,W), keeping at most
-    the current chunk plus `context` latents on each side in memory. With context >= the decoder's
-    temporal reach (the default), every frame equals the one-shot decode of the whole video.
+    the current chunk plus `context` latents on each side in memory, and decoding `batch` videos at a
+    time (None: all B). With context >= the decoder's temporal reach (the default), every frame equals
+    the one-shot decode of the whole video.
     An autoencoder with whole-clip GroupNorm (vae.cfg.norm_over == "clip") has no finite reach:
     it is decoded in overlapping windows instead (overlapped_decode), which is not exact."""
     if vae.cfg.norm_over == "clip":
-        yield from overlapped_decode(vae, latent_chunks)
+        yield from overlapped_decode(vae, latent_chunks, batch=batch)
         return
     ft = vae.ft
     context = temporal_reach(vae) if context is None else context
@@ -314,14 +329,14 @@ def stream_decode(vae, latent_chunks, context=None):
         emit = pending[:, :, : pending.shape[2] - context]  # keep `context` latents as right context
         left = prev[:, :, -context:] if prev is not None else emit[:, :, :0]
         window = torch.cat([left, pending], 2)               # (B,c,left+n,h,w)
-        x = vae.decode_latents(window)
+        x = decode_latents(vae, window, batch)
         a = left.shape[2] * ft
         yield x[:, :, a: a + emit.shape[2] * ft]             # (B,3,n_emit*ft,H,W)
         prev = emit if prev is None else torch.cat([prev, emit], 2)[:, :, -context:]  # (B,c,<=context,h,w)
         pending = pending[:, :, emit.shape[2]:]
     if pending is not None and pending.shape[2] > 0:
         left = prev[:, :, -context:] if prev is not None else pending[:, :, :0]
-        x = vae.decode_latents(torch.cat([left, pending], 2))  # (B,c,left+n,h,w) -> (B,3,(left+n)*ft,H,W)
+        x = decode_latents(vae, torch.cat([left, pending], 2), batch)  # (B,c,left+n,h,w) -> (B,3,(left+n)*ft,H,W)
         yield x[:, :, left.shape[2] * ft:]                       # (B,3,n*ft,H,W)
 
 

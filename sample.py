@@ -29,7 +29,7 @@ import text as text_lib
 import unet3d
 import vae as vae_lib
 from common import (ArgumentParser, UserError, add_threads_flag, atomic_path, checkpoint_weights, load_checkpoint,
-                    load_weights, main_guard, natural_float, natural_int, plot_lines, positive_int)
+                    load_weights, main_guard, natural_float, natural_int, plot_lines, positive_int, setup_cuda)
 
 
 def load_model(path, device, use_ema=True):
@@ -81,6 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=natural_float, default=0.1, help="unconditional guidance strength w, Eq. (9) (0 = off)")
     p.add_argument("--k", type=positive_int, default=1, help="latents each autoregressive step conditions on")
     p.add_argument("--chunk", type=positive_int, default=16, help="latents decoded at a time in long modes")
+    p.add_argument("--decode-batch", type=positive_int, default=1, help="videos decoded at a time in long modes: "
+                   "the decoder's activations grow with it (the paper autoencoder at 256²: README, 'Memory')")
     p.add_argument("--out"); p.add_argument("--npz", action="store_true")
     p.add_argument("--fps", type=positive_int, default=8); p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -107,6 +109,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    setup_cuda(device, benchmark=True)  # TF32 and cuDNN's autotuner on a GPU (every step has the same shapes)
     net, diffusion, targs = load_model(args.ckpt, device, not args.no_ema)
     vae = load_decoder(targs, args.vae, device)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"samples-{args.mode}")
@@ -121,7 +124,11 @@ def main(argv=None):
         return sample_short(args, net, diffusion, targs, vae, steps, g, device, out, prompts=read_prompts(args))
     if args.mode == "short":
         return sample_short(args, net, diffusion, targs, vae, steps, g, device, out)
-    return sample_long(args, net, diffusion, targs, vae, steps, g, device, out)
+    out = sample_long(args, net, diffusion, targs, vae, steps, g, device, out)
+    if device.type == "cuda":
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB ({min(args.n, args.batch_size)} "
+              f"videos sampled and {args.decode_batch} decoded at a time)")
+    return out
 
 
 def latent_shape(net, targs, vae):
@@ -208,7 +215,8 @@ def sample_long(args, net, diffusion, targs, vae, steps, g, device, out):
                 latents = hierarchical.hierarchical(net, interp, diffusion, (B, c, clip_len, hw, hw), n_latents,
                                                     gap=targs["gap"], **kw)
             t = 0
-            chunks = hierarchical.stream_decode(vae, rechunk(latents, args.chunk)) if vae is not None else latents
+            chunks = hierarchical.stream_decode(vae, rechunk(latents, args.chunk), batch=args.decode_batch) \
+                if vae is not None else latents
             for x in chunks:                                                 # (B,3,n,H,W)
                 u8 = data.to_uint8(x)[:, : length - t]                       # (B,3,n,H,W) -> (B,n,H,W,3)
                 arr = np.load(tmp, mmap_mode="r+")

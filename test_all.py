@@ -5,6 +5,8 @@ its file against closed forms, independent references, invariants or round trips
 its own earlier output.
 """
 import argparse
+import collections
+import copy
 import csv
 import gzip
 import io
@@ -14,6 +16,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -482,6 +485,44 @@ class TestCommon:
 
 
 # =============================================================================
+    def test_torch_older_than_the_floor_is_one_sentence(self):
+        with pytest.raises(UserError, match=r"needs torch >= 2\.3, but torch 2\.2\.2\+cu121 is installed"):
+            common.check_torch("2.2.2+cu121")
+        for ok in ("2.3.0", "2.13.0+cpu", "3.0.0a0"):
+            common.check_torch(ok)
+
+    def test_amp_by_compute_capability(self, monkeypatch):
+        """bf16 only where the GPU has it natively (8.0 on); V100 / T4 report bf16 support through emulation."""
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+        for capability, amp in (((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=capability: c)
+            assert common.auto_amp("cuda:1") == amp
+        assert common.auto_amp("cpu") == "none"
+
+    def test_cuda_rng_is_the_run_devices(self, monkeypatch):
+        """rng_state / set_rng_state read and write the generator of the device they are given, not GPU 0's."""
+        seen = []
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": seen.append(("get", device)) or
+                            torch.zeros(4, dtype=torch.uint8))
+        monkeypatch.setattr(torch.cuda, "set_rng_state", lambda st, device="cuda": seen.append(("set", device)))
+        st = common.rng_state("cuda:1")
+        common.set_rng_state(st, "cuda:1")
+        assert seen == [("get", torch.device("cuda:1")), ("set", torch.device("cuda:1"))]
+        assert "cuda" not in common.rng_state("cpu") and "cuda" not in common.rng_state()
+
+    def test_lock_of_another_host_is_taken_over_only_by_a_resume(self, tmp_path, capsys):
+        path = str(tmp_path / "vae.lock")
+        with open(path, "w") as f:
+            json.dump({"pid": 12345, "host": "node-017", "start": "1"}, f)
+        with pytest.raises(UserError, match="pid 12345 on node-017"):
+            common.RunLock(path)
+        lock = common.RunLock(path, takeover=True)
+        assert "taking over the lock" in capsys.readouterr().out
+        assert json.load(open(path))["pid"] == os.getpid()
+        lock.release()
+        assert not os.path.exists(path)
+
+
 class TestData:
     """data.py: layouts, clip sampling, determinism, synthetic data, video I/O, prepare."""
 
@@ -1161,6 +1202,28 @@ class TestVAE:
         total = ((recon - x) ** 2).mean() + 1e-6 * post.kl().mean() / x[0].numel() + expected * g_loss
         assert abs(loss.item() - total.item()) < 1e-9
         assert log["disc_factor"] == 1.0
+
+    def test_adaptive_weight_under_fp16_equals_fp32_from_scaled_gradients(self):
+        """Under fp16 autocast the per-element gradients of the losses (here ~1e-9, as at 256² x 16) are below
+        fp16's smallest subnormal: unscaled, both gradients vanish and the GAN weight is 0. Taken from the
+        losses times the loss scale, it equals the fp32 weight; a scale that overflows gives 0, not NaN."""
+        torch.manual_seed(0)
+        last = nn.Parameter(torch.randn(8, 8) * 0.3)
+        h, target = torch.randn(4096, 8), torch.randn(4096, 8)
+        loss_fn = vae.AutoencoderLoss(None, None, disc_weight=1.0)
+
+        def weight(dtype, scale):
+            with torch.autocast("cpu", dtype=torch.float16, enabled=dtype == torch.float16):
+                y = h @ last                                               # fp16 activations under autocast
+            nll = 1e-5 * ((y.float() - target) ** 2).mean()                 # d/dy ~ 1e-9 per element
+            g = -1e-4 * y.float().mean()                                    # d/dy ~ 2e-9 per element
+            return loss_fn.calculate_adaptive_weight(nll, g, last, torch.tensor(scale))
+        fp32 = weight(torch.float32, 1.0)
+        assert 0.01 < fp32 < 1e4
+        assert weight(torch.float16, 1.0) == 0                            # the defect: the GAN term vanishes
+        torch.testing.assert_close(weight(torch.float16, 2.0 ** 20), fp32, rtol=2e-3, atol=0)
+        huge = weight(torch.float16, 2.0 ** 100)
+        assert torch.isfinite(huge) and huge == 0
 
     def test_pixel_l1_option_and_lpips_frames(self):
         calls = []
@@ -2123,6 +2186,28 @@ class TestHierarchical:
         assert not torch.allclose(short, full, atol=1e-4)
 
 
+    def test_stream_decode_one_video_at_a_time(self, monkeypatch):
+        """batch=1: the decoder never sees more than one video (its activations are one video's), and the
+        frames equal the decode of all videos together."""
+        torch.manual_seed(0)
+        model = vae.VideoAutoencoder(vae.VAEConfig(hidden=8, ch_mult=(1, 1, 1))).eval().double()
+        z = torch.randn(3, 4, 11, 2, 2, dtype=torch.float64)
+        chunks = lambda: iter([z[:, :, i:i + 4] for i in range(0, 11, 4)])
+        together = torch.cat(list(hierarchical.stream_decode(model, chunks())), 2)
+        seen, real = [], model.decode_latents
+        monkeypatch.setattr(model, "decode_latents", lambda x: seen.append(x.shape[0]) or real(x))
+        alone = torch.cat(list(hierarchical.stream_decode(model, chunks(), batch=1)), 2)
+        assert set(seen) == {1} and len(seen) % 3 == 0
+        torch.testing.assert_close(alone, together, rtol=0, atol=1e-12)
+
+    def test_guidance_is_one_batched_forward(self):
+        """w > 0: the conditional and unconditional outputs come from one forward over 2B inputs."""
+        spy = _HierSpy()
+        cond, z, t = torch.randn(2, 4, 4, 4, 4), torch.randn(2, 4, 4, 4, 4), torch.tensor([10, 500])
+        hierarchical.guided_model_fn(spy, cond, hierarchical.frame_mask(2, 4, [0]), s=0, w=0.5,
+                                     diffusion=_hier_diffusion())(z, t)
+        assert len(spy.calls) == 1 and spy.calls[0][0].shape[0] == 4
+
     def test_clip_norm_autoencoder_is_decoded_in_overlapping_windows(self):
         """Whole-clip GroupNorm (a converted release autoencoder) has no finite temporal reach: stream_decode
         decodes windows of 4 latents overlapping by 2 and keeps the middles, as written out here."""
@@ -2292,9 +2377,10 @@ class TestTrain:
         assert words in str(e.value) and "\n" not in str(e.value)
         assert not (tmp_path / "pwned").exists()
 
-    def test_sigterm_saves_the_step_and_resume_equals_a_straight_run(self, tmp_path):
-        """SIGTERM mid-run: the step finishes, a checkpoint is written at it, the exit status is 128 + 15, and
-        --resume ends bitwise equal to a run that was never stopped."""
+    @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+    def test_sigterm_saves_the_step_and_resume_equals_a_straight_run(self, tmp_path, signum):
+        """SIGTERM mid-run (or SIGUSR1, a cluster's early warning): the step finishes, a checkpoint is written
+        at it, the exit status is 128 + the signal, and --resume ends bitwise equal to a run never stopped."""
         a, b = str(tmp_path / "a"), str(tmp_path / "b")
         run = _TINY_VAE + ["--steps", "30", "--save-every", "1000", "--sample-every", "1000", "--ema", "0.9"]
         env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -2304,9 +2390,9 @@ class TestTrain:
         deadline = time.time() + 120
         while time.time() < deadline and not (os.path.exists(log) and len(open(log).readlines()) >= 3):
             time.sleep(0.02)
-        p.send_signal(15)
+        p.send_signal(signum)
         out, err = p.communicate(timeout=120)
-        assert p.returncode == 128 + 15, err[-2000:]
+        assert p.returncode == 128 + signum, err[-2000:]
         stopped = torch.load(os.path.join(b, "vae.pt"), weights_only=True)
         assert 3 <= stopped["step"] < 30 and "--resume" in out and not os.path.exists(os.path.join(b, "vae.lock"))
         assert [json.loads(line)["step"] for line in open(log)][-1] == stopped["step"]
@@ -2378,6 +2464,198 @@ class TestTrain:
             d = min(0.5, (1 + n) / (10 + n))
             expect = d * expect + (1 - d) * v
             assert abs(ema.shadow["weight"].item() - expect) < 1e-6
+
+    def test_ema_resume_keeps_its_tensors_device_and_dtype(self):
+        """A checkpoint is loaded to the CPU; the EMA copies it into its own shadow tensors, which keep
+        their device (here 'meta', standing in for a GPU: a CPU tensor in their place would be a device
+        mix at the next update), dtype and identity, and the next update follows the closed form."""
+        net = torch.nn.Linear(3, 2)
+        ema = train.EMA(net, 0.5)
+        saved = {k: (v * 2).double() for k, v in ema.shadow.items()}          # other values, another dtype
+        ema.load_state_dict({"decay": 0.5, "num_updates": 7, "shadow": saved})
+        for k, v in ema.shadow.items():
+            assert v.dtype == torch.float32 and torch.equal(v, saved[k].float())
+        with torch.no_grad():
+            net.weight.fill_(1.0)
+        ema.update(net)
+        d = min(0.5, 9 / 18)
+        torch.testing.assert_close(ema.shadow["weight"], d * saved["weight"].float() + (1 - d) * 1.0)
+        on_meta = train.EMA(torch.nn.Linear(3, 2, device="meta"), 0.5)
+        ids = {k: id(v) for k, v in on_meta.shadow.items()}
+        on_meta.load_state_dict({"decay": 0.5, "num_updates": 1, "shadow": saved})
+        assert all(v.device.type == "meta" and id(v) == ids[k] for k, v in on_meta.shadow.items())
+        with pytest.raises(UserError, match="other weights"):
+            ema.load_state_dict({"decay": 0.5, "num_updates": 1, "shadow": {"weight": saved["weight"]}})
+
+    def test_scaler_skips_a_step_with_non_finite_gradients_and_is_exact_otherwise(self):
+        """make_scaler without fp16: scale 1.0, a finite step is bitwise the plain optimizer step; a step with a
+        NaN gradient leaves the weights and the optimizer state untouched."""
+        torch.manual_seed(0)
+        a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+        b.load_state_dict(a.state_dict())
+        opt_a, opt_b = (torch.optim.AdamW(m.parameters(), lr=0.1) for m in (a, b))
+        scaler = train.make_scaler(torch.device("cpu"), "none")
+        x = torch.randn(5, 4)
+        for _ in range(3):
+            for m, o in ((a, opt_a), (b, opt_b)):
+                o.zero_grad()
+                (scaler.scale(m(x).square().mean()) if m is a else m(x).square().mean()).backward()
+            norm = train.optimizer_step(opt_a, scaler, 0.0)
+            opt_b.step()
+            assert torch.isfinite(norm)
+        _assert_same_tensors(a.state_dict(), b.state_dict())
+        before = copy.deepcopy((a.state_dict(), opt_a.state_dict()))
+        opt_a.zero_grad()
+        (a(x).square().mean() * float("nan")).backward()
+        norm = train.optimizer_step(opt_a, scaler, 1.0)
+        assert not torch.isfinite(norm)
+        _assert_same_tensors(before[0], a.state_dict())
+        _assert_same_tensors(before[1]["state"], opt_a.state_dict()["state"])
+
+    def test_nan_in_one_micro_batch_stops_before_the_next_save(self, tmp_path, monkeypatch):
+        """--grad-accum 2, a NaN in micro-batch 1 of step 3 only (micro-batch 2 is finite: the last loss alone
+        would look fine): the run stops naming step 3, the checkpoint of step 2 stays as it was."""
+        out = str(tmp_path / "nan")
+        run = _TINY_VAE + ["--out", out, "--grad-accum", "2", "--save-every", "1", "--sample-every", "1000",
+                           "--disc-start", "100", "--ema", "0.9"]
+        train.main(run + ["--steps", "2"])
+        good = torch.load(os.path.join(out, "vae.pt"), weights_only=True)
+        calls, step = [0], train.vae_step
+
+        def poisoned(stage, ddp_model, x, *a, **kw):
+            calls[0] += 1
+            return step(stage, ddp_model, x * float("nan") if calls[0] == 1 else x, *a, **kw)
+        monkeypatch.setattr(train, "vae_step", poisoned)
+        with pytest.raises(UserError, match="non-finite at step 3"):
+            train.main(run + ["--steps", "4", "--resume"])
+        after = torch.load(os.path.join(out, "vae.pt"), weights_only=True)
+        assert after["step"] == 2 and calls[0] == 2
+        for key in ("model", "ema", "optimizer"):
+            _assert_same_tensors(good[key], after[key], key)
+        assert not os.path.exists(os.path.join(out, "vae.lock"))
+
+    @pytest.mark.parametrize("stage", ["lvdm", "vae"])
+    def test_no_host_sync_between_log_steps(self, tmp_path, monkeypatch, stage):
+        """Every way the project's code reads a tensor's value on the host (.item, .tolist, float/int/bool of a
+        tensor, .numpy, .cpu, torch.tensor(..., device=), torch.from_numpy), counted per training step while
+        called from a project file: zero in the steps between --log-every 5 steps, some at the log steps.
+        On CPU nothing waits; on a GPU each would stall the host until the device catches up. Calls from the
+        data pipeline (its CPU tensors: the sampler, the random crop offsets) are not device reads."""
+        vae_path = str(tmp_path / "vae.pt")
+        if stage == "lvdm":
+            train.main(_TINY_VAE + ["--out", str(tmp_path), "--steps", "1", "--disc-start", "100"])
+            argv = ["--stage", "lvdm", "--preset", "demo", "--size", "32", "--frames", "8", "--vae", vae_path,
+                    "--latent-cache", "8", "--batch-size", "2", "--timesteps", "100", "--model", "model_channels=32",
+                    "--model", "channel_mult=(1,)", "--model", "num_heads=2"]
+        else:
+            argv = _TINY_VAE + ["--disc-start", "2", "--crop", "32"]
+        argv += ["--out", str(tmp_path / "run"), "--steps", "10", "--log-every", "5", "--save-every", "100",
+                 "--sample-every", "1000", "--ema", "0.9"]
+        project = {os.path.join(_HERE, f) for f in ("train.py", "diffusion.py", "hierarchical.py", "unet3d.py",
+                                                    "vae.py", "text.py", "common.py")}
+        host_side = {"positions", "random_crops", "latent_cache", "save_run", "checkpoint_extras"}
+        steps, syncs = [0], collections.Counter()
+
+        def counted(name, fn):
+            def wrapper(*a, **kw):
+                caller = sys._getframe(1)
+                if caller.f_code.co_filename in project and caller.f_code.co_name not in host_side and \
+                        (name != "torch.tensor" or kw.get("device") is not None):
+                    syncs[(steps[0], f"{name} in {caller.f_code.co_name}")] += 1
+                return fn(*a, **kw)
+            return wrapper
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"):
+            monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+        monkeypatch.setattr(torch, "tensor", counted("torch.tensor", torch.tensor))
+        monkeypatch.setattr(torch, "from_numpy", counted("torch.from_numpy", torch.from_numpy))
+        real_update = train.EMA.update  # called once per step, after the optimizer step: counts the steps
+
+        def update(self, model):
+            real_update(self, model)
+            steps[0] += 1
+        monkeypatch.setattr(train.EMA, "update", update)
+        train.main(argv)
+        per_step = collections.Counter()
+        for (s, what), k in syncs.items():
+            per_step[s] += k
+        assert steps[0] == 10
+        between = {key: k for key, k in syncs.items() if key[0] not in (0, 5, 10)}
+        assert not between, between
+        assert per_step[5] > 0 and per_step[10] > 0  # the log steps read the logs (the hook sees them)
+
+    def test_stage_all_under_torchrun_is_refused_and_an_error_releases_the_lock(self, tmp_path, monkeypatch):
+        with monkeypatch.context() as m:
+            m.setenv("RANK", "0")
+            with pytest.raises(UserError, match="cannot run under torchrun"):
+                train.main(["--stage", "all", "--preset", "demo", "--out", str(tmp_path)])
+        with pytest.raises(UserError, match="unknown model field"):  # raised after the lock was taken
+            train.main(_TINY_VAE + ["--out", str(tmp_path), "--steps", "1", "--model", "nonsense=3"])
+        assert not os.path.exists(tmp_path / "vae.lock")
+
+    def test_stream_of_one_persistent_loader_equals_workers_0_and_resumes_anywhere(self, tmp_path):
+        """ClipStream over 3 epochs (6 clips, batches of 2): with 2 persistent workers the same batches as in
+        the main process, and restored from the position after any batch, the same batches after it."""
+        args = train.parse_args(["--stage", "vae", "--preset", "demo", "--size", "16", "--frames", "4",
+                                 "--batch-size", "2", "--crop", "0"])
+        ds = data.SyntheticVideos(6, 4, 16, seed=0, flip=True)  # flips drawn per (seed, epoch, item)
+
+        def batches(workers, state=None, n=9):
+            stream = train.ClipStream(ds, argparse.Namespace(**{**vars(args), "workers": workers}), 0, 1, False)
+            if state is not None:
+                stream.restore(state)
+            it, out = iter(stream), []
+            for _ in range(n):
+                out.append((next(it), stream.state()))
+            return out
+        ref = batches(0)
+        assert [st for _, st in ref][:4] == [{"epoch": 0, "batch_in_epoch": 1}, {"epoch": 0, "batch_in_epoch": 2},
+                                             {"epoch": 1, "batch_in_epoch": 0}, {"epoch": 1, "batch_in_epoch": 1}]
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(ref, batches(2)))
+        for k in (1, 2, 4):
+            again = batches(0, ref[k][1], n=9 - k - 1)
+            assert all(torch.equal(a, b) for (a, _), (b, _) in zip(again, ref[k + 1:]))
+        old_style = batches(0, {"epoch": 0, "batch_in_epoch": 3}, n=2)  # saved at an epoch's end by older code
+        assert torch.equal(old_style[0][0], ref[3][0])
+
+    def test_latent_cache_under_ddp_equals_one_process(self, tmp_path):
+        """2 gloo processes each encode every other batch of 8; rank 0 joins them in data order: the cache file
+        equals the one a single process writes (20 clips: 3 batches, one short, split 2 + 1)."""
+        train.main(_TINY_VAE + ["--out", str(tmp_path), "--steps", "1", "--disc-start", "100"])
+        common_argv = ["train.py", "--stage", "lvdm", "--preset", "demo", "--size", "32", "--frames", "8",
+                       "--vae", str(tmp_path / "vae.pt"), "--latent-cache", "20", "--batch-size", "2", "--steps", "1",
+                       "--timesteps", "100", "--model", "model_channels=32", "--model", "channel_mult=(1,)",
+                       "--model", "num_heads=2", "--sample-every", "1000"]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        one, two = str(tmp_path / "one"), str(tmp_path / "two")
+        r1 = subprocess.run([sys.executable, *common_argv, "--out", one], cwd=_HERE, env=env, capture_output=True,
+                            text=True, timeout=300)
+        assert r1.returncode == 0, r1.stderr[-2000:]
+        r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             *common_argv, "--out", two], cwd=_HERE, env=env, capture_output=True, text=True,
+                            timeout=300)
+        assert r2.returncode == 0, r2.stderr[-2000:]
+        fa, fb = ([f for f in os.listdir(d) if f.startswith("latents-")] for d in (one, two))
+        assert len(fa) == 1, (os.listdir(one), os.listdir(two))
+        fa, fb = fa[0], fb[0]
+        assert fa == fb and not [f for f in os.listdir(two) if ".part" in f]
+        a, b = (torch.load(os.path.join(d, fa), weights_only=True) for d in (one, two))
+        assert a["latents"].shape[0] == 20 and torch.equal(a["latents"], b["latents"])
+
+    def test_image_stage_encodes_each_caption_once(self):
+        """repeat=r: the text encoder sees B captions, not B*r; the result equals encoding them repeated."""
+        torch.manual_seed(0)
+        enc = text.TextTransformer(text.TextConfig(vocab_size=50, context_length=6, width=32, layers=1, heads=2,
+                                                   mlp_width=64))
+        cfg = UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1,), num_res_blocks=1,
+                         attention_resolutions=(1,), num_heads=2, attention="spatial", context_dim=32)
+        net = text.TextConditioned(UNet3D(cfg), enc)
+        ids = torch.randint(0, 50, (2, 6))
+        x, t = torch.randn(6, 4, 1, 4, 4), torch.tensor([1, 2, 3, 4, 5, 6])
+        rows, real = [], enc.forward
+        enc.forward = lambda i: rows.append(i.shape[0]) or real(i)
+        once = net(x, t, ids=ids, repeat=3)
+        assert rows == [2]
+        torch.testing.assert_close(once, net(x, t, ids=ids.repeat_interleave(3, 0)), rtol=1e-5, atol=1e-6)
 
     def test_rng_state_round_trip(self):
         st = train.rng_state()

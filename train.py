@@ -143,6 +143,9 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=natural_int, help="DataLoader workers per process (default: on a GPU up to 4, "
                    "persistent over the run; on the CPU and with --latent-cache 0: the cores train the model)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dist-backend", default="auto", choices=["auto", "nccl", "gloo"],
+                   help="torchrun's process group: auto = nccl on GPUs, gloo on the CPU (gloo also lets several "
+                        "processes share one GPU, e.g. to test DDP on one)")
     add_threads_flag(p)
     p.add_argument("--save-every", type=positive_int); p.add_argument("--sample-every", type=positive_int)
     p.add_argument("--keep-every", type=positive_int, help="also keep RUN/<stage>-<step>.pt every N steps "
@@ -537,18 +540,18 @@ def latent_cache(stage, args, dataset, device, rank, world):
             save_checkpoint(f"{path}.part{rank}", {"latents": zs, "captions": captions})
             dist.barrier()
         if rank == 0:
-            parts = [torch.load(f"{path}.part{r}", weights_only=True) for r in range(world)] if world > 1 else \
+            parts = [torch.load(f"{path}.part{r}", map_location="cpu", weights_only=True) for r in range(world)] if world > 1 else \
                 [{"latents": zs, "captions": captions}]
             order = [(j % world, j // world) for j in range(len(batches))]  # batch j: process j % world's (j // world)-th
             latents = torch.cat([parts[r]["latents"][k] for r, k in order])  # (N,c,l,h,w)
             captions = [c for r, k in order for c in parts[r]["captions"][k]] if parts[0]["captions"] else None
             save_checkpoint(path, {"latents": latents, "key": key, "captions": captions})
-            for r in range(1, world):
+            for r in range(world if world > 1 else 0):
                 os.remove(f"{path}.part{r}")
     if dist.is_initialized():
         dist.barrier()
     stage.latents_cached = True
-    cache = torch.load(path, weights_only=True)
+    cache = torch.load(path, map_location="cpu", weights_only=True)
     return LatentDataset(cache["latents"], cache.get("captions"))
 
 
@@ -838,12 +841,14 @@ def setup_processes(args):
     if ddp:
         # 30 minutes instead of NCCL's 10: at 256² rank 0 can keep the others waiting that long while it
         # writes a checkpoint of a 549M-parameter model with its EMA and AdamW moments to network storage.
-        dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo",
-                                timeout=datetime.timedelta(minutes=30))
+        backend = args.dist_backend if args.dist_backend != "auto" else \
+            "nccl" if args.device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
         rank, world = dist.get_rank(), dist.get_world_size()
-        if args.device.startswith("cuda"):
-            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        if args.device.startswith("cuda"):  # one GPU per process (with gloo, processes may share one)
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
             torch.cuda.set_device(args.device)
+        if backend == "nccl":
             control = dist.new_group(backend="gloo")
     device = torch.device(args.device)
     if args.threads:
@@ -1014,13 +1019,15 @@ def main(argv=None):
             # what any process met reaches every process: most videos unreadable (stop), a stop signal
             # (finish this step, save, exit); host values, agreed on over the CPU (`control`)
             skipped = getattr(videos, "skipped", 0)
-            flags = torch.tensor([int(2 * skipped > len(videos)), signals.signum])
+            flags = [int(2 * skipped > len(videos)), signals.signum]
             if ddp:
+                flags = torch.tensor(flags)
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=control)
+                flags = flags.tolist()
             if flags[0] > 0:
                 abort(f"{skipped} of the {len(videos)} videos could not be read (see the lines above); check the "
                       f"files or run `python data.py prepare SRC DST`", ckpt_path)
-            stop = int(flags[1])
+            stop = flags[1]
             keep = args.keep_every and step % args.keep_every == 0
             log = step % args.log_every == 0 or step == args.steps
             save = step % args.save_every == 0 or step == args.steps or stop or keep

@@ -597,7 +597,7 @@ class AutoencoderLoss(nn.Module):
                 d_weight = torch.zeros((), device=x.device)
             loss = loss + d_weight * g_loss
             log.update(g_loss=g_loss, d_weight=d_weight)
-        log.update(disc_factor=torch.tensor(1.0 if self.disc_active(step) else 0.0, device=x.device), loss=loss)
+        log.update(disc_factor=torch.full((), 1.0 if self.disc_active(step) else 0.0, device=x.device), loss=loss)
         return loss, {k: v.detach().float() for k, v in log.items()}
 
     def discriminator_loss(self, x, recon, step):

@@ -28,8 +28,9 @@ import hierarchical
 import text as text_lib
 import unet3d
 import vae as vae_lib
-from common import (ArgumentParser, UserError, add_threads_flag, atomic_path, checkpoint_weights, load_checkpoint,
-                    load_weights, main_guard, natural_float, natural_int, plot_lines, positive_int, setup_cuda)
+from common import (ArgumentParser, UserError, add_threads_flag, atomic_path, auto_amp, checkpoint_weights,
+                    load_checkpoint, load_weights, main_guard, natural_float, natural_int, plot_lines, positive_int,
+                    setup_cuda)
 
 
 def load_model(path, device, use_ema=True):
@@ -86,6 +87,9 @@ def parse_args(argv=None):
     p.add_argument("--out"); p.add_argument("--npz", action="store_true")
     p.add_argument("--fps", type=positive_int, default=8); p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
+                   help="autocast of the networks: auto = bf16 on GPUs that have it natively, fp16 on older ones, "
+                        "none on the CPU (float32)")
     add_threads_flag(p)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     # text-to-video (§5)
@@ -116,15 +120,18 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     steps = None if args.sampler == "ddpm" else args.steps            # None: DDPM over all T steps
     g = torch.Generator(device).manual_seed(args.seed)
+    amp = auto_amp(device) if args.amp == "auto" else args.amp
     print(f"sample.py: {args.mode}, {args.n} videos, {args.sampler}"
-          f"{'' if steps is None else f' {steps} steps eta {args.eta}'} -> {out}")
-    if targs["stage"] in ("image", "t2v"):
-        if args.mode != "short":
-            raise UserError(f"a text-to-video model samples short clips; drop --mode {args.mode}.")
-        return sample_short(args, net, diffusion, targs, vae, steps, g, device, out, prompts=read_prompts(args))
-    if args.mode == "short":
-        return sample_short(args, net, diffusion, targs, vae, steps, g, device, out)
-    out = sample_long(args, net, diffusion, targs, vae, steps, g, device, out)
+          f"{'' if steps is None else f' {steps} steps eta {args.eta}'}, amp {amp} -> {out}")
+    if targs["stage"] in ("image", "t2v") and args.mode != "short":
+        raise UserError(f"a text-to-video model samples short clips; drop --mode {args.mode}.")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):  # the networks; the sampler's sums
+        if targs["stage"] in ("image", "t2v"):                                # stay float32 (diffusion.py)
+            return sample_short(args, net, diffusion, targs, vae, steps, g, device, out, prompts=read_prompts(args))
+        if args.mode == "short":
+            return sample_short(args, net, diffusion, targs, vae, steps, g, device, out)
+        out = sample_long(args, net, diffusion, targs, vae, steps, g, device, out)
     if device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB ({min(args.n, args.batch_size)} "
               f"videos sampled and {args.decode_batch} decoded at a time)")

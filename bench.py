@@ -312,8 +312,8 @@ def catalogue(root):
     good = open(vae_pt, "rb").read()
     evil = write("evil.pt", pickle.dumps({"stage": "vae", "model": _Evil()}))
     other = write("other_arch.pt", b"")
-    torch.save({**torch.load(vae_pt, map_location="cpu", weights_only=True), "model": {"encoder.conv_in.conv.weight": torch.zeros(1)},
-                "ema": None}, other)
+    torch.save({**torch.load(vae_pt, map_location="cpu", weights_only=True),
+                "model": {"encoder.conv_in.conv.weight": torch.zeros(1)}, "ema": None}, other)
     bad_npz = os.path.join(root, "float.npz")
     np.savez(bad_npz, arr_0=np.zeros((2, 16, 8, 8, 3), np.float32))
     i3d_evil = write("i3d_evil.ckpt", pickle.dumps({"params": _Evil()}))

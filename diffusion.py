@@ -157,16 +157,19 @@ class GaussianDiffusion:
         """Draw z_t ~ q(z_t | z_0) = N(√ᾱ_t z_0, (1-ᾱ_t) I): Eq. (2)-(3) in closed form."""
         if noise is None:
             noise = torch.randn_like(x0)
-        return self._extract("sqrt_alphas_cumprod", t, x0) * x0 + self._extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+        return (self._extract("sqrt_alphas_cumprod", t, x0) * x0
+                + self._extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise)
 
     def q_posterior_mean_variance(self, x0, x_t, t):
         """Mean, variance and log-variance of q(z_{t-1} | z_t, z_0) (DDPM Eq. 6-7)."""
         mean = self._extract("posterior_mean_coef1", t, x_t) * x0 + self._extract("posterior_mean_coef2", t, x_t) * x_t
-        return mean, self._extract("posterior_variance", t, x_t), self._extract("posterior_log_variance_clipped", t, x_t)
+        return (mean, self._extract("posterior_variance", t, x_t),
+                self._extract("posterior_log_variance_clipped", t, x_t))
 
     def predict_xstart_from_eps(self, x_t, t, eps):
         """z_0 = (z_t - √(1-ᾱ_t) ε) / √ᾱ_t, the closed form of Eq. (2)-(3) solved for z_0."""
-        return self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+                - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps)
 
     def model_eps(self, model_fn, x_t, t):
         """ε_θ(z_t, t): the model's output, converted from v when prediction == "v"."""
@@ -176,7 +179,8 @@ class GaussianDiffusion:
         if self.prediction == "eps":
             return out
         # z_t = √ᾱ z_0 + √(1-ᾱ) ε and v = √ᾱ ε - √(1-ᾱ) z_0  =>  ε = √ᾱ v + √(1-ᾱ) z_t
-        return self._extract("sqrt_alphas_cumprod", t, x_t) * out + self._extract("sqrt_one_minus_alphas_cumprod", t, x_t) * x_t
+        return (self._extract("sqrt_alphas_cumprod", t, x_t) * out
+                + self._extract("sqrt_one_minus_alphas_cumprod", t, x_t) * x_t)
 
     # ------------------------------------------------------------------ reverse process
     def p_mean_variance(self, model_fn, x_t, t):
@@ -213,7 +217,8 @@ class GaussianDiffusion:
         out = model_fn(x_t, t)
         target = noise
         if self.prediction == "v":  # v = √ᾱ ε - √(1-ᾱ) z_0
-            target = self._extract("sqrt_alphas_cumprod", t, x0) * noise - self._extract("sqrt_one_minus_alphas_cumprod", t, x0) * x0
+            target = (self._extract("sqrt_alphas_cumprod", t, x0) * noise
+                      - self._extract("sqrt_one_minus_alphas_cumprod", t, x0) * x0)
         dtype = torch.promote_types(noise.dtype, torch.float32)  # the loss in at least float32, also under AMP
         diff = out.to(dtype) - target.to(dtype)
         err = diff ** 2 if self.loss_type == "l2" else diff.abs()  # Eq. (7)

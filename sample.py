@@ -133,8 +133,9 @@ def main(argv=None):
             return sample_short(args, net, diffusion, targs, vae, steps, g, device, out)
         out = sample_long(args, net, diffusion, targs, vae, steps, g, device, out)
     if device.type == "cuda":
-        print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB ({min(args.n, args.batch_size)} "
-              f"videos sampled and {args.decode_batch} decoded at a time)")
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        print(f"peak GPU memory {peak:.2f} GiB ({min(args.n, args.batch_size)} videos sampled and "
+              f"{args.decode_batch} decoded at a time)")
     return out
 
 

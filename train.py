@@ -529,7 +529,7 @@ def latent_cache(stage, args, dataset, device, rank, world):
     if build:
         dataset.set_epoch(0)
         batches = range(0, n, 8)
-        zs, captions = [], []                                   # this process's batches: batch k is batches[rank + k * world]
+        zs, captions = [], []  # this process's batches: its k-th is batch rank + k * world
         for i in tqdm(batches[rank::world], desc="latent cache", disable=rank != 0):
             items = [dataset[j] for j in range(i, min(i + 8, n))]
             if isinstance(items[0], tuple):                     # (clip, caption) items (§5)
@@ -540,9 +540,9 @@ def latent_cache(stage, args, dataset, device, rank, world):
             save_checkpoint(f"{path}.part{rank}", {"latents": zs, "captions": captions})
             dist.barrier()
         if rank == 0:
-            parts = [torch.load(f"{path}.part{r}", map_location="cpu", weights_only=True) for r in range(world)] if world > 1 else \
-                [{"latents": zs, "captions": captions}]
-            order = [(j % world, j // world) for j in range(len(batches))]  # batch j: process j % world's (j // world)-th
+            parts = [{"latents": zs, "captions": captions}] if world == 1 else \
+                [torch.load(f"{path}.part{r}", map_location="cpu", weights_only=True) for r in range(world)]
+            order = [(j % world, j // world) for j in range(len(batches))]  # batch j: (process, its k-th batch)
             latents = torch.cat([parts[r]["latents"][k] for r, k in order])  # (N,c,l,h,w)
             captions = [c for r, k in order for c in parts[r]["captions"][k]] if parts[0]["captions"] else None
             save_checkpoint(path, {"latents": latents, "key": key, "captions": captions})
@@ -566,8 +566,9 @@ def random_crops(x, size):
 
 def vae_step(stage, ddp_model, x, step, gan, args, autocast, scalers):
     """Eq. (1) for one micro-batch: the autoencoder's loss backward, then (once the GAN is on) the
-    discriminator's; returns the logged values, 0-dim tensors on the device. ψ is not wrapped in DDP: the generator pass calls it with its gradients off,
-    and its own gradients are averaged by hand (allreduce_grads) before its optimizer step."""
+    discriminator's; returns the logged values, 0-dim tensors on the device. ψ is not wrapped in DDP:
+    the generator pass calls it with its gradients off, and its own gradients are averaged by hand
+    (allreduce_grads) before its optimizer step."""
     if args.crop and args.crop < x.shape[-1]:
         x = random_crops(x, args.crop)
     stage.disc.requires_grad_(False)

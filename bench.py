@@ -11,6 +11,7 @@
     python bench.py faults                 # SIGKILL / SIGTERM + --resume, bitwise; 42 bad inputs, one sentence each
     python bench.py smoke [--device cuda]  # every stage at the paper presets, a few steps: time and peak memory
     python bench.py contention             # the demo's training step next to a busy process: threads, wait policy
+    python bench.py updates                # per-step costs the GPU path removed: EMA, guidance, schedule lookups
     python bench.py release [--ae A --lvdm L]   # convert + sample the release's paper-size Sky models: time, memory
     python bench.py score [--n 256]        # the synthetic sample score on real clips, noise and broken videos
     python bench.py psnr --vae RUN/vae.pt  # autoencoder PSNR on 256 held-out 16-frame synthetic clips
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -48,6 +50,7 @@ import diffusion
 import fvd
 import hierarchical
 import sample
+import train
 import unet3d
 import vae
 from common import (process_start_time, atomic_path, count_params, current_umask, load_checkpoint, main_guard,
@@ -714,6 +717,53 @@ def contention(args):
     return f"Machine: {machine()}. Median of {args.repeat} runs of 40 steps each.\n\n" + "\n".join(rows)
 
 
+def updates(args):
+    """Per-step costs the GPU path removed, timed on the device at hand (median of --repeat): the EMA update of
+    the paper U-Net per tensor (the loop train.py had) against train.EMA's one _foreach update; unconditional
+    guidance at the demo size in two forwards against one batched forward (hierarchical.guided_model_fn); and
+    a schedule lookup copied from numpy at every call against the copy kept on the device."""
+    device = torch.device(args.device)
+    net = unet3d.UNet3D(unet3d.unet_presets()["paper"]).to(device)
+    ema = train.EMA(net, 0.9999)
+    shadow = {k: v.clone() for k, v in ema.shadow.items()}
+
+    def per_tensor():  # the previous update: one lerp_ per entry of a fresh state dict
+        for k, v in net.state_dict().items():
+            if v.dtype.is_floating_point:
+                shadow[k].lerp_(v.float(), 1e-4)
+            else:
+                shadow[k].copy_(v)
+    rows = ["| what | before (ms) | after (ms) | before / after |", "|---|---|---|---|"]
+    before, after = timeit(per_tensor, args.repeat), timeit(lambda: ema.update(net), args.repeat)
+    rows.append(f"| EMA update, paper U-Net ({count_params(net) / 1e6:.0f}M parameters, {len(shadow)} tensors) | "
+                f"{1e3 * before:.1f} | {1e3 * after:.1f} | {before / after:.2f} |")
+    del net, ema, shadow
+    cfg = replace(unet3d.unet_presets()["demo"], in_channels=4, out_channels=4, mask_channel=True, s_embedding=True)
+    small = unet3d.UNet3D(cfg).to(device).eval()
+    gd = diffusion.GaussianDiffusion(diffusion.make_betas("linear", 1000), prediction="v")
+    z, t = torch.randn(8, 4, 4, 16, 16, device=device), torch.full((8,), 500, device=device)
+    m = hierarchical.frame_mask(8, 4, [0], device)
+    fn = hierarchical.guided_model_fn(small, z, m, s=100, w=0.1, diffusion=gd)
+
+    def two_passes():
+        mask = hierarchical.full_mask(m, z)
+        s_vec = torch.full((8,), 100, device=device)
+        out_c = small(hierarchical.replace_given(z, z, m), t, mask=mask, s=s_vec)
+        out_u = small(z, t, mask=torch.zeros_like(mask), s=torch.zeros_like(s_vec))
+        return hierarchical.guided(out_c, out_u, 0.1)
+    with torch.no_grad():
+        before, after = timeit(two_passes, args.repeat), timeit(lambda: fn(z, t), args.repeat)
+    rows.append(f"| guided U-Net call, demo U-Net, batch 8 of 4 x 16² latents | {1e3 * before:.1f} | {1e3 * after:.1f} "
+                f"| {before / after:.2f} |")
+    t8 = torch.randint(0, 1000, (8,), device=device)
+    x = torch.randn(8, 4, 4, 16, 16, device=device)
+    before = timeit(lambda: torch.from_numpy(gd.sqrt_alphas_cumprod).to(device)[t8].to(x.dtype), args.repeat)
+    after = timeit(lambda: gd._extract("sqrt_alphas_cumprod", t8, x), args.repeat)
+    rows.append(f"| one schedule lookup (q_sample reads two, a DDIM step seven) | {1e3 * before:.3f} | "
+                f"{1e3 * after:.3f} | {before / after:.2f} |")
+    return f"Machine: {machine()}. Median of {args.repeat} runs after a warm-up.\n\n" + "\n".join(rows)
+
+
 STUDY = {  # name -> (mode, cond-noise s, guidance w); Fig. 6-7 of the paper
     "hierarchical": ("hierarchical", 100, 0.1),
     "autoregressive": ("autoregressive", 100, 0.1),
@@ -972,7 +1022,7 @@ def t2v(argv):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", default="table2",
-                   choices=["table2", "loader", "i3d", "long", "faults", "smoke", "contention", "release", "score", "psnr",
+                   choices=["table2", "loader", "i3d", "long", "faults", "smoke", "contention", "updates", "release", "score", "psnr",
                             "study", "t2v", "keyframes", "all"])
     p.add_argument("root", nargs="?", help="loader: folder of frame folders (default: a temporary one, made)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

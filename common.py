@@ -76,8 +76,9 @@ def add_threads_flag(parser):
                         "cores that other processes also use, 1 is faster (README, 'Sharing the CPU')")
 
 
-# The oldest torch this code runs on: torch.amp.GradScaler(device_type) (train.py) is new in 2.3, which also
-# has bf16 replicate padding on CUDA (vae.py) and SDPA with misaligned attention biases (unet3d.py) right.
+# The oldest torch this code runs on, set by torch.amp.GradScaler(device_type) (train.py), new in 2.3 (the
+# test suite on torch 2.3.0 and 2.2.2: RESULTS.md). Two CUDA gaps of older releases lie below it: bf16
+# replicate padding (before 2.2) and misaligned SDPA biases (2.1.0, 2.1.1).
 MIN_TORCH = (2, 3)
 
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import data
 import diffusion as diffusion_lib
+import drift
 import hierarchical
 import text as text_lib
 import unet3d
@@ -340,6 +341,16 @@ def write_report(run):
             rows.append((f"synthetic score of the {T}-frame videos, first / last 128 frames (per 16-frame clip)",
                          f"{100 * first:.0f}% / {100 * last:.0f}%",
                          f"python sample.py --ckpt RUN/pred.pt --interp RUN/interp.pt --mode hierarchical --frames {T}"))
+        if T >= 2 * drift.CLIP:  # whole-video persistence (drift.py), next to real videos of the same length
+            real = drift.real_videos(len(videos), T, videos.shape[2])
+            mean = lambda vids: {k: np.mean([drift.persistence(np.asarray(v))[k] for v in vids])
+                                 for k in ("same_next", "keeps_first", "background_change")}
+            p, r = mean(videos), mean(real)
+            rows.append((f"the {T}-frame videos as whole videos: same balls in the next 16-frame clip / the first "
+                         f"clip's balls / background change, first vs last 128 frames",
+                         f"{100 * p['same_next']:.0f}% / {100 * p['keeps_first']:.0f}% / {p['background_change']:.1f}"
+                         f" of 255 (real videos: {100 * r['same_next']:.0f}% / {100 * r['keeps_first']:.0f}% / "
+                         f"{r['background_change']:.1f})", f"python drift.py RUN/samples-hierarchical/long.npy"))
         strip = os.path.join(run, "samples-hierarchical", "strip.png")
         data.write_grid(strip, np.asarray(videos[:, list(range(0, T, 128)) + [T - 1]]))  # (N, frames every 128, H, W, 3)
         body.append(f"<h2>The {T}-frame video (§3.3, hierarchical)</h2>\n"

@@ -38,6 +38,7 @@ import common
 import convert
 import data
 import diffusion
+import drift
 import fvd
 import hierarchical
 import sample
@@ -2946,6 +2947,9 @@ class TestSample:
         page = open(sample.write_report(str(run_dir))).read()
         assert f"first / last 128 frames (per 16-frame clip)</td><td>{100 * first:.0f}% / {100 * last:.0f}%" in page
         assert "27.25 dB over 32 clips" in page and "alone: held-out reconstruction PSNR</td><td>31.50 dB" in page
+        # as whole videos: the black clip breaks 2 of video 1's 15 clip pairs and 1 of its 15 later clips
+        # (16 black frames of 128 leave the border's median as it was); the real videos are these unbroken
+        assert "first vs last 128 frames</td><td>93% / 97% / 0.0 of 255 (real videos: 100% / 100% / 0.0)" in page
         score = data.synthetic_score(clips)[0]
         assert f"synthetic score of the short samples (data.ball_check)</td><td>{100 * score:.0f}%" in page
         links = re.findall(r'src="([^"]+)"', page)
@@ -3508,6 +3512,71 @@ class TestConvert:
                 assert rel(out, ref[f"ddim{S}"]) < 1e-3
 
 # =============================================================================
+def _drift_corrupted(n=3, frames=384, at=192):
+    """Real long videos of the built-in data and four corruptions from frame `at` on: a scene cut (another
+    video), a gradual tint toward teal over the whole video (up to 30 levels), the last ball removed, and
+    frozen frames."""
+    real = drift.real_videos(n, frames, 64)
+    other = drift.real_videos(n, frames, 64, seed=3)
+
+    class Without(data.SyntheticVideos):                # the same scenes, rendered without their last ball
+        def params(self, i):
+            p = super().params(i)
+            return {**p, "balls": p["balls"][:-1]}
+    without = Without(n=n, frames=frames, size=64, split="test")
+    cut, removed, frozen = real.copy(), real.copy(), real.copy()
+    cut[:, at:] = other[:, at:]
+    for i in range(n):
+        removed[i, at:] = without.render(i, frames=frames - at, start=at)
+    frozen[:, at:] = real[:, at - 1:at]
+    ramp = np.arange(frames, dtype=np.float32)[None, :, None, None, None] / (frames - 1)
+    tint = np.clip(np.round(real + ramp * np.array([-30, 20, 20], np.float32)), 0, 255).astype(np.uint8)
+    return {"real": real, "cut": cut, "tint": tint, "removed": removed, "frozen": frozen}
+
+
+class TestDrift:
+    """drift.py: whole-video measures, validated on real long videos and known corruptions of them."""
+
+    def test_real_stays_flat_and_each_corruption_is_caught(self):
+        videos = _drift_corrupted()
+        out = {}
+        for name, vids in videos.items():
+            attrs = [drift.clip_attributes(v) for v in vids]
+            p = [drift.persistence(v, attributes=a) for v, a in zip(vids, attrs)]
+            first, last = (drift.window_stats(attrs, a, a + 128) for a in (0, 256))
+            out[name] = {k: np.mean([q[k] for q in p]) for k in p[0]} | {"first": first, "last": last}
+        real = out["real"]
+        assert real["same_next"] >= 0.9 and real["keeps_first"] >= 0.9 and real["background_change"] < 1
+        assert abs(real["last"]["balls_mean"] - real["first"]["balls_mean"]) < 0.1
+        assert abs(real["last"]["speed"] / real["first"]["speed"] - 1) < 0.1
+        # a scene cut: other balls and another background after it
+        assert out["cut"]["keeps_first"] < 0.7 and out["cut"]["background_change"] > 10
+        # a tint drifting toward teal: the balls stay (the detector's tolerance), the background moves
+        assert out["tint"]["keeps_first"] >= 0.9 and out["tint"]["background_change"] > 10
+        # a ball removed part way: the first clip's set is gone, the last window has fewer balls
+        assert out["removed"]["keeps_first"] < 0.7 and out["removed"]["background_change"] < 1
+        assert out["removed"]["last"]["balls_mean"] <= out["removed"]["first"]["balls_mean"] - 0.5
+        # frozen frames: the same balls and background, but nothing moves
+        assert out["frozen"]["keeps_first"] >= 0.9
+        assert out["frozen"]["last"]["speed"] < 0.1 * out["frozen"]["first"]["speed"]
+
+    def test_population_distance_closed_form_and_report_rows(self, tmp_path, capsys):
+        a = {"balls": np.array([0, 1, 0, 0.]), "colours": np.full(6, 1 / 6), "background": np.eye(6)[0],
+             "speed": 0.01}
+        b = {"balls": np.array([0, 0.5, 0.5, 0]), "colours": np.full(6, 1 / 6), "background": np.eye(6)[1],
+             "speed": 0.02}
+        assert drift.population_distance(a, b) == {"balls": 0.5, "colours": 0.0, "background": 1.0, "speed": -0.5}
+        videos = drift.real_videos(2, 256, 64, seed=4)
+        path = str(tmp_path / "long.npy")
+        np.save(path, videos)
+        drift.main([path, "--real-n", "2"])
+        rows = capsys.readouterr().out.splitlines()
+        assert rows[2].startswith("| real (2) |") and rows[3].startswith("| these (2) |")
+        assert sum(r.startswith(("| 0-127 |", "| 128-255 |")) for r in rows) == 4
+        with pytest.raises(UserError, match="fewer than two 16-frame clips"):
+            drift.persistence(videos[0, :20])
+
+
 class TestBench:
     """bench.py: the reproductions run end to end on tiny models."""
 

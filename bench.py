@@ -47,6 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import convert
 import data
 import diffusion
+import drift
 import fvd
 import hierarchical
 import sample
@@ -766,10 +767,13 @@ def updates(args):
 
 STUDY = {  # name -> (mode, cond-noise s, guidance w); Fig. 6-7 of the paper
     "hierarchical": ("hierarchical", 100, 0.1),
+    "hierarchical, neither": ("hierarchical", 0, 0.0),
     "autoregressive": ("autoregressive", 100, 0.1),
     "autoregressive, no perturbation": ("autoregressive", 0, 0.1),
     "autoregressive, no guidance": ("autoregressive", 100, 0.0),
+    "autoregressive, neither": ("autoregressive", 0, 0.0),
 }
+WHOLE = ("same_next", "keeps_first", "background_change")  # drift.persistence, per video
 
 
 def study(argv):
@@ -809,7 +813,7 @@ def study(argv):
         real_ds = data.SyntheticVideos(n=args.real_n, frames=16, size=size, split="test")
         real = np.stack([data.to_uint8(real_ds[i][None])[0] for i in range(len(real_ds))])  # N x (16,H,W,3)
         real_feats = fvd.i3d_features(real, model, progress=True, desc="real clips")
-    curves, rows = {}, []  # label -> [points of seed 0, seed 1, ...]; CSV rows
+    curves, rows, whole = {}, [], {}  # label -> [points of seed 0, seed 1, ...]; CSV rows; label -> [persistence]
     for name, (mode, s, w) in settings.items():
         label = f"{name} (s={s}, w={w})"
         for seed in range(args.seed, args.seed + args.seeds):
@@ -823,18 +827,26 @@ def study(argv):
             points = (fvd.fvd_curve(real_feats, videos, model, pool=args.pool) if model is not None else
                       [dict(p, fvd=float("nan"), kvd=float("nan"))
                        for p in fvd.curve_points(videos.shape[1], pool=args.pool)])
+            attrs = [drift.clip_attributes(np.asarray(v)) for v in videos]  # every 16-frame clip, read once
             for c in points:  # the synthetic data's own check on the same frames, clip by 16-frame clip
                 c["score"] = data.clip_score(videos, c["start"], c["end"])
+                st = drift.window_stats(attrs, c["start"], c["end"])
+                c.update(balls=st["balls_mean"], speed=st["speed"])
                 rows.append([label, seed, c["clip"], c["start"], c["end"], f"{c['fvd']:.3f}", f"{c['kvd']:.5f}",
-                             f"{c['score']:.4f}"])
+                             f"{c['score']:.4f}", f"{c['balls']:.4f}", f"{c['speed']:.5f}"])
             curves.setdefault(label, []).append(points)
+            per_video = [drift.persistence(np.asarray(v), attributes=a) for v, a in zip(videos, attrs)]
+            whole.setdefault(label, []).append({k: float(np.mean([p[k] for p in per_video])) for k in WHOLE})
             print(label, f"seed {seed}:", " ".join(f"{c['fvd']:.0f} ({100 * c['score']:.0f}%)" for c in points),
                   flush=True)
     with atomic_path(os.path.join(args.out, "study.csv")) as tmp, open(tmp, "w", newline="") as f:
         wr = csv.writer(f)
-        wr.writerow(["setting", "seed", "clip", "start", "end", "fvd", "kvd", "score"])
+        wr.writerow(["setting", "seed", "clip", "start", "end", "fvd", "kvd", "score", "balls", "speed"])
         wr.writerows(rows)
-    table = study_table(curves, "score", "synthetic score (%)", 100.0)
+    real = drift.real_videos(args.n, args.frames, videos.shape[2])  # the reference row: real videos at the same N
+    whole[f"real videos ({args.n})"] = [{k: float(np.mean([drift.persistence(v)[k] for v in real])) for k in WHOLE}]
+    table = whole_table(whole) + "\n\n" + study_table(curves, "score", "synthetic score (%)", 100.0)
+    table += "\n\n" + study_table(curves, "balls", "balls per 16-frame clip", 1.0, digits=2)
     if model is not None:
         table += "\n\n" + study_table(curves, "fvd", "FVD", 1.0)
     head = (f"{args.n} videos x {args.frames} frames per seed, {args.seeds} seeds, DDIM-{args.steps} (eta {args.eta:g}); "
@@ -947,16 +959,32 @@ def keyframes(argv):
     return "\n".join(rows)
 
 
-def study_table(curves, key, what, scale):
+def _cell(values, scale=1.0, digits=1):
+    """mean ± sample standard deviation (ddof=1) of per-seed values, or the one value."""
+    v = scale * np.asarray(values, np.float64)
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}" if len(v) > 1 else f"{v.mean():.{digits}f}"
+
+
+def whole_table(whole):
+    """Markdown: per setting, drift.persistence of its videos (the mean over the videos of a seed), mean ±
+    standard deviation over the seeds."""
+    lines = ["the videos as whole videos (drift.py; mean over the videos of a seed, then mean ± std over the "
+             "seeds):", "", "| setting | same balls in the next clip (%) | first clip's balls (%) | "
+             "background change, first vs last 128 frames (/255) |", "|---|---|---|---|"]
+    for label, seeds in whole.items():
+        lines.append(f"| {label} | {_cell([s['same_next'] for s in seeds], 100)} | "
+                     f"{_cell([s['keeps_first'] for s in seeds], 100)} | "
+                     f"{_cell([s['background_change'] for s in seeds])} |")
+    return "\n".join(lines)
+
+
+def study_table(curves, key, what, scale, digits=1):
     """Markdown: per setting, each point's mean ± standard deviation over the seeds (ddof=1 when there are
     several), and the last point minus the first, whose spread is taken over the seeds' own differences."""
     first = next(iter(curves.values()))[0]
     head = "| setting | " + " | ".join(f"{c['start'] + 1}–{c['end']}" for c in first) + " | last − first |"
     lines = [f"{what}:", "", head, "|---" * (len(first) + 2) + "|"]
-
-    def cell(values):
-        v = scale * np.asarray(values, np.float64)
-        return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v.mean():.1f}"
+    cell = lambda values: _cell(values, scale, digits)
 
     for label, seeds in curves.items():
         cells = [cell([pts[k][key] for pts in seeds]) for k in range(len(first))]

@@ -3666,6 +3666,13 @@ class TestBench:
             cells = [f"{m:.1f} ± {sd:.1f}" for m, sd in zip(f.mean(0), f.std(0, ddof=1))]
             d = f[:, -1] - f[:, 0]
             assert line == f"| {label} | " + " | ".join(cells + [f"{d.mean():.1f} ± {d.std(ddof=1):.1f}"]) + " |"
+        # study.md's whole-video table: each setting's persistence (drift.py), mean ± std over the seeds
+        md = open(os.path.join(out, "study.md")).read()
+        for name, (mode, s, w) in bench.STUDY.items():
+            p = [np.mean([drift.persistence(v)["keeps_first"] for v in videos[name, seed]]) for seed in (0, 1)]
+            row = next(x for x in md.splitlines() if x.startswith(f"| {name} (s={s}, w={w}) | ") and x.count("|") == 5)
+            assert row.split(" | ")[2] == f"{100 * np.mean(p):.1f} ± {100 * np.std(p, ddof=1):.1f}"
+        assert "| real videos (3) | " in md
         # the settings really differ: perturbation and guidance change the autoregressive videos
         assert not np.array_equal(videos["autoregressive", 0], videos["autoregressive, no perturbation", 0])
         assert not np.array_equal(videos["autoregressive", 0], videos["autoregressive, no guidance", 0])

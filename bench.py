@@ -938,8 +938,13 @@ def keyframes(argv):
                                ("predicted keyframes + interpolation (hierarchical)", pred_keys)):
                 videos.append((name, decode(torch.cat(list(hierarchical.infill(interp, gd, keys, n_lat, gap=gap,
                                                                                  generator=g(), **kw)), 2))))
-        scored = [(f"{name}, per 16-frame clip",
-                   data.synthetic_score([x[a:a + 16] for x in v for a in range(0, args.frames, 16)])) for name, v in videos]
+        scored = []
+        for name, v in videos:  # as whole videos (drift.persistence) where there are two clips or more
+            p = [drift.persistence(x) for x in v] if args.frames >= 32 else None
+            scored.append((f"{name}, per 16-frame clip",
+                           data.synthetic_score([x[a:a + 16] for x in v for a in range(0, args.frames, 16)]),
+                           "– | " + (f"{100 * np.mean([q['same_next'] for q in p]):.1f}% | "
+                                     f"{100 * np.mean([q['keeps_first'] for q in p]):.1f}%" if p else "– | –")))
         for name, keys in (("real", real_keys), ("predicted", pred_keys)):
             alone = decode(keys.transpose(1, 2).flatten(0, 1)[:, :, None])  # (N,c,K,h,w) -> (N*K,c,1,h,w) -> (N*K,ft,H,W,3)
             alone = alone.reshape(args.n, n_key, *alone.shape[1:])              # (N,K,ft,H,W,3)
@@ -947,15 +952,17 @@ def keyframes(argv):
             whys = [key_check(d)[1] for d in dets]
             formed = np.mean([ok for d in dets for (ok, _), _ in d])                    # each keyframe alone
             same = np.mean([a[1] == b[1] for d in dets for a, b in zip(d, d[1:])])      # consecutive keyframes
+            first = np.mean([b[1] == d[0][1] for d in dets for b in d[1:]])              # the first keyframe's
             scored.append((f"{name} keyframes alone, {n_key} per video (key_check)",
                            (whys.count("ok") / args.n, {w: whys.count(w) for w in set(whys)}),
-                           f"{100 * formed:.1f}% | {100 * same:.1f}%"))
+                           f"{100 * formed:.1f}% | {100 * same:.1f}% | {100 * first:.1f}%"))
     rows = [f"| {args.n} held-out clips, {args.frames} frames, gap {gap} (keyframes {gap * ft} frames apart), "
             f"DDIM-{args.steps} eta {args.eta:g}, s = {args.cond_noise}, w = {args.guidance:g} | pass | failures "
-            "| keyframes that pass ball_check | consecutive keyframes with the same colours |", "|---|---|---|---|---|"]
-    for name, (share, reasons), *keys in scored:
+            "| keyframes that pass ball_check | same colours as the previous clip or keyframe | the first one's "
+            "colours |", "|---|---|---|---|---|---|"]
+    for name, (share, reasons), columns in scored:
         fails = ", ".join(f"{k}: {n}" for k, n in sorted(reasons.items()) if k != "ok") or "none"
-        rows.append(f"| {name} | {100 * share:.1f}% | {fails} | {keys[0] if keys else ' | '} |")
+        rows.append(f"| {name} | {100 * share:.1f}% | {fails} | {columns} |")
     return "\n".join(rows)
 
 

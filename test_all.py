@@ -3700,18 +3700,20 @@ class TestBench:
             (tmp_path / d).mkdir()
         pred, *_ = _sample_fixture(tmp_path / "p", "pred", gap=2)
         interp, *_ = _sample_fixture(tmp_path / "i", "interp", gap=2)
-        table = bench.keyframes(["--pred", pred, "--interp", interp, "--n", "3", "--frames", "16", "--steps", "2"])
+        table = bench.keyframes(["--pred", pred, "--interp", interp, "--n", "3", "--frames", "32", "--steps", "2"])
         rows = table.split("\n")[2:]
         assert [r.split(" | ")[0] for r in rows] == [
             "| reconstructions, per 16-frame clip", "| real keyframes + interpolation, per 16-frame clip",
             "| predicted keyframes + interpolation (hierarchical), per 16-frame clip",
-            "| real keyframes alone, 3 per video (key_check)", "| predicted keyframes alone, 3 per video (key_check)"]
-        for r in rows[3:]:                                             # keyframe rows: two shares more
-            assert all(0 <= float(x.rstrip("%")) <= 100 for x in r.rstrip(" |").split(" | ")[3:5])
-        for r in rows:                                                 # failures add up to the videos scored
+            "| real keyframes alone, 5 per video (key_check)", "| predicted keyframes alone, 5 per video (key_check)"]
+        for r in rows:                        # keyframe rows: three shares more; videos: their persistence
+            cells = r.rstrip(" |").split(" | ")[3:6]
+            assert all(0 <= float(x.rstrip("%")) <= 100 for x in (cells if "alone" in r else cells[1:]))
+        for r in rows:                     # failures add up to what was scored: 2 clips a video, or 1 keyframe set
             share, fails = r.split(" | ")[1:3]
             counted = sum(int(x.split(": ")[1]) for x in fails.rstrip(" |").split(", ") if ": " in x)
-            assert counted + round(float(share.rstrip("%")) / 100 * 3) == 3
+            scored = 3 if "alone" in r else 6
+            assert counted + round(float(share.rstrip("%")) / 100 * scored) == scored
         other, *_ = _sample_fixture(tmp_path / "a", "interp", gap=4)
         with pytest.raises(SystemExit):
             bench.keyframes(["--pred", pred, "--interp", other, "--frames", "16"])

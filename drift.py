@@ -21,7 +21,8 @@ Real videos of the built-in data stay flat on every one of them, and scene cuts,
 a ball removed part way and frozen frames each move at least one (test_all.py, RESULTS.md). FVD per window
 with the real I3D is fvd.fvd_curve over the same windows.
 
-    python drift.py runs/demo/samples-hierarchical/long.npy      # its rows next to real videos'
+    python drift.py runs/demo/samples-hierarchical/long.npy      # its rows next to real videos' rows
+    python drift.py --validate 8 --frames 1024                   # real videos and four corruptions of them
 """
 import argparse
 
@@ -93,6 +94,48 @@ def real_videos(n, frames, size, seed=0):
     return np.stack([ds.render(i) for i in range(seed * n, seed * n + n)])
 
 
+class _WithoutLastBall(data.SyntheticVideos):
+    """The built-in data's scenes, rendered without their last ball."""
+
+    def params(self, i):
+        p = super().params(i)
+        return {**p, "balls": p["balls"][:-1]}
+
+
+def corrupted(n, frames, size, at=None):
+    """Real long videos of the built-in data and four corruptions of them from frame `at` on (default the
+    middle), each uint8 (n,T,H,W,3): a scene cut (another real video), a tint drifting toward teal over the
+    whole video (up to 30 levels), the last ball removed, and frozen frames."""
+    at = frames // 2 if at is None else at
+    real = real_videos(n, frames, size)
+    cut, removed, frozen = real.copy(), real.copy(), real.copy()
+    cut[:, at:] = real_videos(n, frames, size, seed=3)[:, at:]
+    without = _WithoutLastBall(n=n, frames=frames, size=size, split="test")
+    for i in range(n):
+        removed[i, at:] = without.render(i, frames=frames - at, start=at)
+    frozen[:, at:] = real[:, at - 1:at]
+    ramp = np.arange(frames, dtype=np.float32)[None, :, None, None, None] / (frames - 1)
+    tint = np.clip(np.round(real + ramp * np.array([-30, 20, 20], np.float32)), 0, 255).astype(np.uint8)
+    return {"real": real, "scene cut": cut, "tint drift": tint, "ball removed": removed, "frozen": frozen}
+
+
+def validate(n, frames, size, clip=CLIP, window=WINDOW):
+    """Markdown rows: the persistence of real videos and of each corruption (`corrupted`, from the middle on),
+    and the balls per clip and speed of their first and last window."""
+    rows = [f"| {n} videos x {frames} frames, {size}² | same balls in the next clip | first clip's balls | "
+            f"background change (/255) | balls per clip, first → last window | speed, first → last window |",
+            "|---|---|---|---|---|---|"]
+    for name, vids in corrupted(n, frames, size).items():
+        attrs = [clip_attributes(v, clip) for v in vids]
+        p = [persistence(v, clip, window, a) for v, a in zip(vids, attrs)]
+        first, last = window_stats(attrs, 0, window, clip), window_stats(attrs, frames - window, frames, clip)
+        rows.append(f"| {name} | " + " | ".join(f"{np.mean([q[k] for q in p]):.2f}" for k in
+                                                ("same_next", "keeps_first", "background_change"))
+                    + f" | {first['balls_mean']:.2f} → {last['balls_mean']:.2f} | {first['speed']:.4f} → "
+                      f"{last['speed']:.4f} |")
+    return "\n".join(rows)
+
+
 def report(videos, real, clip=CLIP, window=WINDOW, pool=64):
     """Rows of two markdown tables: the persistence of `videos` and of `real` videos at the same N (mean ±
     std over videos); then per window the balls per clip, the mean speed and the distances from a pool of
@@ -125,10 +168,17 @@ def report(videos, real, clip=CLIP, window=WINDOW, pool=64):
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("videos", help="long videos: a .npy or .npz of uint8 (N,T,H,W,3) (sample.py's long.npy)")
+    p.add_argument("videos", nargs="?", help="long videos: a .npy or .npz of uint8 (N,T,H,W,3) (sample.py's long.npy)")
     p.add_argument("--real-n", type=positive_int, help="real videos of the reference rows (default: as many)")
     p.add_argument("--window", type=positive_int, default=WINDOW)
+    p.add_argument("--validate", metavar="N", type=positive_int, help="instead: the measures on N real videos and "
+                   "on four corruptions of them (--frames, --size)")
+    p.add_argument("--frames", type=positive_int, default=1024); p.add_argument("--size", type=positive_int, default=64)
     args = p.parse_args(argv)
+    if args.validate:
+        return print(validate(args.validate, args.frames, args.size, window=args.window))
+    if not args.videos:
+        raise UserError("pass the long videos (e.g. runs/demo/samples-hierarchical/long.npy), or --validate N.")
     videos = data.load_npz(args.videos) if args.videos.endswith(".npz") else np.load(args.videos, mmap_mode="r")
     if videos.ndim != 5 or videos.dtype != np.uint8:
         raise UserError(f"{args.videos} holds {videos.dtype} {videos.shape}, not uint8 (N,T,H,W,3) videos.")

@@ -3512,33 +3512,11 @@ class TestConvert:
                 assert rel(out, ref[f"ddim{S}"]) < 1e-3
 
 # =============================================================================
-def _drift_corrupted(n=3, frames=384, at=192):
-    """Real long videos of the built-in data and four corruptions from frame `at` on: a scene cut (another
-    video), a gradual tint toward teal over the whole video (up to 30 levels), the last ball removed, and
-    frozen frames."""
-    real = drift.real_videos(n, frames, 64)
-    other = drift.real_videos(n, frames, 64, seed=3)
-
-    class Without(data.SyntheticVideos):                # the same scenes, rendered without their last ball
-        def params(self, i):
-            p = super().params(i)
-            return {**p, "balls": p["balls"][:-1]}
-    without = Without(n=n, frames=frames, size=64, split="test")
-    cut, removed, frozen = real.copy(), real.copy(), real.copy()
-    cut[:, at:] = other[:, at:]
-    for i in range(n):
-        removed[i, at:] = without.render(i, frames=frames - at, start=at)
-    frozen[:, at:] = real[:, at - 1:at]
-    ramp = np.arange(frames, dtype=np.float32)[None, :, None, None, None] / (frames - 1)
-    tint = np.clip(np.round(real + ramp * np.array([-30, 20, 20], np.float32)), 0, 255).astype(np.uint8)
-    return {"real": real, "cut": cut, "tint": tint, "removed": removed, "frozen": frozen}
-
-
 class TestDrift:
     """drift.py: whole-video measures, validated on real long videos and known corruptions of them."""
 
     def test_real_stays_flat_and_each_corruption_is_caught(self):
-        videos = _drift_corrupted()
+        videos = drift.corrupted(3, 384, 64, at=192)
         out = {}
         for name, vids in videos.items():
             attrs = [drift.clip_attributes(v) for v in vids]
@@ -3550,12 +3528,12 @@ class TestDrift:
         assert abs(real["last"]["balls_mean"] - real["first"]["balls_mean"]) < 0.1
         assert abs(real["last"]["speed"] / real["first"]["speed"] - 1) < 0.1
         # a scene cut: other balls and another background after it
-        assert out["cut"]["keeps_first"] < 0.7 and out["cut"]["background_change"] > 10
+        assert out["scene cut"]["keeps_first"] < 0.7 and out["scene cut"]["background_change"] > 10
         # a tint drifting toward teal: the balls stay (the detector's tolerance), the background moves
-        assert out["tint"]["keeps_first"] >= 0.9 and out["tint"]["background_change"] > 10
+        assert out["tint drift"]["keeps_first"] >= 0.9 and out["tint drift"]["background_change"] > 10
         # a ball removed part way: the first clip's set is gone, the last window has fewer balls
-        assert out["removed"]["keeps_first"] < 0.7 and out["removed"]["background_change"] < 1
-        assert out["removed"]["last"]["balls_mean"] <= out["removed"]["first"]["balls_mean"] - 0.5
+        assert out["ball removed"]["keeps_first"] < 0.7 and out["ball removed"]["background_change"] < 1
+        assert out["ball removed"]["last"]["balls_mean"] <= out["ball removed"]["first"]["balls_mean"] - 0.5
         # frozen frames: the same balls and background, but nothing moves
         assert out["frozen"]["keeps_first"] >= 0.9
         assert out["frozen"]["last"]["speed"] < 0.1 * out["frozen"]["first"]["speed"]

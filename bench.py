@@ -459,7 +459,8 @@ def _last_log(folder, stage):
 
 
 def _sigterm_row(argv, folder, env=None):
-    """Start `train.py argv`, SIGTERM it once it has logged a step, then --resume it: -> (wall, result)."""
+    """Start `train.py argv`, SIGTERM it once it has logged a step, then --resume it for one more step:
+    -> (wall, result)."""
     t = time.perf_counter()
     p = subprocess.Popen([sys.executable, "train.py", *argv], cwd=HERE, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
@@ -473,11 +474,12 @@ def _sigterm_row(argv, folder, env=None):
     if p.returncode != 128 + signal.SIGTERM or step is None or step != logged:
         return time.perf_counter() - t, f"FAIL: exit {p.returncode}, checkpoint step {step}, logged {logged}: " \
                                         f"{(err.strip().splitlines() or [''])[-1][:80]}"
-    r = subprocess.run([sys.executable, "train.py", *argv, "--resume"], cwd=HERE, env=env, capture_output=True,
-                       text=True)
-    if r.returncode != 0:
+    r = subprocess.run([sys.executable, "train.py", *argv, "--resume", "--steps", str(step + 1)], cwd=HERE, env=env,
+                       capture_output=True, text=True)
+    resumed = torch.load(ck, map_location="cpu", weights_only=True)["step"] if r.returncode == 0 else None
+    if resumed != step + 1:
         return time.perf_counter() - t, f"FAIL on --resume: {(r.stderr.strip().splitlines() or [''])[-1][:80]}"
-    return time.perf_counter() - t, f"ok: exit 143 after step {step} (its checkpoint), resumed to the end"
+    return time.perf_counter() - t, f"ok: exit 143 after step {step} (its checkpoint), resumed for one more step"
 
 
 def smoke(args):

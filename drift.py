@@ -65,6 +65,17 @@ def persistence(video, clip=CLIP, window=WINDOW, attributes=None):
             "background_change": float(np.abs(border_median(v[:w]) - border_median(v[-w:])).mean())}
 
 
+def keeps_first_curve(attributes, length, clip=CLIP, window=WINDOW):
+    """The drift curve of a set of videos, from their clip_attributes: per `window`-frame window, the share of
+    its clips (over all videos) that show their video's first-clip colours -> [{"end", "keeps_first"}]."""
+    points = []
+    for start in range(0, length - window + 1, window):
+        same = [a["colours"] == video[0]["colours"] for video in attributes for a in video[start // clip:
+                                                                                            (start + window) // clip]]
+        points.append({"end": start + window, "keeps_first": float(np.mean(same))})
+    return points
+
+
 def window_stats(attributes, start, end, clip=CLIP):
     """Population statistics of the clips that lie in frames [start, end) of a set of videos, from their
     clip_attributes (a list per video): ball-count, colour and background histograms (normalized) and

@@ -341,11 +341,20 @@ def write_report(run):
             rows.append((f"synthetic score of the {T}-frame videos, first / last 128 frames (per 16-frame clip)",
                          f"{100 * first:.0f}% / {100 * last:.0f}%",
                          f"python sample.py --ckpt RUN/pred.pt --interp RUN/interp.pt --mode hierarchical --frames {T}"))
+        curve = None
         if T >= 2 * drift.CLIP:  # whole-video persistence (drift.py), next to real videos of the same length
             real = drift.real_videos(len(videos), T, videos.shape[2])
-            mean = lambda vids: {k: np.mean([drift.persistence(np.asarray(v))[k] for v in vids])
-                                 for k in ("same_next", "keeps_first", "background_change")}
-            p, r = mean(videos), mean(real)
+            attrs = {name: [drift.clip_attributes(np.asarray(v)) for v in vids]
+                     for name, vids in (("these videos", videos), ("real videos", real))}
+            mean = lambda name, vids: {k: np.mean([drift.persistence(np.asarray(v), attributes=a)[k]
+                                                   for v, a in zip(vids, attrs[name])])
+                                       for k in ("same_next", "keeps_first", "background_change")}
+            p, r = mean("these videos", videos), mean("real videos", real)
+            if T >= drift.WINDOW:
+                curve = os.path.join(run, "samples-hierarchical", "drift.png")
+                plot_lines(curve, {name: drift.keeps_first_curve(a, T) for name, a in attrs.items()},
+                           "share of clips showing the first clip's balls, per 128 frames", y_key="keeps_first",
+                           x_label="frame (end of each 128-frame window)", y_label="share")
             rows.append((f"the {T}-frame videos as whole videos: same balls in the next 16-frame clip / the first "
                          f"clip's balls / background change, first vs last 128 frames",
                          f"{100 * p['same_next']:.0f}% / {100 * p['keeps_first']:.0f}% / {p['background_change']:.1f}"
@@ -356,7 +365,9 @@ def write_report(run):
         body.append(f"<h2>The {T}-frame video (§3.3, hierarchical)</h2>\n"
                     + _figure(run, os.path.join(run, "samples-hierarchical", "long_000.mp4"), "the first long video",
                             width=256)
-                    + _figure(run, strip, f"frames 0, 128, 256, ... and {T - 1} of each long video (one row each)"))
+                    + _figure(run, strip, f"frames 0, 128, 256, ... and {T - 1} of each long video (one row each)")
+                    + (_figure(run, curve, "do the videos keep their scene? (drift.py; real videos for reference)",
+                               width=480) if curve else ""))
     for folder, stage, title in (
             (run, "vae", "Autoencoder (§3.1): real clips (odd rows) over their reconstructions (even rows)"),
             (decoder, "vae", "The same, its decoder trained on alone (the decoder step)"),

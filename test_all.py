@@ -2955,6 +2955,7 @@ class TestSample:
         links = re.findall(r'src="([^"]+)"', page)
         assert links and all((run_dir / link).is_file() for link in links)          # relative, and really there
         assert {"samples/vae-0000030.png", "samples-short/grid.png", "samples-hierarchical/strip.png",
+                "samples-hierarchical/drift.png",
                 "loss-vae.png", "decoder/samples/vae-0000010.png", "decoder/loss-vae.png"} <= set(links)
         strip = np.asarray(Image.open(run_dir / "samples-hierarchical" / "strip.png"))
         assert strip.shape[0] >= 2 * 64 and strip.shape[1] >= 3 * 64                 # 2 videos x frames 0,128,255
@@ -3553,6 +3554,11 @@ class TestDrift:
         assert sum(r.startswith(("| 0-127 |", "| 128-255 |")) for r in rows) == 4
         with pytest.raises(UserError, match="fewer than two 16-frame clips"):
             drift.persistence(videos[0, :20])
+        # the drift curve: per 128 frames, the clips (8 a window) that show their video's first colours
+        attrs = [[{"colours": {"red"}}] * 8 + [{"colours": {"red"}}] * 2 + [{"colours": {"blue"}}] * 6,
+                 [{"colours": {"blue", "red"}}] * 16]
+        assert drift.keeps_first_curve(attrs, 256) == [{"end": 128, "keeps_first": 1.0},
+                                                       {"end": 256, "keeps_first": 10 / 16}]
 
 
 class TestBench:

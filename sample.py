@@ -84,7 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--k", type=positive_int, default=1, help="latents each autoregressive step conditions on")
     p.add_argument("--chunk", type=positive_int, default=16, help="latents decoded at a time in long modes")
     p.add_argument("--decode-batch", type=positive_int, default=1, help="videos decoded at a time in long modes: "
-                   "the decoder's activations grow with it (the paper autoencoder at 256²: README, 'Memory')")
+                   "the decoder's activations grow with it (the paper autoencoder at 256²: README, 'GPUs and clusters')")
     p.add_argument("--out"); p.add_argument("--npz", action="store_true")
     p.add_argument("--fps", type=positive_int, default=8); p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -343,13 +343,13 @@ def write_report(run):
                          f"python sample.py --ckpt RUN/pred.pt --interp RUN/interp.pt --mode hierarchical --frames {T}"))
         curve = None
         if T >= 2 * drift.CLIP:  # whole-video persistence (drift.py), next to real videos of the same length
-            real = drift.real_videos(len(videos), T, videos.shape[2])
-            attrs = {name: [drift.clip_attributes(np.asarray(v)) for v in vids]
-                     for name, vids in (("these videos", videos), ("real videos", real))}
-            mean = lambda name, vids: {k: np.mean([drift.persistence(np.asarray(v), attributes=a)[k]
-                                                   for v, a in zip(vids, attrs[name])])
-                                       for k in ("same_next", "keeps_first", "background_change")}
-            p, r = mean("these videos", videos), mean("real videos", real)
+            attrs, mean = {}, {}
+            for name, vids in (("these videos", videos), ("real videos", drift.real_videos(len(videos), T,
+                                                                                          videos.shape[2]))):
+                attrs[name] = [drift.clip_attributes(np.asarray(v)) for v in vids]
+                each = [drift.persistence(np.asarray(v), attributes=a) for v, a in zip(vids, attrs[name])]
+                mean[name] = {k: np.mean([q[k] for q in each]) for k in each[0]}
+            p, r = mean["these videos"], mean["real videos"]
             if T >= drift.WINDOW:
                 curve = os.path.join(run, "samples-hierarchical", "drift.png")
                 plot_lines(curve, {name: drift.keeps_first_curve(a, T) for name, a in attrs.items()},
@@ -359,7 +359,7 @@ def write_report(run):
                          f"clip's balls / background change, first vs last 128 frames",
                          f"{100 * p['same_next']:.0f}% / {100 * p['keeps_first']:.0f}% / {p['background_change']:.1f}"
                          f" of 255 (real videos: {100 * r['same_next']:.0f}% / {100 * r['keeps_first']:.0f}% / "
-                         f"{r['background_change']:.1f})", f"python drift.py RUN/samples-hierarchical/long.npy"))
+                         f"{r['background_change']:.1f})", "python drift.py RUN/samples-hierarchical/long.npy"))
         strip = os.path.join(run, "samples-hierarchical", "strip.png")
         data.write_grid(strip, np.asarray(videos[:, list(range(0, T, 128)) + [T - 1]]))  # (N, frames every 128, H, W, 3)
         body.append(f"<h2>The {T}-frame video (§3.3, hierarchical)</h2>\n"

@@ -318,10 +318,12 @@ def fused(device):
 
 def make_scaler(device, amp):
     """fp16: GradScaler's dynamic loss scale. bf16 and fp32: a scaler whose scale stays 1.0, kept for what
-    it does on the device without a host sync: a step whose gradients are not all finite is skipped."""
+    it does on the device without a host sync: a step whose gradients are not all finite is skipped (on CUDA
+    and the CPU; elsewhere, e.g. MPS, it is off, and such a step is only caught at the next check)."""
     if amp == "fp16":
         return torch.amp.GradScaler(device.type)
-    return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2 ** 30)
+    return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2 ** 30,
+                                enabled=device.type in ("cuda", "cpu"))
 
 
 def optimizer_step(optimizer, scaler, grad_clip):

@@ -56,10 +56,17 @@ def given_frames(stage, length, k=1):
 
 
 def sample_train_masks(stage, batch, length, k=1, p_cond=None, generator=None, device=None):
-    """Joint training (§3.3): with probability p_c the stage's conditioning pattern, else all zeros (p_u)."""
+    """Joint training (§3.3): with probability p_c the stage's conditioning pattern, else all zeros (p_u).
+    pred with k > 1: each conditioned sample is given its first k_b ~ U{1..k} latents, so one model learns
+    to continue from 1 up to k of them (autoregressive(k=...) then conditions on that many)."""
     p = P_COND[stage] if p_cond is None else p_cond
     use = (torch.rand(batch, generator=generator, device=device) < p).float()  # (B,)
-    return frame_mask(batch, length, given_frames(stage, length, k), device) * use.view(batch, 1, 1, 1, 1)  # (B,) -> (B,1,1,1,1)
+    if stage == "pred" and k > 1:
+        k_b = torch.randint(1, k + 1, (batch,), generator=generator, device=device)           # (B,)
+        m = (torch.arange(length, device=device) < k_b[:, None]).float().view(batch, 1, length, 1, 1)  # (B,l) -> (B,1,l,1,1)
+    else:
+        m = frame_mask(batch, length, given_frames(stage, length, k), device)
+    return m * use.view(batch, 1, 1, 1, 1)  # (B,) -> (B,1,1,1,1)
 
 
 def replace_given(z_t, cond, m):

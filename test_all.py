@@ -2031,6 +2031,18 @@ class TestHierarchical:
         assert torch.equal(m[conditioned], expect.expand(int(conditioned.sum()), 5))
         assert m[~conditioned].abs().sum() == 0
 
+    def test_pred_masks_up_to_k_given_latents(self):
+        """pred with k = 3: a conditioned sample is given its first 1, 2 or 3 latents, a third of the time each."""
+        n = 30000
+        m = hierarchical.sample_train_masks("pred", n, 5, k=3, generator=torch.Generator().manual_seed(0))[:, 0, :, 0, 0]
+        conditioned = m.amax(1) > 0
+        given = m[conditioned].sum(1)                                    # how many latents each is given
+        assert torch.equal(m[conditioned], (torch.arange(5) < given[:, None]).float())  # a prefix, no gaps
+        for k in (1, 2, 3):
+            share = (given == k).float().mean().item()
+            assert abs(share - 1 / 3) < 4 * math.sqrt(2 / 9 / len(given))
+        assert abs(conditioned.float().mean().item() - hierarchical.P_COND["pred"]) < 0.02
+
     def test_training_loss_conditions_enter_unchanged_at_s0_and_carry_no_loss(self):
         diff = _hier_diffusion()
         z0 = torch.randn(6, 4, 5, 4, 4)

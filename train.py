@@ -191,6 +191,8 @@ def parse_args(argv=None):
                    help="encode N clips once and train on their latents (fast on CPU; 0 = encode on the fly)")
     p.add_argument("--s-max", type=natural_int, help="max conditional perturbation level (§3.3; default "
                    "T/4: 250 of the 1000 steps, as the release)")
+    p.add_argument("--cond-frames", type=positive_int, default=1, metavar="K", help="pred: train to continue from "
+                   "1 up to K given latents (sample with sample.py --k up to K; default 1, the release's)")
     p.add_argument("--gap", type=positive_int, default=4, help="latents between keyframes: pred trains on every gap-th "
                    "latent, interp on gap+1 consecutive latents (use --gap 1 for a dense autoregressive model)")
     # stages image / t2v (§5)
@@ -432,6 +434,9 @@ def build_diffusion_stage(args, device, master_process):
                    "interp": (args.gap + 1) * ft}[args.stage]
     if autoencoder is not None:
         autoencoder.check_input(torch.empty(1, 3, clip_frames, args.size, args.size, device="meta"))
+    if args.stage == "pred" and not args.cond_frames < args.frames // ft:
+        raise UserError(f"--cond-frames {args.cond_frames} leaves nothing to predict in clips of {args.frames // ft} "
+                        f"latents; pass at most {args.frames // ft - 1}.")
     base = asdict(unet3d.unet_presets()[args.model_preset])
     if conditional:  # pred/interp take the U-Net of the model they start from (a converted release one too)
         if not args.init:
@@ -615,7 +620,8 @@ def diffusion_step(stage, ddp_model, x, args, autocast, scaler, captions=None):
         if not stage.conditional:
             loss = stage.diffusion.training_loss(model_fn, z0).mean()
         else:
-            loss = hierarchical.training_loss(stage.diffusion, ddp_model, z0, args.stage, s_max=args.s_max).mean()
+            loss = hierarchical.training_loss(stage.diffusion, ddp_model, z0, args.stage, s_max=args.s_max,
+                                              k=args.cond_frames if args.stage == "pred" else 1).mean()
     scaler.scale(loss / args.grad_accum).backward()
     return {"loss": loss.detach()}  # a tensor on the device: read only when logged (a host sync)
 

@@ -908,6 +908,7 @@ def keyframes(argv):
     p.add_argument("--n", type=int, default=32); p.add_argument("--frames", type=int, default=64)
     p.add_argument("--steps", type=int, default=20); p.add_argument("--eta", type=float, default=hierarchical.DDIM_ETA)
     p.add_argument("--cond-noise", type=int, default=100); p.add_argument("--guidance", type=float, default=0.1)
+    p.add_argument("--k", type=int, default=1, help="keyframes each prediction step conditions on (sample.py --k)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     net, gd, targs = sample.load_model(args.pred, "cpu")
@@ -933,7 +934,7 @@ def keyframes(argv):
         kw = dict(s=args.cond_noise, w=args.guidance, steps=args.steps, eta=args.eta)
         g = lambda: torch.Generator().manual_seed(args.seed)
         pred_keys = torch.cat(list(hierarchical.autoregressive(net, gd, (args.n, c, targs["frames"] // ft, hw, hw),
-                                                               n_key, k=1, generator=g(), **kw)), 2)  # (N,c,n_key,h,w)
+                                                               n_key, k=args.k, generator=g(), **kw)), 2)  # (N,c,n_key,h,w)
         real_keys = z[:, :, ::gap][:, :, :n_key]                   # (N,c,n_key,h,w)
         videos = [("reconstructions", decode(z[:, :, :n_lat]))]
         if interp is not None:
@@ -960,7 +961,8 @@ def keyframes(argv):
                            (whys.count("ok") / args.n, {w: whys.count(w) for w in set(whys)}),
                            f"{100 * formed:.1f}% | {100 * same:.1f}% | {100 * first:.1f}%"))
     rows = [f"| {args.n} held-out clips, {args.frames} frames, gap {gap} (keyframes {gap * ft} frames apart), "
-            f"DDIM-{args.steps} eta {args.eta:g}, s = {args.cond_noise}, w = {args.guidance:g} | pass | failures "
+            f"DDIM-{args.steps} eta {args.eta:g}, s = {args.cond_noise}, w = {args.guidance:g}, k = {args.k} | pass | "
+            "failures "
             "| keyframes that pass ball_check | same colours as the previous clip or keyframe | the first one's "
             "colours |", "|---|---|---|---|---|---|"]
     for name, (share, reasons), columns in scored:

@@ -470,7 +470,8 @@ def _sigterm_row(argv, folder, env=None):
     _, err = p.communicate()
     ck = os.path.join(folder, f"{argv[1]}.pt")
     step = torch.load(ck, map_location="cpu", weights_only=True)["step"] if os.path.exists(ck) else None
-    logged = _last_log(folder, argv[1])[-1]["step"] if _last_log(folder, argv[1]) else None
+    logs = _last_log(folder, argv[1])
+    logged = logs[-1]["step"] if logs else None
     if p.returncode != 128 + signal.SIGTERM or step is None or step != logged:
         return time.perf_counter() - t, f"FAIL: exit {p.returncode}, checkpoint step {step}, logged {logged}: " \
                                         f"{(err.strip().splitlines() or [''])[-1][:80]}"
@@ -502,8 +503,8 @@ def smoke(args):
         weights = os.path.join(root, "i3d_random.pt")
         torch.save(fvd.InceptionI3d().state_dict(), weights)
     ck = {s: os.path.join(root, f"{s}.pt") for s in ("vae", "lvdm", "pred", "interp")}
-    # fp16 convolutions have no fast CPU kernels (one 256² autoencoder step: ~13 min here): on a CPU the fp16
-    # rows run at 64² (the fp16 GAN weight at 256² has its own test, test_all.py)
+    # fp16 convolutions have no fast CPU kernels (RESULTS.md): on a CPU the fp16 rows run at 64² (the fp16 GAN
+    # weight's underflow has its own test, test_all.py)
     small = [] if on_gpu else ["--size", "64"]
     small_label = "" if on_gpu else ", 64² on a CPU"
 
@@ -776,7 +777,6 @@ STUDY = {  # name -> (mode, cond-noise s, guidance w); Fig. 6-7 of the paper
     "autoregressive, no guidance": ("autoregressive", 100, 0.0),
     "autoregressive, neither": ("autoregressive", 0, 0.0),
 }
-WHOLE = ("same_next", "keeps_first", "background_change")  # drift.persistence, per video
 
 
 def study(argv):
@@ -838,8 +838,7 @@ def study(argv):
                 rows.append([label, seed, c["clip"], c["start"], c["end"], f"{c['fvd']:.3f}", f"{c['kvd']:.5f}",
                              f"{c['score']:.4f}", f"{c['balls']:.4f}", f"{c['speed']:.5f}"])
             curves.setdefault(label, []).append(points)
-            per_video = [drift.persistence(np.asarray(v), attributes=a) for v, a in zip(videos, attrs)]
-            whole.setdefault(label, []).append({k: float(np.mean([p[k] for p in per_video])) for k in WHOLE})
+            whole.setdefault(label, []).append(drift.mean_persistence(videos, attrs))
             print(label, f"seed {seed}:", " ".join(f"{c['fvd']:.0f} ({100 * c['score']:.0f}%)" for c in points),
                   flush=True)
     with atomic_path(os.path.join(args.out, "study.csv")) as tmp, open(tmp, "w", newline="") as f:
@@ -847,7 +846,7 @@ def study(argv):
         wr.writerow(["setting", "seed", "clip", "start", "end", "fvd", "kvd", "score", "balls", "speed"])
         wr.writerows(rows)
     real = drift.real_videos(args.n, args.frames, videos.shape[2])  # the reference row: real videos at the same N
-    whole[f"real videos ({args.n})"] = [{k: float(np.mean([drift.persistence(v)[k] for v in real])) for k in WHOLE}]
+    whole[f"real videos ({args.n})"] = [drift.mean_persistence(real)]
     table = whole_table(whole) + "\n\n" + study_table(curves, "score", "synthetic score (%)", 100.0)
     table += "\n\n" + study_table(curves, "balls", "balls per 16-frame clip", 1.0, digits=2)
     if model is not None:
@@ -934,7 +933,8 @@ def keyframes(argv):
         kw = dict(s=args.cond_noise, w=args.guidance, steps=args.steps, eta=args.eta)
         g = lambda: torch.Generator().manual_seed(args.seed)
         pred_keys = torch.cat(list(hierarchical.autoregressive(net, gd, (args.n, c, targs["frames"] // ft, hw, hw),
-                                                               n_key, k=args.k, generator=g(), **kw)), 2)  # (N,c,n_key,h,w)
+                                                               n_key, k=args.k, generator=g(), **kw)),
+                              2)  # (N,c,n_key,h,w)
         real_keys = z[:, :, ::gap][:, :, :n_key]                   # (N,c,n_key,h,w)
         videos = [("reconstructions", decode(z[:, :, :n_lat]))]
         if interp is not None:
@@ -944,11 +944,11 @@ def keyframes(argv):
                                                                                  generator=g(), **kw)), 2))))
         scored = []
         for name, v in videos:  # as whole videos (drift.persistence) where there are two clips or more
-            p = [drift.persistence(x) for x in v] if args.frames >= 32 else None
+            p = drift.mean_persistence(v) if args.frames >= 32 else None
             scored.append((f"{name}, per 16-frame clip",
                            data.synthetic_score([x[a:a + 16] for x in v for a in range(0, args.frames, 16)]),
-                           "– | " + (f"{100 * np.mean([q['same_next'] for q in p]):.1f}% | "
-                                     f"{100 * np.mean([q['keeps_first'] for q in p]):.1f}%" if p else "– | –")))
+                           "– | " + (f"{100 * p['same_next']:.1f}% | {100 * p['keeps_first']:.1f}%" if p
+                                     else "– | –")))
         for name, keys in (("real", real_keys), ("predicted", pred_keys)):
             alone = decode(keys.transpose(1, 2).flatten(0, 1)[:, :, None])  # (N,c,K,h,w) -> (N*K,c,1,h,w) -> (N*K,ft,H,W,3)
             alone = alone.reshape(args.n, n_key, *alone.shape[1:])              # (N,K,ft,H,W,3)
@@ -1062,8 +1062,8 @@ def t2v(argv):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", default="table2",
-                   choices=["table2", "loader", "i3d", "long", "faults", "smoke", "contention", "updates", "release", "score", "psnr",
-                            "study", "t2v", "keyframes", "all"])
+                   choices=["table2", "loader", "i3d", "long", "faults", "smoke", "contention", "updates", "release",
+                            "score", "psnr", "study", "t2v", "keyframes", "all"])
     p.add_argument("root", nargs="?", help="loader: folder of frame folders (default: a temporary one, made)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--width", type=int, default=64, help="U-Net model_channels (paper: 256; reduced on CPU)")

@@ -76,18 +76,26 @@ def keeps_first_curve(attributes, length, clip=CLIP, window=WINDOW):
     return points
 
 
+def mean_persistence(videos, attributes=None, clip=CLIP, window=WINDOW):
+    """`persistence` of each uint8 video (N,T,H,W,3), averaged over the videos; attributes: their
+    clip_attributes, when the caller has them."""
+    each = [persistence(np.asarray(v), clip, window, a) for v, a in zip(videos, attributes or [None] * len(videos))]
+    return {k: float(np.mean([p[k] for p in each])) for k in each[0]}
+
+
 def window_stats(attributes, start, end, clip=CLIP):
     """Population statistics of the clips that lie in frames [start, end) of a set of videos, from their
     clip_attributes (a list per video): ball-count, colour and background histograms (normalized) and
     the mean speed of the clips that have one."""
     clips = [a for video in attributes for a in video[start // clip:end // clip]]
-    balls = np.bincount([min(len(a["colours"]), BALL_BINS - 1) for a in clips], minlength=BALL_BINS)
+    counts = [min(len(a["colours"]), BALL_BINS - 1) for a in clips]
+    balls = np.bincount(counts, minlength=BALL_BINS)
     colours = np.array([sum(c in a["colours"] for a in clips) for c in data.PALETTE], np.float64)
     backgrounds = np.array([sum(a["background"] == b for a in clips) for b in data.BACKGROUND_HUES], np.float64)
     speeds = [a["speed"] for a in clips if a["speed"] is not None]
     return {"balls": balls / max(balls.sum(), 1), "colours": colours / max(colours.sum(), 1),
-            "background": backgrounds / max(backgrounds.sum(), 1), "balls_mean": float(np.mean([
-                min(len(a["colours"]), BALL_BINS - 1) for a in clips])) if clips else 0.0,
+            "background": backgrounds / max(backgrounds.sum(), 1),
+            "balls_mean": float(np.mean(counts)) if clips else 0.0,
             "speed": float(np.mean(speeds)) if speeds else 0.0}
 
 
@@ -138,10 +146,9 @@ def validate(n, frames, size, clip=CLIP, window=WINDOW):
             "|---|---|---|---|---|---|"]
     for name, vids in corrupted(n, frames, size).items():
         attrs = [clip_attributes(v, clip) for v in vids]
-        p = [persistence(v, clip, window, a) for v, a in zip(vids, attrs)]
+        p = mean_persistence(vids, attrs, clip, window)
         first, last = window_stats(attrs, 0, window, clip), window_stats(attrs, frames - window, frames, clip)
-        rows.append(f"| {name} | " + " | ".join(f"{np.mean([q[k] for q in p]):.2f}" for k in
-                                                ("same_next", "keeps_first", "background_change"))
+        rows.append(f"| {name} | " + " | ".join(f"{p[k]:.2f}" for k in p)
                     + f" | {first['balls_mean']:.2f} → {last['balls_mean']:.2f} | {first['speed']:.4f} → "
                       f"{last['speed']:.4f} |")
     return "\n".join(rows)

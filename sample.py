@@ -84,7 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--k", type=positive_int, default=1, help="latents each autoregressive step conditions on")
     p.add_argument("--chunk", type=positive_int, default=16, help="latents decoded at a time in long modes")
     p.add_argument("--decode-batch", type=positive_int, default=1, help="videos decoded at a time in long modes: "
-                   "the decoder's activations grow with it (the paper autoencoder at 256²: README, 'GPUs and clusters')")
+                   "the decoder's activations grow with it (README, 'GPUs and clusters')")
     p.add_argument("--out"); p.add_argument("--npz", action="store_true")
     p.add_argument("--fps", type=positive_int, default=8); p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -347,8 +347,7 @@ def write_report(run):
             for name, vids in (("these videos", videos), ("real videos", drift.real_videos(len(videos), T,
                                                                                           videos.shape[2]))):
                 attrs[name] = [drift.clip_attributes(np.asarray(v)) for v in vids]
-                each = [drift.persistence(np.asarray(v), attributes=a) for v, a in zip(vids, attrs[name])]
-                mean[name] = {k: np.mean([q[k] for q in each]) for k in each[0]}
+                mean[name] = drift.mean_persistence(vids, attrs[name])
             p, r = mean["these videos"], mean["real videos"]
             if T >= drift.WINDOW:
                 curve = os.path.join(run, "samples-hierarchical", "drift.png")

@@ -1,22 +1,16 @@
-"""Benchmarks and paper reproductions measured on the machine at hand, printed as markdown tables.
+"""Speed and memory benchmarks, Table 2 of §4.2, and the fault and GPU smoke harnesses, measured on the
+machine at hand and printed as markdown tables. The quality studies (§4.4's long videos, the demo's
+diagnostics, §5 on the built-in data) are in study.py.
 
     python bench.py table2                 # Table 2 of §4.2: latent vs pixel space, same U-Net width/depth
     python bench.py loader [ROOT --make]   # data loader clips/s at 256² from frame folders
     python bench.py i3d --i3d PATH         # I3D clips/s at 16x224², and FVD16 time for 256 vs 256 clips
     python bench.py long --pred runs/demo/pred.pt --interp runs/demo/interp.pt   # 1024/4096-frame sampling
-    python bench.py study --pred runs/demo/pred.pt --interp runs/demo/interp.pt --ar-pred runs/demo-ar/pred.pt \
-        --frames 1024 --n 8 --pool 8 --seeds 3 [--i3d PATH]   # §4.4, Fig. 6-7: score (and FVD) along long videos
-    python bench.py keyframes --pred runs/demo/pred.pt --interp runs/demo/interp.pt   # does hierarchical sampling
-                                           # fail in the keyframes or the interpolation?
     python bench.py faults                 # SIGKILL / SIGTERM + --resume, bitwise; 42 bad inputs, one sentence each
     python bench.py smoke [--device cuda]  # every stage at the paper presets, a few steps: time and peak memory
     python bench.py contention             # the demo's training step next to a busy process: threads, wait policy
     python bench.py updates                # per-step costs the GPU path removed: EMA, guidance, schedule lookups
     python bench.py release [--ae A --lvdm L]   # convert + sample the release's paper-size Sky models: time, memory
-    python bench.py score [--n 256]        # the synthetic sample score on real clips, noise and broken videos
-    python bench.py psnr --vae RUN/vae.pt  # autoencoder PSNR on 256 held-out 16-frame synthetic clips
-    python bench.py t2v --ckpt runs/demo-t2v/t2v.pt --n 64 --i3d PATH   # §5: caption accuracy and FVD on
-                                           # held-out prompts, text-conditional vs unconditional samples
     python bench.py all --i3d PATH
 
 Every number is a wall-clock measurement in this process (after a warm-up); ratios are taken
@@ -24,7 +18,6 @@ between rows measured in the same run. Nothing here is asserted in the tests. No
 imports this one.
 """
 import argparse
-import csv
 import json
 import math
 import os
@@ -47,15 +40,12 @@ from torch.utils.flop_counter import FlopCounterMode
 import convert
 import data
 import diffusion
-import drift
 import fvd
 import hierarchical
-import sample
 import train
 import unet3d
 import vae
-from common import (process_start_time, atomic_path, count_params, current_umask, load_checkpoint, main_guard,
-                    plot_lines)
+from common import process_start_time, count_params, current_umask, main_guard
 
 
 def machine():
@@ -562,55 +552,6 @@ def smoke(args):
     return "\n".join(rows)
 
 
-# ----------------------------------------------------------------------------- the synthetic score
-def score(args):
-    """data.synthetic_score on what should pass (real clips) and what should not (noise, flat frames,
-    shuffled frames, frames from different clips), plus the ends of real 1024-frame videos."""
-    n, rng = args.n_score, np.random.default_rng(0)
-    test = data.SyntheticVideos(n=n, frames=16, size=64, split="test")
-    train_ds = data.SyntheticVideos(n=n, frames=16, size=64, split="train")
-    real = np.stack([test.render(i) for i in range(n)])                    # (n,16,64,64,3)
-    flat = np.broadcast_to(real[:32].mean(axis=(2, 3), keepdims=True).astype(np.uint8), real[:32].shape)
-    long = data.SyntheticVideos(n=8, frames=1024, size=64, split="test")
-    long_videos = np.stack([long.render(i) for i in range(8)])
-    cases = [("held-out (test) clips", real), ("training clips", np.stack([train_ds.render(i) for i in range(n)])),
-             ("uniform noise", rng.integers(0, 256, (32, 16, 64, 64, 3), dtype=np.uint8)),
-             ("each frame replaced by its mean colour", flat),
-             ("real clips, frames shuffled", real[:64, rng.permutation(16)]),
-             ("every frame from another real clip", np.stack([real[(np.arange(16) + i) % n, np.arange(16)] for i in range(min(64, n))])),
-             ("8 real 1024-frame videos, first 128 frames", long_videos[:, :128]),
-             ("8 real 1024-frame videos, last 128 frames", long_videos[:, -128:])]
-    rows = ["| videos (64², 16 frames unless said) | pass | failures |", "|---|---|---|"]
-    for name, videos in cases:
-        share, reasons = data.synthetic_score(videos)
-        fails = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()) if k != "ok") or "none"
-        rows.append(f"| {name} ({len(videos)}) | {100 * share:.1f}% | {fails} |")
-    return "\n".join(rows)
-
-
-def psnr(args):
-    """Held-out reconstruction PSNR of any autoencoder checkpoint: --n-score synthetic test clips of --frames
-    frames at the size it was trained on (mean and std over clips); --npz also writes its reconstructions of
-    as many training clips, the fake side of its FVD floor."""
-    model = vae.load_vae(args.vae, args.device)
-    size = load_checkpoint(args.vae).get("train_args", {}).get("size", 64)
-
-    def clips(split):  # the first --n-score synthetic clips of a split, (N,3,T,H,W)
-        ds = data.SyntheticVideos(n=args.n_score, frames=args.frames, size=size, split=split)
-        return torch.stack([ds[i] for i in range(len(ds))])
-
-    x = clips("test")
-    p = vae.psnr(vae.reconstruct(model, x, args.device), x)
-    line = (f"{args.vae}: {p.mean():.2f} dB ± {p.std():.2f} over {len(x)} held-out synthetic clips of "
-            f"{args.frames} frames at {size}² (fs={model.fs}, ft={model.ft}, {model.cfg.z_channels} latent channels)")
-    if args.npz:  # the FVD floor: reconstructions of the training clips fvd.py's reference row uses
-        rec = vae.reconstruct(model, clips("train"), args.device)
-        data.save_npz(args.npz, data.to_uint8(rec))
-        line += (f"\nreconstructions of {len(rec)} training clips -> {args.npz}: pass them to `python fvd.py --real "
-                 f"synthetic --fake {args.npz} --n {len(rec)} --runs 1`, the FVD no model on these latents can beat")
-    return line
-
-
 # ----------------------------------------------------------------------------- the release's models
 RELEASE_SAMPLE = """import json, statistics, sys, time, torch
 import sample, vae
@@ -769,301 +710,11 @@ def updates(args):
     return f"Machine: {machine()}. Median of {args.repeat} runs after a warm-up.\n\n" + "\n".join(rows)
 
 
-STUDY = {  # name -> (mode, cond-noise s, guidance w); Fig. 6-7 of the paper
-    "hierarchical": ("hierarchical", 100, 0.1),
-    "hierarchical, neither": ("hierarchical", 0, 0.0),
-    "autoregressive": ("autoregressive", 100, 0.1),
-    "autoregressive, no perturbation": ("autoregressive", 0, 0.1),
-    "autoregressive, no guidance": ("autoregressive", 100, 0.0),
-    "autoregressive, neither": ("autoregressive", 0, 0.0),
-}
-
-
-def study(argv):
-    """The long-video settings of §4.4 (Fig. 6-7) over several seeds: the synthetic score (data.ball_check)
-    of every 16-frame clip across the videos and, with --i3d, the FVD of every point (fvd.fvd_curve).
-
-    python bench.py study --pred runs/demo/pred.pt --interp runs/demo/interp.pt \\
-        --ar-pred runs/demo-ar/pred.pt --frames 1024 --n 8 --pool 8 --seeds 3 [--i3d PATH]
-    Writes OUT/study.csv (one row per setting, seed and point), OUT/study.md (mean ± standard deviation
-    over the seeds per point, and the change from the first point to the last) and OUT/study.png."""
-    p = argparse.ArgumentParser(prog="bench.py study", description=study.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pred", required=True, help="prediction model on sparse latents (--gap 4)")
-    p.add_argument("--interp", required=True)
-    p.add_argument("--ar-pred", help="prediction model on consecutive latents (--gap 1); needed by the "
-                   "autoregressive settings")
-    p.add_argument("--i3d", default=os.environ.get("LVDM_I3D"), help="I3D weights; without them only the score")
-    p.add_argument("--frames", type=int, default=1024); p.add_argument("--n", type=int, default=16)
-    p.add_argument("--real-n", type=int, default=256, help="real synthetic clips for the reference statistics")
-    p.add_argument("--steps", type=int, default=50); p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eta", type=float, default=hierarchical.DDIM_ETA, help="DDIM eta (the README's study: 0)")
-    p.add_argument("--seeds", type=int, default=3, help="independent runs per setting (seeds SEED, SEED+1, ...)")
-    p.add_argument("--pool", type=int, default=1, help="score this many consecutive 16-frame clips of every "
-                   "video together (n*pool clips per point; fvd.fvd_curve)")
-    p.add_argument("--only", action="append", choices=sorted(STUDY), help="run only these settings (repeatable)")
-    p.add_argument("--out", default="runs/study")
-    args = p.parse_args(argv)
-    settings = {name: v for name, v in STUDY.items() if not args.only or name in args.only}
-    if any(mode == "autoregressive" for mode, _, _ in settings.values()) and not args.ar_pred:
-        p.error("the autoregressive settings need --ar-pred (a pred model trained with --gap 1), or pick "
-                "settings with --only hierarchical")
-    model = fvd.load_i3d(args.i3d) if args.i3d else None
-    os.makedirs(args.out, exist_ok=True)
-    real_feats = None
-    if model is not None:
-        size = sample.load_model(args.pred, "cpu")[2]["size"]
-        real_ds = data.SyntheticVideos(n=args.real_n, frames=16, size=size, split="test")
-        real = np.stack([data.to_uint8(real_ds[i][None])[0] for i in range(len(real_ds))])  # N x (16,H,W,3)
-        real_feats = fvd.i3d_features(real, model, progress=True, desc="real clips")
-    curves, rows, whole = {}, [], {}  # label -> [points of seed 0, seed 1, ...]; CSV rows; label -> [persistence]
-    for name, (mode, s, w) in settings.items():
-        label = f"{name} (s={s}, w={w})"
-        for seed in range(args.seed, args.seed + args.seeds):
-            out = os.path.join(args.out, name.replace(", ", "-").replace(" ", "-"), f"seed-{seed}")
-            ckpt = args.pred if mode == "hierarchical" else args.ar_pred
-            sample.main(["--ckpt", ckpt, "--interp", args.interp, "--mode", mode, "--frames", str(args.frames),
-                         "--n", str(args.n), "--batch-size", str(args.n), "--steps", str(args.steps),
-                         "--eta", str(args.eta), "--cond-noise", str(s), "--guidance", str(w), "--seed", str(seed),
-                         "--out", out])
-            videos = np.load(os.path.join(out, "long.npy"), mmap_mode="r")
-            points = (fvd.fvd_curve(real_feats, videos, model, pool=args.pool) if model is not None else
-                      [dict(p, fvd=float("nan"), kvd=float("nan"))
-                       for p in fvd.curve_points(videos.shape[1], pool=args.pool)])
-            attrs = [drift.clip_attributes(np.asarray(v)) for v in videos]  # every 16-frame clip, read once
-            for c in points:  # the synthetic data's own check on the same frames, clip by 16-frame clip
-                c["score"] = data.clip_score(videos, c["start"], c["end"])
-                st = drift.window_stats(attrs, c["start"], c["end"])
-                c.update(balls=st["balls_mean"], speed=st["speed"])
-                rows.append([label, seed, c["clip"], c["start"], c["end"], f"{c['fvd']:.3f}", f"{c['kvd']:.5f}",
-                             f"{c['score']:.4f}", f"{c['balls']:.4f}", f"{c['speed']:.5f}"])
-            curves.setdefault(label, []).append(points)
-            whole.setdefault(label, []).append(drift.mean_persistence(videos, attrs))
-            print(label, f"seed {seed}:", " ".join(f"{c['fvd']:.0f} ({100 * c['score']:.0f}%)" for c in points),
-                  flush=True)
-    with atomic_path(os.path.join(args.out, "study.csv")) as tmp, open(tmp, "w", newline="") as f:
-        wr = csv.writer(f)
-        wr.writerow(["setting", "seed", "clip", "start", "end", "fvd", "kvd", "score", "balls", "speed"])
-        wr.writerows(rows)
-    real = drift.real_videos(args.n, args.frames, videos.shape[2])  # the reference row: real videos at the same N
-    whole[f"real videos ({args.n})"] = [drift.mean_persistence(real)]
-    table = whole_table(whole) + "\n\n" + study_table(curves, "score", "synthetic score (%)", 100.0)
-    table += "\n\n" + study_table(curves, "balls", "balls per 16-frame clip", 1.0, digits=2)
-    if model is not None:
-        table += "\n\n" + study_table(curves, "fvd", "FVD", 1.0)
-    head = (f"{args.n} videos x {args.frames} frames per seed, {args.seeds} seeds, DDIM-{args.steps} (eta {args.eta:g}); "
-            f"a point is {args.pool} consecutive 16-frame clips of every video" + (f", FVD against {args.real_n} real clips"
-                                                                         if model is not None else "") + ".\n\n")
-    with atomic_path(os.path.join(args.out, "study.md")) as tmp, open(tmp, "w") as f:
-        f.write(head + table + "\n")
-    key, what = ("fvd", "FVD") if model is not None else ("score", "synthetic score")
-    mean_curves = {label: [{"end": pts[0][k]["end"], key: float(np.mean([p[k][key] for p in pts]))}
-                           for k in range(len(pts[0]))] for label, pts in curves.items()}
-    plot_lines(os.path.join(args.out, "study.png"), mean_curves,
-               f"{what}, mean over {args.seeds} seeds ({args.n} videos x {args.frames} frames each)", y_key=key,
-               y_label=what)
-    print(head + table)
-    print(f"wrote {args.out}/study.csv, study.md and study.png")
-
-
-def key_detections(chunks):
-    """The keyframes of one video, chunks of uint8 (f,H,W,3) (each keyframe latent decoded by itself), each
-    detected once -> [(data.ball_check's (passed, reason), the ball colours seen)] per keyframe."""
-    out = []
-    for chunk in chunks:
-        found = data.find_balls(chunk)
-        out.append((data.ball_check(chunk, found=found), frozenset(data.video_attributes(chunk, found=found)["colours"])))
-    return out
-
-
-def key_check(detections):
-    """Keyframes alone, key_detections of one video -> (passed, reason). They pass when each passes
-    data.ball_check and all show the same ball colours: the identities a video keeps between frames `gap`
-    latents apart. Reasons: the first failing keyframe's ball_check reason, or "the colours change between
-    keyframes"."""
-    why = next((why for (ok, why), _ in detections if not ok), None)
-    if why is not None:
-        return False, why
-    return (True, "ok") if len({c for _, c in detections}) == 1 else (False, "the colours change between keyframes")
-
-
-def keyframes(argv):
-    """Where hierarchical sampling (§3.3) loses quality: the prediction model's keyframes, or the interpolation
-    between them? On --n held-out synthetic clips, the synthetic score per 16-frame clip of the first
-    --frames frames of
-      * the autoencoder's reconstructions (the ceiling of everything below),
-      * real keyframes (every gap-th latent of the encoded clip) infilled by --interp (hierarchical.infill),
-      * --pred's keyframes (its first clip unconditional, then autoregressive) infilled by --interp, which is
-        hierarchical sampling itself;
-    and the keyframes alone, real and predicted, each keyframe latent decoded by itself (key_check), with
-    the share of keyframes that pass ball_check and of consecutive keyframes that show the same colours.
-
-    python bench.py keyframes --pred runs/demo/pred.pt --interp runs/demo/interp.pt --n 32"""
-    p = argparse.ArgumentParser(prog="bench.py keyframes", description=keyframes.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pred", required=True, help="prediction model (--stage pred; any --gap)")
-    p.add_argument("--interp", help="interpolation model with the same gap; without it, the keyframe rows only")
-    p.add_argument("--vae", help="autoencoder (default: the one --pred records)")
-    p.add_argument("--n", type=int, default=32); p.add_argument("--frames", type=int, default=64)
-    p.add_argument("--steps", type=int, default=20); p.add_argument("--eta", type=float, default=hierarchical.DDIM_ETA)
-    p.add_argument("--cond-noise", type=int, default=100); p.add_argument("--guidance", type=float, default=0.1)
-    p.add_argument("--k", type=int, default=1, help="keyframes each prediction step conditions on (sample.py --k)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    net, gd, targs = sample.load_model(args.pred, "cpu")
-    if targs["stage"] != "pred":
-        p.error(f"--pred {args.pred} is a '{targs['stage']}' checkpoint; pass one from --stage pred")
-    ae = sample.load_decoder(targs, args.vae, "cpu")
-    c, ft, hw = sample.latent_shape(net, targs, ae)
-    gap, n_lat = targs["gap"], args.frames // ft
-    if args.frames % (16 * gap * ft // np.gcd(16, gap * ft)):
-        p.error(f"--frames must be a multiple of 16 and of gap x ft = {gap * ft}")
-    interp = None
-    if args.interp:
-        interp, _, iargs = sample.load_model(args.interp, "cpu")
-        if iargs["stage"] != "interp" or iargs["gap"] != gap:
-            p.error(f"--interp must be an interp checkpoint with gap {gap}; got stage {iargs['stage']} gap {iargs['gap']}")
-    n_key = n_lat // gap + 1                                       # keyframes 0, gap, ..., n_lat: the last pair's end
-    real = data.SyntheticVideos(n=args.n, frames=(n_lat + gap) * ft, size=targs["size"], split="test")
-    with torch.no_grad():
-        z = torch.cat([ae.encode_latents(torch.stack([real[j] for j in range(i, min(i + 8, args.n))]))
-                       for i in range(0, args.n, 8)])              # (N,c,n_lat+gap,h,w)
-        decode = lambda lat: np.concatenate([data.to_uint8(ae.decode_latents(lat[i:i + 8]))
-                                             for i in range(0, len(lat), 8)])   # (N,c,l,h,w) -> (N,l*ft,H,W,3)
-        kw = dict(s=args.cond_noise, w=args.guidance, steps=args.steps, eta=args.eta)
-        g = lambda: torch.Generator().manual_seed(args.seed)
-        pred_keys = torch.cat(list(hierarchical.autoregressive(net, gd, (args.n, c, targs["frames"] // ft, hw, hw),
-                                                               n_key, k=args.k, generator=g(), **kw)),
-                              2)  # (N,c,n_key,h,w)
-        real_keys = z[:, :, ::gap][:, :, :n_key]                   # (N,c,n_key,h,w)
-        videos = [("reconstructions", decode(z[:, :, :n_lat]))]
-        if interp is not None:
-            for name, keys in (("real keyframes + interpolation", real_keys),
-                               ("predicted keyframes + interpolation (hierarchical)", pred_keys)):
-                videos.append((name, decode(torch.cat(list(hierarchical.infill(interp, gd, keys, n_lat, gap=gap,
-                                                                                 generator=g(), **kw)), 2))))
-        scored = []
-        for name, v in videos:  # as whole videos (drift.persistence) where there are two clips or more
-            p = drift.mean_persistence(v) if args.frames >= 32 else None
-            scored.append((f"{name}, per 16-frame clip",
-                           data.synthetic_score([x[a:a + 16] for x in v for a in range(0, args.frames, 16)]),
-                           "– | " + (f"{100 * p['same_next']:.1f}% | {100 * p['keeps_first']:.1f}%" if p
-                                     else "– | –")))
-        for name, keys in (("real", real_keys), ("predicted", pred_keys)):
-            alone = decode(keys.transpose(1, 2).flatten(0, 1)[:, :, None])  # (N,c,K,h,w) -> (N*K,c,1,h,w) -> (N*K,ft,H,W,3)
-            alone = alone.reshape(args.n, n_key, *alone.shape[1:])              # (N,K,ft,H,W,3)
-            dets = [key_detections(list(video)) for video in alone]
-            whys = [key_check(d)[1] for d in dets]
-            formed = np.mean([ok for d in dets for (ok, _), _ in d])                    # each keyframe alone
-            same = np.mean([a[1] == b[1] for d in dets for a, b in zip(d, d[1:])])      # consecutive keyframes
-            first = np.mean([b[1] == d[0][1] for d in dets for b in d[1:]])              # the first keyframe's
-            scored.append((f"{name} keyframes alone, {n_key} per video (key_check)",
-                           (whys.count("ok") / args.n, {w: whys.count(w) for w in set(whys)}),
-                           f"{100 * formed:.1f}% | {100 * same:.1f}% | {100 * first:.1f}%"))
-    rows = [f"| {args.n} held-out clips, {args.frames} frames, gap {gap} (keyframes {gap * ft} frames apart), "
-            f"DDIM-{args.steps} eta {args.eta:g}, s = {args.cond_noise}, w = {args.guidance:g}, k = {args.k} | pass | "
-            "failures "
-            "| keyframes that pass ball_check | same colours as the previous clip or keyframe | the first one's "
-            "colours |", "|---|---|---|---|---|---|"]
-    for name, (share, reasons), columns in scored:
-        fails = ", ".join(f"{k}: {n}" for k, n in sorted(reasons.items()) if k != "ok") or "none"
-        rows.append(f"| {name} | {100 * share:.1f}% | {fails} | {columns} |")
-    return "\n".join(rows)
-
-
-def _cell(values, scale=1.0, digits=1):
-    """mean ± sample standard deviation (ddof=1) of per-seed values, or the one value."""
-    v = scale * np.asarray(values, np.float64)
-    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}" if len(v) > 1 else f"{v.mean():.{digits}f}"
-
-
-def whole_table(whole):
-    """Markdown: per setting, drift.persistence of its videos (the mean over the videos of a seed), mean ±
-    standard deviation over the seeds."""
-    lines = ["the videos as whole videos (drift.py; mean over the videos of a seed, then mean ± std over the "
-             "seeds):", "", "| setting | same balls in the next clip (%) | first clip's balls (%) | "
-             "background change, first vs last 128 frames (/255) |", "|---|---|---|---|"]
-    for label, seeds in whole.items():
-        lines.append(f"| {label} | {_cell([s['same_next'] for s in seeds], 100)} | "
-                     f"{_cell([s['keeps_first'] for s in seeds], 100)} | "
-                     f"{_cell([s['background_change'] for s in seeds])} |")
-    return "\n".join(lines)
-
-
-def study_table(curves, key, what, scale, digits=1):
-    """Markdown: per setting, each point's mean ± standard deviation over the seeds (ddof=1 when there are
-    several), and the last point minus the first, whose spread is taken over the seeds' own differences."""
-    first = next(iter(curves.values()))[0]
-    head = "| setting | " + " | ".join(f"{c['start'] + 1}–{c['end']}" for c in first) + " | last − first |"
-    lines = [f"{what}:", "", head, "|---" * (len(first) + 2) + "|"]
-    cell = lambda values: _cell(values, scale, digits)
-
-    for label, seeds in curves.items():
-        cells = [cell([pts[k][key] for pts in seeds]) for k in range(len(first))]
-        cells.append(cell([pts[-1][key] - pts[0][key] for pts in seeds]))
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def t2v(argv):
-    """§5 on the built-in data: text-to-video checkpoints sampled on held-out caption combinations (the
-    first --n of the synthetic test split), scored with data.caption_scores against their prompts, and
-    FVD16 against the real clips of those prompts (with --i3d). Per checkpoint one row per --w (text
-    guidance), plus "unconditional": the same network given the empty prompt, scored on the same prompts.
-
-    python bench.py t2v --ckpt runs/demo-t2v/t2v.pt --n 64 --w 0 --w 2 --i3d i3d-kinetics-400.ckpt"""
-    p = argparse.ArgumentParser(prog="bench.py t2v", description=t2v.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", action="append", required=True, help="image or t2v checkpoint (repeatable)")
-    p.add_argument("--n", type=int, default=64); p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--eta", type=float, default=hierarchical.DDIM_ETA, help="DDIM eta")
-    p.add_argument("--w", type=float, action="append", help="text guidance values (default: 2)")
-    p.add_argument("--no-uncond", action="store_true", help="skip the unconditional row")
-    p.add_argument("--i3d", default=os.environ.get("LVDM_I3D"))
-    p.add_argument("--seed", type=int, default=0); p.add_argument("--out", default="runs/bench-t2v")
-    args = p.parse_args(argv)
-    size = load_checkpoint(args.ckpt[0])["train_args"]["size"]
-    items, prompts = data.held_out_captions(args.n)
-    ds = data.SyntheticVideos(n=items[-1] + 1, frames=16, size=size, split="test")
-    os.makedirs(args.out, exist_ok=True)
-    prompt_file = os.path.join(args.out, "prompts.txt")
-    with open(prompt_file, "w", encoding="utf-8") as f:
-        f.write("\n".join(prompts) + "\n")
-    i3d_model = fvd.load_i3d(args.i3d) if args.i3d else None
-    real = np.stack([ds.render(i) for i in items])                              # (n,16,H,W,3)
-    real_feats = fvd.i3d_features(real, i3d_model) if i3d_model else None
-    rows = ["| checkpoint | step | samples | caption accuracy | balls | colours | speed | background | "
-            "captioned colours seen | FVD16 |", "|---|---|---|---|---|---|---|---|---|---|"]
-
-    def row(name, step, setting, videos):
-        s = data.caption_scores(videos, prompts)
-        f = fvd.frechet_distance(real_feats, fvd.i3d_features(videos, i3d_model)) if i3d_model else float("nan")
-        rows.append(f"| {name} | {step} | {setting} | {100 * s['ok']:.1f}% | {100 * s['balls']:.1f}% | "
-                    f"{100 * s['colours']:.1f}% | {100 * s['speed']:.1f}% | {100 * s['background']:.1f}% | "
-                    f"{100 * s['named']:.1f}% | {f:.0f} |")
-        print(rows[-1], flush=True)
-
-    other = data.SyntheticVideos(n=args.n, frames=16, size=size, split="train")
-    row("real clips of other captions", "-", "training clips", np.stack([other.render(i) for i in range(args.n)]))
-    row("real clips of these captions", "-", "their own clips", real)
-    for k, ckpt in enumerate(args.ckpt):
-        step = load_checkpoint(ckpt).get("step")
-        settings = [(f"text, w={w:g}", ["--prompts", prompt_file, "--text-guidance", str(w)]) for w in (args.w or [2.0])]
-        if not args.no_uncond:
-            settings.append(("unconditional (empty prompt)", ["--prompt", "", "--text-guidance", "0"]))
-        for setting, extra in settings:
-            out = os.path.join(args.out, f"{k}-" + os.path.basename(ckpt).replace(".pt", ""), setting.split(" ")[0] + extra[-1])
-            sample.main(["--ckpt", ckpt, "--n", str(args.n), "--steps", str(args.steps), "--eta", str(args.eta),
-                         "--seed", str(args.seed), "--npz", "--out", out, *extra])
-            row(os.path.basename(ckpt), step, setting, np.load(os.path.join(out, "samples.npz"))["arr_0"])
-    return "\n".join(rows)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", default="table2",
                    choices=["table2", "loader", "i3d", "long", "faults", "smoke", "contention", "updates", "release",
-                            "score", "psnr", "study", "t2v", "keyframes", "all"])
+                            "all"])
     p.add_argument("root", nargs="?", help="loader: folder of frame folders (default: a temporary one, made)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--width", type=int, default=64, help="U-Net model_channels (paper: 256; reduced on CPU)")
@@ -1080,21 +731,12 @@ def main(argv=None):
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--pred"); p.add_argument("--interp"); p.add_argument("--steps", type=int, default=20)
     p.add_argument("--ae", help="release: ae_sky.ckpt"); p.add_argument("--lvdm", help="release: short_sky.ckpt")
-    p.add_argument("--vae", help="psnr: an autoencoder checkpoint")
-    p.add_argument("--npz", help="psnr: also write its reconstructions of --n-score training clips here (for fvd.py)")
-    p.add_argument("--n-score", type=int, default=256, help="score: real clips per split")
     p.add_argument("--seed", type=int, default=0, help="faults: seeds the kill moments")
     p.add_argument("--kills", type=int, default=5); p.add_argument("--fault-steps", type=int, default=12)
     p.add_argument("--smoke-steps", type=int, default=2)
     p.add_argument("--ae-hidden", type=int, default=8, help="smoke on a CPU: autoencoder width (paper: 32)")
     if argv is None:
         argv = sys.argv[1:]
-    if argv[:1] == ["study"]:  # its own flags
-        return study(argv[1:])
-    if argv[:1] == ["t2v"]:
-        return print(t2v(argv[1:]))
-    if argv[:1] == ["keyframes"]:
-        return print(keyframes(argv[1:]))
     args = p.parse_args(argv)
     todo = ["table2", "loader", "i3d"] if args.what == "all" else [args.what]
     for what in todo:

@@ -385,14 +385,16 @@ def plot_lines(path, points, title, x_key="end", y_key="fvd", x_label="frame (en
     of each clip (fvd.py --curve, bench.py study).
 
     points: one curve's list of {x_key, y_key} dicts, or a dict label -> such a list (one colored
-    line each, with a legend). Written atomically."""
+    line each, with a legend). A point with "lo" and "hi" draws a band between them around its line (an
+    error band, shaded in the line's colour). Written atomically."""
     series = points if isinstance(points, dict) else {"": points}
-    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
+    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
+              (127, 127, 127)]
     img = Image.new("RGB", (width, height), "white")
     draw, font = ImageDraw.Draw(img), ImageFont.load_default()
     left, right, top, bottom = 70, width - 30, 40, height - 50
     xs = sorted({p[x_key] for pts in series.values() for p in pts})
-    ys = [p[y_key] for pts in series.values() for p in pts]
+    ys = [y for pts in series.values() for p in pts for y in (p[y_key], p.get("lo", p[y_key]), p.get("hi", p[y_key]))]
     x_lo, x_hi = 0, max(xs)
     raw = max(max(ys) - min(0.0, min(ys)), 1e-9) / 5  # y ticks: 1, 2 or 5 times a power of ten
     step = min(m * 10 ** np.floor(np.log10(raw)) for m in (1, 2, 5, 10) if m * 10 ** np.floor(np.log10(raw)) >= raw)
@@ -414,6 +416,12 @@ def plot_lines(path, points, title, x_key="end", y_key="fvd", x_label="frame (en
         xx, _ = px(x, y_lo)
         draw.line([(xx, bottom), (xx, bottom + 4)], fill="black")
         draw.text((xx, bottom + 6), str(x), fill="black", font=font, anchor="mt")
+    shade = Image.new("RGBA", img.size, (0, 0, 0, 0))  # the error bands, blended under the lines
+    for k, pts in enumerate(series.values()):
+        if len(pts) > 1 and all("lo" in p and "hi" in p for p in pts):
+            ImageDraw.Draw(shade).polygon([px(p[x_key], p["hi"]) for p in pts] + [px(p[x_key], p["lo"]) for p in pts[::-1]],
+                                          fill=colors[k % len(colors)] + (60,))
+    img.paste(Image.alpha_composite(img.convert("RGBA"), shade).convert("RGB"))
     for k, (label, pts) in enumerate(series.items()):
         color = colors[k % len(colors)]
         line = [px(p[x_key], p[y_key]) for p in pts]

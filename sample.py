@@ -296,7 +296,7 @@ def _latest(folder, prefix, suffix=".png"):
     return os.path.join(folder, names[-1]) if names else None
 
 
-def _figure(run, path, caption, width=None):
+def html_figure(run, path, caption, width=None):
     """<figure> for an image or video file of the run (relative link), or '' when the file is missing."""
     if not path or not os.path.isfile(path):
         return ""
@@ -362,10 +362,10 @@ def write_report(run):
         strip = os.path.join(run, "samples-hierarchical", "strip.png")
         data.write_grid(strip, np.asarray(videos[:, list(range(0, T, 128)) + [T - 1]]))  # (N, frames every 128, H, W, 3)
         body.append(f"<h2>The {T}-frame video (§3.3, hierarchical)</h2>\n"
-                    + _figure(run, os.path.join(run, "samples-hierarchical", "long_000.mp4"), "the first long video",
+                    + html_figure(run, os.path.join(run, "samples-hierarchical", "long_000.mp4"), "the first long video",
                             width=256)
-                    + _figure(run, strip, f"frames 0, 128, 256, ... and {T - 1} of each long video (one row each)")
-                    + (_figure(run, curve, "do the videos keep their scene? (drift.py; real videos for reference)",
+                    + html_figure(run, strip, f"frames 0, 128, 256, ... and {T - 1} of each long video (one row each)")
+                    + (html_figure(run, curve, "do the videos keep their scene? (drift.py; real videos for reference)",
                                width=480) if curve else ""))
     for folder, stage, title in (
             (run, "vae", "Autoencoder (§3.1): real clips (odd rows) over their reconstructions (even rows)"),
@@ -374,11 +374,11 @@ def write_report(run):
             (run, "pred", "Prediction model samples (§3.3)"), (run, "interp", "Interpolation model samples (§3.3)")):
         png = _latest(os.path.join(folder, "samples"), stage + "-")
         if png:
-            body.append(f"<h2>{html.escape(title)}</h2>\n" + _figure(run, png, os.path.basename(png))
-                        + _figure(run, png[:-4] + ".gif", "the first four, as a video"))
+            body.append(f"<h2>{html.escape(title)}</h2>\n" + html_figure(run, png, os.path.basename(png))
+                        + html_figure(run, png[:-4] + ".gif", "the first four, as a video"))
     body.append("<h2>Short samples (DDIM-50)</h2>\n"
-                + _figure(run, os.path.join(run, "samples-short", "grid.png"), "every sample, frames left to right")
-                + _figure(run, os.path.join(run, "samples-short", "video_000.gif"), "the first sample"))
+                + html_figure(run, os.path.join(run, "samples-short", "grid.png"), "every sample, frames left to right")
+                + html_figure(run, os.path.join(run, "samples-short", "video_000.gif"), "the first sample"))
     curves = ""
     for folder, stage in ((run, "vae"), (decoder, "vae"), (run, "lvdm"), (run, "pred"), (run, "interp")):
         log = os.path.join(folder, f"log-{stage}.jsonl")
@@ -389,7 +389,7 @@ def write_report(run):
             name = os.path.relpath(log, run)
             plot_lines(png, points, f"{name}: training loss", x_key="step", y_key="loss", x_label="step",
                        y_label="loss")
-            curves += _figure(run, png, f"training loss ({name})", width=480)
+            curves += html_figure(run, png, f"training loss ({name})", width=480)
     body.append("<h2>Training losses</h2>\n" + curves)
     table = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td><code>{html.escape(c)}</code></td></tr>"
                     for a, b, c in rows)

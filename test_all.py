@@ -42,6 +42,7 @@ import drift
 import fvd
 import hierarchical
 import sample
+import study
 import text
 import train
 import unet3d
@@ -3573,15 +3574,15 @@ class TestDrift:
                                                        {"end": 256, "keeps_first": 10 / 16}]
 
 
-class TestBench:
-    """bench.py: the reproductions run end to end on tiny models."""
+class TestStudy:
+    """study.py: the quality studies run end to end on tiny models, and each number is the one they compute."""
 
     def test_psnr_reports_held_out_clips_and_writes_training_reconstructions(self, tmp_path, capsys):
-        """bench.py psnr: the PSNR of the posterior-mode reconstructions of the held-out clips, and with --npz
+        """study.py psnr: the PSNR of the posterior-mode reconstructions of the held-out clips, and with --npz
         the reconstructions of as many training clips (the FVD reference's fake side for the floor)."""
         _, _, _, autoencoder = _sample_fixture(tmp_path)
         npz = str(tmp_path / "rec.npz")
-        bench.main(["psnr", "--vae", str(tmp_path / "vae.pt"), "--n-score", "3", "--frames", "8", "--npz", npz])
+        study.main(["psnr", "--vae", str(tmp_path / "vae.pt"), "--n-score", "3", "--frames", "8", "--npz", npz])
         printed = float(re.search(r"vae\.pt: ([\d.]+) dB", capsys.readouterr().out).group(1))
         autoencoder.eval()
         for split in ("test", "train"):
@@ -3596,7 +3597,7 @@ class TestBench:
                 assert written.shape == (3, 8, 64, 64, 3) and np.abs(written - data.to_uint8(rec).astype(int)).max() <= 1
 
     def test_t2v_scores_each_checkpoints_samples_against_the_held_out_prompts(self, tmp_path, monkeypatch):
-        """bench.py t2v: the rows are data.caption_scores of the samples it wrote, against the first held-out
+        """study.py t2v: the rows are data.caption_scores of the samples it wrote, against the first held-out
         captions of the test split, which it wrote to prompts.txt."""
         monkeypatch.setattr(fvd, "load_i3d", lambda path, device="cpu": _FvdTinyFeatures())
         _sample_fixture(tmp_path)
@@ -3608,7 +3609,7 @@ class TestBench:
                     "--out", run, "--vae", str(tmp_path / "vae.pt"), "--bpe", str(bpe), "--batch-size", "2",
                     "--latent-cache", "2", "--steps", "1", "--sample-every", "1000"])
         out = str(tmp_path / "bench")
-        table = bench.t2v(["--ckpt", os.path.join(run, "image.pt"), "--n", "3", "--steps", "2", "--w", "1",
+        table = study.t2v(["--ckpt", os.path.join(run, "image.pt"), "--n", "3", "--steps", "2", "--w", "1",
                            "--out", out, "--i3d", "stub"])
         prompts = open(os.path.join(out, "prompts.txt")).read().split("\n")[:3]
         held = data.SyntheticVideos(n=200, frames=16, size=32, split="test", captions=True, held_out="only")
@@ -3624,7 +3625,7 @@ class TestBench:
         assert f"| {100 * data.caption_scores(real, prompts)['background']:.1f}% |" in table.split("\n")[3]
 
     def test_study_writes_every_setting_and_its_fvd_curve(self, tmp_path, monkeypatch):
-        """bench.py study: one long-video run per setting of §4.4 and seed, each scored by fvd_curve and
+        """study.py long: one long-video run per setting of §4.4 and seed, each scored by fvd_curve and
         data.synthetic_score; study.md holds mean ± standard deviation over the seeds."""
         monkeypatch.setattr(fvd, "load_i3d", lambda path, device="cpu": _FvdTinyFeatures())
         for d in "pai":
@@ -3633,13 +3634,13 @@ class TestBench:
         ar, *_ = _sample_fixture(tmp_path / "a", "pred", gap=1)
         interp, *_ = _sample_fixture(tmp_path / "i", "interp", gap=4)
         out = str(tmp_path / "study")
-        bench.study(["--pred", pred, "--interp", interp, "--ar-pred", ar, "--frames", "64", "--n", "3", "--real-n", "8",
-                     "--steps", "2", "--pool", "2", "--seeds", "2", "--i3d", "fake", "--out", out])
+        study.long_videos(["--pred", pred, "--interp", interp, "--ar-pred", ar, "--frames", "64", "--n", "3", "--real-n", "8",
+                     "--steps", "2", "--window", "32", "--seeds", "2", "--i3d", "fake", "--out", out])
         rows = list(csv.DictReader(open(os.path.join(out, "study.csv"))))
         real_ds = data.SyntheticVideos(n=8, frames=16, size=32, split="test")
         real = fvd.i3d_features(np.stack([data.to_uint8(real_ds[i][None])[0] for i in range(8)]), _FvdTinyFeatures())
         videos = {}
-        for name, (mode, s, w) in bench.STUDY.items():
+        for name, (mode, s, w) in study.STUDY.items():
             folder = os.path.join(out, name.replace(", ", "-").replace(" ", "-"))
             label = f"{name} (s={s}, w={w})"
             fvds = []
@@ -3664,15 +3665,15 @@ class TestBench:
             assert line == f"| {label} | " + " | ".join(cells + [f"{d.mean():.1f} ± {d.std(ddof=1):.1f}"]) + " |"
         # study.md's whole-video table: each setting's persistence (drift.py), mean ± std over the seeds
         md = open(os.path.join(out, "study.md")).read()
-        for name, (mode, s, w) in bench.STUDY.items():
+        for name, (mode, s, w) in study.STUDY.items():
             p = [np.mean([drift.persistence(v)["keeps_first"] for v in videos[name, seed]]) for seed in (0, 1)]
             row = next(x for x in md.splitlines() if x.startswith(f"| {name} (s={s}, w={w}) | ") and x.count("|") == 5)
             assert row.split(" | ")[2] == f"{100 * np.mean(p):.1f} ± {100 * np.std(p, ddof=1):.1f}"
-        assert "| real videos (3) | " in md
+        assert "| real videos (3 a seed) | " in md
         # the settings really differ: perturbation and guidance change the autoregressive videos
         assert not np.array_equal(videos["autoregressive", 0], videos["autoregressive, no perturbation", 0])
         assert not np.array_equal(videos["autoregressive", 0], videos["autoregressive, no guidance", 0])
-        assert os.path.getsize(os.path.join(out, "study.png")) > 0
+        assert os.path.getsize(os.path.join(out, "study-keeps_first.png")) > 0
 
     def test_key_check_passes_real_keyframes_and_catches_a_changed_ball(self):
         ds = data.SyntheticVideos(n=40, frames=64, size=64, split="test")
@@ -3681,11 +3682,11 @@ class TestBench:
         b = next(i for i in range(1, 40) if colours[i] != colours[a] and len(colours[i]) == len(colours[a]))
         va, vb = ds.render(a), ds.render(b)                            # (64,64,64,3) uint8
         chunks = [va[t:t + 4] for t in range(0, 64, 16)]               # keyframes 16 frames apart, 4 frames each
-        check = lambda keys: bench.key_check(bench.key_detections(keys))
+        check = lambda keys: study.key_check(study.key_detections(keys))
         assert data.ball_check(va)[0] and check(chunks) == (True, "ok")
         swapped = chunks[:2] + [vb[32:36]] + chunks[3:]                # another video's balls in the third
         assert check(swapped) == (False, "the colours change between keyframes")
-        dets = bench.key_detections(swapped)                           # each keyframe detected once
+        dets = study.key_detections(swapped)                           # each keyframe detected once
         assert [ok for ok, _ in dets] == [(True, "ok")] * 4
         assert [a[1] == b[1] for a, b in zip(dets, dets[1:])] == [True, False, False]  # pairs with the third differ
         noise = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
@@ -3696,7 +3697,7 @@ class TestBench:
             (tmp_path / d).mkdir()
         pred, *_ = _sample_fixture(tmp_path / "p", "pred", gap=2)
         interp, *_ = _sample_fixture(tmp_path / "i", "interp", gap=2)
-        table = bench.keyframes(["--pred", pred, "--interp", interp, "--n", "3", "--frames", "32", "--steps", "2"])
+        table = study.keyframes(["--pred", pred, "--interp", interp, "--n", "3", "--frames", "32", "--steps", "2"])
         rows = table.split("\n")[2:]
         assert [r.split(" | ")[0] for r in rows] == [
             "| reconstructions, per 16-frame clip", "| real keyframes + interpolation, per 16-frame clip",
@@ -3712,7 +3713,7 @@ class TestBench:
             assert counted + round(float(share.rstrip("%")) / 100 * scored) == scored
         other, *_ = _sample_fixture(tmp_path / "a", "interp", gap=4)
         with pytest.raises(SystemExit):
-            bench.keyframes(["--pred", pred, "--interp", other, "--frames", "16"])
+            study.keyframes(["--pred", pred, "--interp", other, "--frames", "16"])
         assert "gap 2" in capsys.readouterr().err
 
     def test_study_without_i3d_scores_only_and_needs_ar_pred_only_for_autoregressive(self, tmp_path, capsys):
@@ -3721,14 +3722,59 @@ class TestBench:
         interp, *_ = _sample_fixture(tmp_path / "i", "interp", gap=4)
         out = str(tmp_path / "study")
         with pytest.raises(SystemExit):
-            bench.study(["--pred", pred, "--interp", interp, "--out", out])
+            study.long_videos(["--pred", pred, "--interp", interp, "--out", out])
         assert "--ar-pred" in capsys.readouterr().err
-        bench.study(["--pred", pred, "--interp", interp, "--only", "hierarchical", "--frames", "32", "--n", "2",
+        study.long_videos(["--pred", pred, "--interp", interp, "--only", "hierarchical", "--frames", "64", "--n", "2",
                      "--steps", "2", "--seeds", "1", "--i3d", "", "--out", out])
         rows = list(csv.DictReader(open(os.path.join(out, "study.csv"))))
         assert [r["setting"] for r in rows] == ["hierarchical (s=100, w=0.1)"] * 2
         assert all(np.isnan(float(r["fvd"])) for r in rows)
         v = np.load(os.path.join(out, "hierarchical", "seed-0", "long.npy"))
-        assert [float(r["score"]) for r in rows] == pytest.approx(
-            [data.synthetic_score(v, a, a + 16)[0] for a in (0, 16)], abs=6e-5)
+        assert [float(r["score"]) for r in rows] == pytest.approx(  # a point: the 16-frame clips of 32 frames
+            [np.mean([data.synthetic_score(v, a, a + 16)[0] for a in (b, b + 16)]) for b in (0, 32)], abs=6e-5)
         assert "FVD:" not in open(os.path.join(out, "study.md")).read()
+
+    def test_verdicts_and_claims_tables_compare_in_the_claimed_direction(self):
+        """A difference beyond two standard errors in the claimed direction is shown, beyond two the other way
+        refuted; the table's cells are the means, the difference and its standard error (independent samples)."""
+        assert [study.verdict(g, 1.0) for g in (2.5, 0.5, -0.5, -2.5)] == ["shown", "direction only", "not shown",
+                                                                             "refuted"]
+        rng = np.random.default_rng(0)
+        keys = list(study.MEASURES)
+        good = [{k: float(v) for k, v in zip(keys, rng.normal(0.5, 0.1, len(keys)))} for _ in range(20)]
+        bad = [{**g, "keeps_first": g["keeps_first"] - 0.3, "background_change": g["background_change"] + 0.3}
+               for g in good]
+        md = study.claims_tables({"autoregressive, no guidance": good, "autoregressive, neither": bad})
+        assert md.startswith("**Claim: conditional latent perturbation reduces it.**") and "guidance" not in md.split(
+            "\n")[0]
+        row = next(r for r in md.splitlines() if "| clips showing the first clip's balls (%) |" in r)
+        (ma, sa), (mb, sb) = study.mean_se([g["keeps_first"] for g in good]), study.mean_se([b["keeps_first"] for b in bad])
+        assert row.split(" | ")[3:6] == [f"{100 * ma:.1f} ± {100 * sa:.1f}", f"{100 * mb:.1f} ± {100 * sb:.1f}",
+                                         f"{100 * (ma - mb):+.1f} ± {100 * np.hypot(sa, sb):.1f}"]
+        assert row.endswith("| shown |")   # 0.3 apart, standard error about 0.03
+        row = next(r for r in md.splitlines() if "| background change" in r)
+        assert row.endswith("| shown |")   # lower is better: the worse setting's higher change counts for the claim
+        assert "| same_next" not in md and "| next clip has the same balls (%) |" in md and md.endswith(
+            "Of 6 measures: shown 2, not shown 4.")  # equal values: a difference of 0 is not shown
+
+    def test_video_curves_are_flat_on_real_videos_and_fall_where_a_ball_is_removed(self):
+        videos = drift.corrupted(2, 256, 64, at=128)
+        for name, expect in (("real", [1.0, 1.0, 1.0, 1.0]), ("ball removed", [1.0, 1.0, 0.0, 0.0])):
+            for v in videos[name]:
+                measures, pts = study.video_measures(v, study.clip_records(v), window=64)
+                assert [p["keeps_first"] for p in pts] == expect and [p["end"] for p in pts] == [64, 128, 192, 256]
+                assert measures["kept_last"] == expect[-1] and measures["background_change"] == pts[-1]["background"]
+                assert pts[0]["background"] == 0.0 and pts[0]["score"] == 1.0
+        tint = videos["tint drift"][0]
+        _, pts = study.video_measures(tint, study.clip_records(tint), window=64)
+        assert np.all(np.diff([p["background"] for p in pts]) > 0)  # the tint grows over the video
+
+    def test_plot_bands_shade_between_lo_and_hi(self, tmp_path):
+        pts = [{"end": e, "v": 0.5, "lo": 0.25, "hi": 0.75} for e in (10, 20, 30)]
+        common.plot_lines(str(tmp_path / "p.png"), {"a": pts}, "t", y_key="v")
+        img = np.asarray(Image.open(tmp_path / "p.png").convert("RGB")).astype(int)
+        col = img[:, img.shape[1] // 2 + 40]                       # a column between two points
+        blue = np.where((col == (31, 119, 180)).all(-1))[0]        # the line
+        tinted = np.where((np.abs(col - (31, 119, 180)).sum(-1) > 30) & ((col != 255).any(-1)) & (col[:, 2] > col[:, 0] + 20))[0]
+        assert len(blue) and len(tinted) > 20                      # a band around the line, not only the line
+        assert tinted.min() < blue.min() and tinted.max() > blue.max()

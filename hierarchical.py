@@ -176,7 +176,7 @@ def guided_model_fn(model, cond, m, s=0, w=0.0, diffusion=None, generator=None):
 
 TEXT_GUIDANCE = 2.0  # default w of text guidance (scale 1 + w = 3); bench.py t2v measures others
 DDIM_ETA = 1.0  # default DDIM eta of sample.py, bench.py and training previews, as the release's samplers
-                # (fresh noise each step; the demo LVDM: 71% of samples pass the synthetic score, 50% at 0)
+                # (fresh noise each step: more samples pass the synthetic score than at 0, RESULTS.md)
 
 
 def text_guided_fn(model, context, empty=None, w=0.0):

@@ -93,7 +93,7 @@ def unet_presets():
     """name -> UNetConfig.  'paper': the public release's unconditional 256² model (32² latents, 4 frames)."""
     return {
         # demo: temporal attention at the full latent resolution too, where the 1x3x3 convs and the
-        # per-frame norms would otherwise leave every frame on its own (README, "Where the demo stands")
+        # per-frame norms would otherwise leave every frame on its own (RESULTS.md, 2026-11-30)
         "demo": UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                            attention_resolutions=(2,), temporal_resolutions=(1,), num_heads=2),
         "paper": UNetConfig(model_channels=256, channel_mult=(1, 2, 3, 4), num_res_blocks=3,

@@ -87,7 +87,7 @@ def vae_presets():
         # shortcuts, which learn in about a thousand steps what the plain network needs >5000 for.
         # fs=4 (16x16 latents): a ball is then 1.9-2.9 latent cells in radius, as it would be 3.8-5.8
         # at the paper's fs=8 and 256²; at fs=8 and 64² it was 1.0-1.4 cells, reconstructed 3 dB
-        # worse and sampled misshapen (README, "Where the demo stands")
+        # worse and sampled misshapen (RESULTS.md, 2026-11-30)
         "demo": dict(hidden=16, z_channels=4, ch_mult=(1, 2),
                      strides=((2, 2, 2), (2, 2, 2)), num_res_blocks=1, shortcut=True),
     }

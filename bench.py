@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+import balls
 import convert
 import data
 import diffusion
@@ -150,7 +151,7 @@ def measure_loader(dataset, batch_size=8, workers=2, n_batches=20):
 
 def make_frame_folders(dst, n=32, frames=64, width=320, height=256, seed=0):
     """n synthetic videos as width x height JPEG frame folders under dst (for throughput checks)."""
-    ds = data.SyntheticVideos(n=n, frames=frames, size=width, seed=seed)
+    ds = balls.SyntheticVideos(n=n, frames=frames, size=width, seed=seed)
     for i in range(n):
         folder = os.path.join(dst, f"video{i:03d}")
         if os.path.isdir(folder):
@@ -370,8 +371,8 @@ def catalogue(root):
                                          os.path.join(root, "none.ckpt")]),
         ("data: prepare from a missing folder", "data.py", ["prepare", os.path.join(root, "missing"),
                                                             os.path.join(root, "out")]),
-        ("data: preview with an unknown split", "data.py", ["preview", "synthetic", os.path.join(root, "p.gif"),
-                                                            "--split", "bogus"]),
+        ("balls: preview with an unknown split", "balls.py", ["preview", "synthetic", os.path.join(root, "p.gif"),
+                                                              "--split", "bogus"]),
     ]
 
 

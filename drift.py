@@ -1,8 +1,8 @@
 """Long videos judged as whole videos (§3.3, §4.4): does a 1024-frame video stay one video?
 
-A per-clip score (data.ball_check on each 16-frame clip) is blind to a video that slowly turns into
+A per-clip score (balls.ball_check on each 16-frame clip) is blind to a video that slowly turns into
 another one: every clip can be a plausible scene while the scene changes. These measures read what a
-viewer of the built-in data would check over the whole video, from data.video_attributes of every
+viewer of the built-in data would check over the whole video, from balls.video_attributes of every
 16-frame clip (its ball colours, their speed, the background's hue):
 
   per video (`persistence`)
@@ -28,6 +28,7 @@ import argparse
 
 import numpy as np
 
+import balls
 import data
 from common import ArgumentParser, UserError, main_guard, positive_int
 
@@ -36,9 +37,9 @@ BALL_BINS = 4                                         # 0, 1, 2, 3 or more balls
 
 
 def clip_attributes(video, clip=CLIP):
-    """data.video_attributes of every consecutive `clip`-frame clip of a uint8 video (T,H,W,3)."""
+    """balls.video_attributes of every consecutive `clip`-frame clip of a uint8 video (T,H,W,3)."""
     v = np.asarray(video)
-    return [data.video_attributes(v[a:a + clip]) for a in range(0, len(v) - clip + 1, clip)]
+    return [balls.video_attributes(v[a:a + clip]) for a in range(0, len(v) - clip + 1, clip)]
 
 
 def border_median(video, width=3):
@@ -89,11 +90,11 @@ def window_stats(attributes, start, end, clip=CLIP):
     the mean speed of the clips that have one."""
     clips = [a for video in attributes for a in video[start // clip:end // clip]]
     counts = [min(len(a["colours"]), BALL_BINS - 1) for a in clips]
-    balls = np.bincount(counts, minlength=BALL_BINS)
-    colours = np.array([sum(c in a["colours"] for a in clips) for c in data.PALETTE], np.float64)
-    backgrounds = np.array([sum(a["background"] == b for a in clips) for b in data.BACKGROUND_HUES], np.float64)
+    count_hist = np.bincount(counts, minlength=BALL_BINS)
+    colours = np.array([sum(c in a["colours"] for a in clips) for c in balls.PALETTE], np.float64)
+    backgrounds = np.array([sum(a["background"] == b for a in clips) for b in balls.BACKGROUND_HUES], np.float64)
     speeds = [a["speed"] for a in clips if a["speed"] is not None]
-    return {"balls": balls / max(balls.sum(), 1), "colours": colours / max(colours.sum(), 1),
+    return {"balls": count_hist / max(count_hist.sum(), 1), "colours": colours / max(colours.sum(), 1),
             "background": backgrounds / max(backgrounds.sum(), 1),
             "balls_mean": float(np.mean(counts)) if clips else 0.0,
             "speed": float(np.mean(speeds)) if speeds else 0.0}
@@ -109,11 +110,11 @@ def population_distance(stats, real):
 
 def real_videos(n, frames, size, seed=0):
     """n real long videos of the built-in data (its test split, items seed*n .. seed*n+n-1): uint8 (n,T,H,W,3)."""
-    ds = data.SyntheticVideos(n=seed * n + n, frames=frames, size=size, split="test")
+    ds = balls.SyntheticVideos(n=seed * n + n, frames=frames, size=size, split="test")
     return np.stack([ds.render(i) for i in range(seed * n, seed * n + n)])
 
 
-class _WithoutLastBall(data.SyntheticVideos):
+class _WithoutLastBall(balls.SyntheticVideos):
     """The built-in data's scenes, rendered without their last ball."""
 
     def params(self, i):

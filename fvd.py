@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import balls
 import data
 from common import ArgumentParser, UserError, atomic_path, main_guard, plot_lines, positive_int, setup_cuda
 from weights import I3D_WEIGHTS_HINT, read_i3d_file
@@ -458,10 +459,10 @@ def open_real(args, fake_hw):
         if fake_hw[0] != fake_hw[1]:
             raise UserError(f"generated frames are {fake_hw[0]}x{fake_hw[1]}; pass --size for the real clips.")
         args.size = fake_hw[0]
-    ds = data.make_dataset(args.real, args.frames, args.size, stride=args.stride, split=args.split,
+    ds = balls.make_dataset(args.real, args.frames, args.size, stride=args.stride, split=args.split,
                       random_start=True, flip=False, seed=args.seed)
     if str(args.real) == "synthetic":  # the cache key holds the generator's ranges: a new version gets new features
-        return ds, ["synthetic", len(ds), data.synthetic_version()], (
+        return ds, ["synthetic", len(ds), balls.synthetic_version()], (
             f"{args.n_real} clips of {args.frames} frames (stride {args.stride}) of the built-in synthetic videos, "
             f"split {args.split}, frames 0.. of each, rendered at {args.size}x{args.size} (seeded per video, no crop)")
     return ds, [os.path.abspath(args.real), len(ds)], (
@@ -545,8 +546,8 @@ def run(args):
         kvds.append(kernel_distance(real_feats, f))
         print(f"run {r}: FVD{args.frames} = {fvds[-1]:.2f}  KVD{args.frames} = {kvds[-1]:.2f}")
     print(describe_protocol(args, model, real_desc, fake_desc))
-    if args.real == "synthetic":  # the built-in data's own check of the samples (data.ball_check)
-        score, reasons = data.synthetic_score((fake[i] for i in range(n_fake)), end=args.frames)
+    if args.real == "synthetic":  # the built-in data's own check of the samples (balls.ball_check)
+        score, reasons = balls.synthetic_score((fake[i] for i in range(n_fake)), end=args.frames)
         print(f"synthetic score: {100 * score:.1f}% of {n_fake} fake clips show balls that persist and move "
               f"continuously ({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))})")
     if args.runs == 1:
@@ -569,15 +570,15 @@ def run_curve(args, model, real, real_id, real_desc, fake):
     real_feats = real_features(args, model, real, real_id, 0, args.device)
     points = fvd_curve(real_feats, fake, model, args.frames, args.protocol, args.batch, args.device, progress=True)
     synthetic = args.real == "synthetic"
-    if synthetic:  # data.ball_check on every clip of the curve: the share of videos that still show balls there
+    if synthetic:  # balls.ball_check on every clip of the curve: the share of videos that still show balls there
         for q in points:
-            q["score"] = data.synthetic_score(fake, q["start"], q["end"])[0]
+            q["score"] = balls.synthetic_score(fake, q["start"], q["end"])[0]
     print(f"{'clip':>5} {'frames':>11} {'FVD':>10} {'KVD':>10}" + (f" {'score':>6}" if synthetic else ""))
     for q in points:
         print(f"{q['clip']:>5} {q['start']:>5}-{q['end'] - 1:<5} {q['fvd']:>10.2f} {q['kvd']:>10.2f}"
               + (f" {100 * q['score']:>5.0f}%" if synthetic else ""))
     if synthetic and length >= 256:
-        first, last = (data.synthetic_score(fake, a, b)[0] for a, b in ((0, 128), (length - 128, length)))
+        first, last = (balls.synthetic_score(fake, a, b)[0] for a, b in ((0, 128), (length - 128, length)))
         print(f"synthetic score of the first 128 frames {100 * first:.1f}%, of the last 128 {100 * last:.1f}%")
     out = args.out or os.path.splitext(os.path.abspath(args.fake.rstrip("/")))[0] + "_fvd_curve"
     write_csv(out + ".csv", points)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import balls
 import data
 import diffusion as diffusion_lib
 import drift
@@ -326,10 +327,10 @@ def write_report(run):
     short = os.path.join(run, "samples-short", "samples.npz")
     if os.path.isfile(short):
         samples = data.load_npz(short)
-        score, _ = data.synthetic_score(samples)
-        real = data.SyntheticVideos(n=32, frames=16, size=samples.shape[2], split="test")
-        real_score, _ = data.synthetic_score(np.stack([real.render(i) for i in range(len(real))]))
-        rows.append(("synthetic score of the short samples (data.ball_check)", f"{100 * score:.0f}% "
+        score, _ = balls.synthetic_score(samples)
+        real = balls.SyntheticVideos(n=32, frames=16, size=samples.shape[2], split="test")
+        real_score, _ = balls.synthetic_score(np.stack([real.render(i) for i in range(len(real))]))
+        rows.append(("synthetic score of the short samples (balls.ball_check)", f"{100 * score:.0f}% "
                      f"(real held-out clips: {100 * real_score:.0f}% of 32)",
                      "python sample.py --ckpt RUN/lvdm.pt --n 8 --npz"))
     long_path = os.path.join(run, "samples-hierarchical", "long.npy")
@@ -337,7 +338,7 @@ def write_report(run):
         videos = np.load(long_path, mmap_mode="r")                          # (N,T,H,W,3)
         T = videos.shape[1]
         if T >= 256:
-            first, last = (data.clip_score(videos, a, b) for a, b in ((0, 128), (T - 128, T)))
+            first, last = (balls.clip_score(videos, a, b) for a, b in ((0, 128), (T - 128, T)))
             rows.append((f"synthetic score of the {T}-frame videos, first / last 128 frames (per 16-frame clip)",
                          f"{100 * first:.0f}% / {100 * last:.0f}%",
                          f"python sample.py --ckpt RUN/pred.pt --interp RUN/interp.pt --mode hierarchical --frames {T}"))

@@ -22,6 +22,7 @@ import sys
 import numpy as np
 import torch
 
+import balls
 import data
 import drift
 import fvd
@@ -70,14 +71,14 @@ def run_folder(out, name, seed):
 
 
 def clip_records(video, clip=drift.CLIP):
-    """Per consecutive `clip`-frame clip of a uint8 video (T,H,W,3): data.video_attributes (colours, speed,
-    background) and "ok", whether the clip passes data.ball_check; one ball detection serves both."""
+    """Per consecutive `clip`-frame clip of a uint8 video (T,H,W,3): balls.video_attributes (colours, speed,
+    background) and "ok", whether the clip passes balls.ball_check; one ball detection serves both."""
     v = np.asarray(video)
     out = []
     for a in range(0, len(v) - clip + 1, clip):
         c = v[a:a + clip]
-        found = data.find_balls(c)
-        out.append({**data.video_attributes(c, found=found), "ok": data.ball_check(c, found=found)[0]})
+        found = balls.find_balls(c)
+        out.append({**balls.video_attributes(c, found=found), "ok": balls.ball_check(c, found=found)[0]})
     return out
 
 
@@ -231,7 +232,7 @@ def long_videos(argv):
     size = sample.load_model(args.pred, "cpu")[2]["size"]
     real_feats = None
     if model is not None:
-        real_ds = data.SyntheticVideos(n=args.real_n, frames=16, size=size, split="test")
+        real_ds = balls.SyntheticVideos(n=args.real_n, frames=16, size=size, split="test")
         real = np.stack([data.to_uint8(real_ds[i][None])[0] for i in range(len(real_ds))])  # N x (16,H,W,3)
         real_feats = fvd.i3d_features(real, model, progress=True, desc="real clips")
     seeds = range(args.seed, args.seed + args.seeds)
@@ -354,17 +355,17 @@ def study_table(curves, key, what, scale, digits=1):
 # ----------------------------------------------------------------------------- where hierarchical videos fail
 def key_detections(chunks):
     """The keyframes of one video, chunks of uint8 (f,H,W,3) (each keyframe latent decoded by itself), each
-    detected once -> [(data.ball_check's (passed, reason), the ball colours seen)] per keyframe."""
+    detected once -> [(balls.ball_check's (passed, reason), the ball colours seen)] per keyframe."""
     out = []
     for chunk in chunks:
-        found = data.find_balls(chunk)
-        out.append((data.ball_check(chunk, found=found), frozenset(data.video_attributes(chunk, found=found)["colours"])))
+        found = balls.find_balls(chunk)
+        out.append((balls.ball_check(chunk, found=found), frozenset(balls.video_attributes(chunk, found=found)["colours"])))
     return out
 
 
 def key_check(detections):
     """Keyframes alone, key_detections of one video -> (passed, reason). They pass when each passes
-    data.ball_check and all show the same ball colours: the identities a video keeps between frames `gap`
+    balls.ball_check and all show the same ball colours: the identities a video keeps between frames `gap`
     latents apart. Reasons: the first failing keyframe's ball_check reason, or "the colours change between
     keyframes"."""
     why = next((why for (ok, why), _ in detections if not ok), None)
@@ -410,7 +411,7 @@ def keyframes(argv):
         if iargs["stage"] != "interp" or iargs["gap"] != gap:
             p.error(f"--interp must be an interp checkpoint with gap {gap}; got stage {iargs['stage']} gap {iargs['gap']}")
     n_key = n_lat // gap + 1                                       # keyframes 0, gap, ..., n_lat: the last pair's end
-    real = data.SyntheticVideos(n=args.n, frames=(n_lat + gap) * ft, size=targs["size"], split="test")
+    real = balls.SyntheticVideos(n=args.n, frames=(n_lat + gap) * ft, size=targs["size"], split="test")
     with torch.no_grad():
         z = torch.cat([ae.encode_latents(torch.stack([real[j] for j in range(i, min(i + 8, args.n))]))
                        for i in range(0, args.n, 8)])              # (N,c,n_lat+gap,h,w)
@@ -432,7 +433,7 @@ def keyframes(argv):
         for name, v in videos:  # as whole videos (drift.persistence) where there are two clips or more
             p = drift.mean_persistence(v) if args.frames >= 32 else None
             scored.append((f"{name}, per 16-frame clip",
-                           data.synthetic_score([x[a:a + 16] for x in v for a in range(0, args.frames, 16)]),
+                           balls.synthetic_score([x[a:a + 16] for x in v for a in range(0, args.frames, 16)]),
                            "– | " + (f"{100 * p['same_next']:.1f}% | {100 * p['keeps_first']:.1f}%" if p
                                      else "– | –")))
         for name, keys in (("real", real_keys), ("predicted", pred_keys)):
@@ -460,7 +461,7 @@ def keyframes(argv):
 # ----------------------------------------------------------------------------- §5 on the built-in captions
 def t2v(argv):
     """§5 on the built-in data: text-to-video checkpoints sampled on held-out caption combinations (the
-    first --n of the synthetic test split), scored with data.caption_scores against their prompts, and
+    first --n of the synthetic test split), scored with balls.caption_scores against their prompts, and
     FVD16 against the real clips of those prompts (with --i3d). Per checkpoint one row per --w (text
     guidance), plus "unconditional": the same network given the empty prompt, scored on the same prompts.
 
@@ -476,8 +477,8 @@ def t2v(argv):
     p.add_argument("--seed", type=int, default=0); p.add_argument("--out", default="runs/bench-t2v")
     args = p.parse_args(argv)
     size = load_checkpoint(args.ckpt[0])["train_args"]["size"]
-    items, prompts = data.held_out_captions(args.n)
-    ds = data.SyntheticVideos(n=items[-1] + 1, frames=16, size=size, split="test")
+    items, prompts = balls.held_out_captions(args.n)
+    ds = balls.SyntheticVideos(n=items[-1] + 1, frames=16, size=size, split="test")
     os.makedirs(args.out, exist_ok=True)
     prompt_file = os.path.join(args.out, "prompts.txt")
     with open(prompt_file, "w", encoding="utf-8") as f:
@@ -489,14 +490,14 @@ def t2v(argv):
             "captioned colours seen | FVD16 |", "|---|---|---|---|---|---|---|---|---|---|"]
 
     def row(name, step, setting, videos):
-        s = data.caption_scores(videos, prompts)
+        s = balls.caption_scores(videos, prompts)
         f = fvd.frechet_distance(real_feats, fvd.i3d_features(videos, i3d_model)) if i3d_model else float("nan")
         rows.append(f"| {name} | {step} | {setting} | {100 * s['ok']:.1f}% | {100 * s['balls']:.1f}% | "
                     f"{100 * s['colours']:.1f}% | {100 * s['speed']:.1f}% | {100 * s['background']:.1f}% | "
                     f"{100 * s['named']:.1f}% | {f:.0f} |")
         print(rows[-1], flush=True)
 
-    other = data.SyntheticVideos(n=args.n, frames=16, size=size, split="train")
+    other = balls.SyntheticVideos(n=args.n, frames=16, size=size, split="train")
     row("real clips of other captions", "-", "training clips", np.stack([other.render(i) for i in range(args.n)]))
     row("real clips of these captions", "-", "their own clips", real)
     for k, ckpt in enumerate(args.ckpt):
@@ -514,17 +515,17 @@ def t2v(argv):
 
 # ----------------------------------------------------------------------------- the measures themselves
 def score(argv):
-    """data.synthetic_score on what should pass (real clips) and what should not (noise, flat frames,
+    """balls.synthetic_score on what should pass (real clips) and what should not (noise, flat frames,
     shuffled frames, frames from different clips), plus the ends of real 1024-frame videos."""
     p = argparse.ArgumentParser(prog="study.py score", description=score.__doc__)
     p.add_argument("--n-score", type=int, default=256, help="real clips per split")
     args = p.parse_args(argv)
     n, rng = args.n_score, np.random.default_rng(0)
-    test = data.SyntheticVideos(n=n, frames=16, size=64, split="test")
-    train_ds = data.SyntheticVideos(n=n, frames=16, size=64, split="train")
+    test = balls.SyntheticVideos(n=n, frames=16, size=64, split="test")
+    train_ds = balls.SyntheticVideos(n=n, frames=16, size=64, split="train")
     real = np.stack([test.render(i) for i in range(n)])                    # (n,16,64,64,3)
     flat = np.broadcast_to(real[:32].mean(axis=(2, 3), keepdims=True).astype(np.uint8), real[:32].shape)
-    long = data.SyntheticVideos(n=8, frames=1024, size=64, split="test")
+    long = balls.SyntheticVideos(n=8, frames=1024, size=64, split="test")
     long_videos = np.stack([long.render(i) for i in range(8)])
     cases = [("held-out (test) clips", real), ("training clips", np.stack([train_ds.render(i) for i in range(n)])),
              ("uniform noise", rng.integers(0, 256, (32, 16, 64, 64, 3), dtype=np.uint8)),
@@ -535,7 +536,7 @@ def score(argv):
              ("8 real 1024-frame videos, last 128 frames", long_videos[:, -128:])]
     rows = ["| videos (64², 16 frames unless said) | pass | failures |", "|---|---|---|"]
     for name, videos in cases:
-        share, reasons = data.synthetic_score(videos)
+        share, reasons = balls.synthetic_score(videos)
         fails = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()) if k != "ok") or "none"
         rows.append(f"| {name} ({len(videos)}) | {100 * share:.1f}% | {fails} |")
     return "\n".join(rows)
@@ -555,7 +556,7 @@ def psnr(argv):
     size = load_checkpoint(args.vae).get("train_args", {}).get("size", 64)
 
     def clips(split):  # the first --n-score synthetic clips of a split, (N,3,T,H,W)
-        ds = data.SyntheticVideos(n=args.n_score, frames=args.frames, size=size, split=split)
+        ds = balls.SyntheticVideos(n=args.n_score, frames=args.frames, size=size, split=split)
         return torch.stack([ds[i] for i in range(len(ds))])
 
     x = clips("test")

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
+import balls
 import bench
 import common
 import convert
@@ -85,7 +86,7 @@ def _data_ds(root, tmp_path, **kw):
     return data.VideoDataset(str(root), kw.pop("frames"), kw.pop("size"), **kw)
 
 
-def _data_simulate(ball, steps):
+def _balls_simulate(ball, steps):
     """Independent reference: step the ball one frame at a time, reflecting at the walls."""
     r, pos, vel, out = ball["radius"], [ball["x0"], ball["y0"]], [ball["vx"], ball["vy"]], []
     for _ in range(steps):
@@ -527,7 +528,7 @@ class TestCommon:
 
 
 class TestData:
-    """data.py: layouts, clip sampling, determinism, synthetic data, video I/O, prepare."""
+    """data.py: layouts, clip sampling, determinism, captions on disk, video I/O, prepare."""
 
     # ----------------------------------------------------------------------------- layouts
     def test_natural_order(self):
@@ -698,7 +699,7 @@ class TestData:
             with pytest.raises(UserError, match="size must be a positive integer"):
                 _data_ds(tmp_path / "ok", tmp_path, size=bad)
             with pytest.raises(UserError, match="size must be a positive integer"):
-                data.SyntheticVideos(size=bad)
+                balls.SyntheticVideos(size=bad)
         with pytest.raises(UserError, match="unknown split"):
             _data_ds(tmp_path / "ok", tmp_path, split="training")
 
@@ -805,172 +806,6 @@ class TestData:
         assert u[0, 1, 0, 1, 0] == 101 and (u[..., 1] == 255).all() and (u[..., 2] == 0).all()
         assert u[0, 0, 0, 0, 0] == 128  # 0.0 -> 127.5 -> 128
 
-    def test_synthetic_params_match_rendered_pixels(self):
-        size = 64
-        ds = data.SyntheticVideos(frames=24, size=size, seed=0)
-        checked_centers = checked_blobs = 0
-        for i in range(12):
-            p = ds.params(i)
-            json.dumps(p)
-            assert p["n_balls"] == len(p["balls"]) and 1 <= p["n_balls"] <= 3
-            video = ds.render(i).astype(int)
-            paths = [_data_simulate(b, 24) for b in p["balls"]]
-            for t in range(0, 24, 3):
-                for j, b in enumerate(p["balls"]):
-                    cx, cy = paths[j][t] * size
-                    covered = any(np.hypot(*(paths[k][t] - paths[j][t])) < p["balls"][k]["radius"] + 2 / size
-                                  for k in range(j + 1, len(paths)))
-                    if not covered:
-                        assert np.abs(video[t, int(cy), int(cx)] - b["rgb"]).max() <= 2
-                        checked_centers += 1
-                apart = all(np.hypot(*(paths[j][t] - paths[k][t])) > p["balls"][j]["radius"] + p["balls"][k]["radius"]
-                            + 3 / size for j in range(len(paths)) for k in range(j))
-                if apart:  # every ball is one blob of its colour, centered where the trajectory says
-                    blobs = 0
-                    for j, b in enumerate(p["balls"]):
-                        labels, n = ndimage.label(np.abs(video[t] - b["rgb"]).max(-1) <= 30)
-                        blobs += n
-                        if n == 1:
-                            cy, cx = ndimage.center_of_mass(labels > 0)
-                            assert np.hypot(cx + 0.5 - paths[j][t][0] * size, cy + 0.5 - paths[j][t][1] * size) < 0.5
-                    assert blobs == p["n_balls"]
-                    checked_blobs += 1
-        assert checked_centers > 50 and checked_blobs > 20
-
-    def test_synthetic_deterministic_disjoint_and_learnable_ranges(self):
-        a, b = data.SyntheticVideos(frames=8, size=32), data.SyntheticVideos(frames=8, size=32)
-        test = data.SyntheticVideos(frames=8, size=32, split="test")
-        assert (len(a), len(test)) == (10000, 512) and len(data.SyntheticVideos(n=7)) == 7
-        assert torch.equal(a[3], b[3]) and a.params(3) == b.params(3)
-        assert a.params(3) != test.params(3) and not torch.equal(a[3], test[3])
-        for i in range(50):
-            for ball in a.params(i)["balls"]:
-                assert 0.12 <= ball["radius"] <= 0.18 and 0.5 <= ball["speed"] * 64 <= 1.2  # px per frame at 64²
-            assert len(a.params(i)["balls"]) in (1, 2)
-            x = a[i]
-            assert x.shape == (3, 8, 32, 32) and x.min() >= -1 and x.max() <= 1
-        p = a.params(0)
-        video = data.SyntheticVideos(frames=4, size=64).render(0).astype(int)
-        yy, xx = np.mgrid[:64, :64] + 0.5
-        far = np.ones((64, 64), bool)
-        for ball in p["balls"]:
-            path = _data_simulate(ball, 4)
-            for t in range(4):
-                far &= np.hypot(xx - path[t][0] * 64, yy - path[t][1] * 64) > ball["radius"] * 64 + 2
-        smooth = np.abs(np.diff(video, axis=2)).max(-1)[:, :, :-1] * (far[:, :-1] & far[:, 1:])[None, :, :-1]
-        assert smooth.max() <= 6  # background gradient is smooth
-
-    def test_synthetic_long_clip_is_one_continuous_trajectory(self):
-        ds = data.SyntheticVideos(frames=16, size=64)
-        t0 = time.perf_counter()
-        long = ds.render(5, frames=1024)
-        assert time.perf_counter() - t0 < 5.0
-        assert np.array_equal(ds.render(5, frames=512, stride=2), long[::2])
-        assert np.array_equal(ds.render(5, frames=16, start=1000), long[1000:1016])
-        assert torch.equal(data.SyntheticVideos(frames=8, stride=3)[5], data.SyntheticVideos(frames=22)[5][:, ::3])
-        for ball in ds.params(5)["balls"]:
-            ref = _data_simulate(ball, 1024)
-            t = np.arange(1024)
-            got = np.stack([data.bounce(ball["x0"], ball["vx"], ball["radius"], t),
-                            data.bounce(ball["y0"], ball["vy"], ball["radius"], t)], 1)
-            assert np.abs(got - ref).max() < 1e-9
-        step = np.abs(np.diff(long.astype(int), axis=0)).mean(axis=(1, 2, 3))
-        assert step.max() < 8  # no jumps anywhere in 1024 frames
-
-    def test_synthetic_score_passes_real_clips_and_fails_what_is_not_balls(self):
-        """data.ball_check: real clips pass; noise, flat frames, shuffled frames, a ball that vanishes
-        in the open, a teleported ball and a smeared blob each fail, with their reason."""
-        ds = data.SyntheticVideos(n=24, frames=16, size=64, split="test")
-        real = np.stack([ds.render(i) for i in range(24)])
-        score, reasons = data.synthetic_score(real)
-        assert score >= 0.9, reasons
-        rng = np.random.default_rng(0)
-        assert data.synthetic_score(rng.integers(0, 256, (4, 16, 64, 64, 3), dtype=np.uint8)) == (0.0, {"no ball": 4})
-        flat = np.broadcast_to(real[:4].reshape(4, 16, -1, 3).mean(2, keepdims=True).astype(np.uint8)[:, :, :, None],
-                               real[:4].shape)
-        assert data.synthetic_score(flat)[0] == 0.0
-        # a single ball over a fixed background: a clean case for each failure
-        bg = np.full((16, 64, 64, 3), 120, np.uint8)
-        yy, xx = np.mgrid[0:64, 0:64]
-
-        def clip(centers, radius=7, color=data.PALETTE["red"]):
-            v = bg.copy()
-            for t, c in enumerate(centers):
-                if c is not None:
-                    v[t][(yy - c[0]) ** 2 + (xx - c[1]) ** 2 <= radius ** 2] = color
-            return v
-        moving = [(20, 10 + 2 * t) for t in range(16)]
-        assert data.ball_check(clip(moving)) == (True, "ok")
-        assert data.ball_check(clip(moving[:10] + [None] * 6)) == (False, "a ball that vanishes")
-        assert data.ball_check(clip(moving[:4] + [None] * 12)) == (False, "a ball that appears and vanishes")
-        assert data.ball_check(clip(moving[:8] + [(50, 50)] * 8)) == (False, "a ball that jumps")
-        assert data.ball_check(clip(moving, radius=20)) == (False, "a blob too large")
-        smear = bg.copy()
-        for t in range(16):                                             # a moving streak, not a ball
-            smear[t, 18:23, 10 + 2 * t:34 + 2 * t] = data.PALETTE["red"]
-        assert data.ball_check(smear) == (False, "a misshapen ball")
-        mixed = np.stack([real[(i + t) % 24, t] for t in range(16) for i in (0,)])      # each frame from another clip
-        assert data.ball_check(mixed)[0] is False
-        # caption accuracy (§5 on this data): real clips with their own captions vs with another clip's
-        captions = [ds.params(i)["caption"] for i in range(24)]
-        own = [data.caption_check(v, c) for v, c in zip(real, captions)]
-        assert all(c["balls"] == data.ball_check(v)[0] for c, v in zip(own, real))
-        accuracy = data.caption_accuracy(real, captions)
-        assert accuracy == pytest.approx(np.mean([c["ok"] for c in own])) and accuracy >= 0.85
-        assert data.caption_accuracy(real, captions[1:] + captions[:1]) <= 0.1
-
-    def test_captions_name_what_the_detector_reads(self):
-        """synthetic_caption from parameters (closed forms), parse_caption back, and caption_check on a
-        hand-drawn ball of known colour and speed over a background of known hue."""
-        bg = {"hue": 2 / 6 - 0.075}                                              # green
-        lo, hi = data.SPEED
-        two = [{"color": "red", "speed": hi}, {"color": "blue", "speed": (lo + hi) / 2}]   # mean >= FAST
-        assert data.synthetic_caption(two, bg) == "a blue ball and a red ball bounce fast over a green background"
-        one = [{"color": "orange", "speed": data.FAST - 1e-4}]   # the caption grammar is not tied to the palette
-        assert data.synthetic_caption(one, {"hue": 0.99 - 0.075}) == "an orange ball bounces slowly over a red background"
-        three = [{"color": c, "speed": lo} for c in ("yellow", "cyan", "magenta")]
-        cap = data.synthetic_caption(three, {"hue": 0.7 - 0.075})
-        assert cap == "a cyan ball, a magenta ball and a yellow ball bounce slowly over a blue background"
-        assert data.parse_caption(cap) == ({"cyan", "magenta", "yellow"}, "slowly", "blue")
-        assert data.parse_caption("Two RED balls, fast!") == ({"red"}, "fast", None)
-        yy, xx = np.mgrid[0:128, 0:128]
-        assert 1 / 128 < data.FAST - data.SPEED_SLACK and 3 / 128 > data.FAST + data.SPEED_SLACK
-
-        def clip(step, colour="red"):   # a disk of radius 12 moving `step` px per frame over hue 2/3 (blue)
-            v = np.empty((16, 128, 128, 3), np.uint8)
-            v[:] = (60, 60, 140)
-            for t in range(16):
-                v[t][(yy - 60) ** 2 + (xx - 16 - step * t) ** 2 <= 144] = data.PALETTE[colour]
-            return v
-        fast, slow = clip(3), clip(1)
-        assert data.video_attributes(fast)["speed"] == pytest.approx(3 / 128)
-        assert data.video_attributes(slow)["speed"] == pytest.approx(1 / 128)
-        assert data.video_attributes(fast)["hue"] == pytest.approx(2 / 3, abs=1e-3)
-        everything = {"ok": True, "balls": True, "colours": True, "speed": True, "background": True, "named": True}
-        assert data.caption_check(fast, "a red ball bounces fast over a blue background") == everything
-        assert data.caption_check(slow, "a red ball bounces slowly over a blue background") == everything
-        wrong = lambda **k: {**everything, "ok": False, **k}
-        assert data.caption_check(slow, "a red ball bounces fast over a blue background") == wrong(speed=False)
-        assert data.caption_check(fast, "a red ball bounces fast over a green background") == wrong(background=False)
-        assert data.caption_check(fast, "a red ball and a cyan ball bounce fast over a blue background") == \
-            wrong(colours=False, named=False)
-        assert data.caption_check(fast, "a ball bounces fast over a blue background") == wrong(colours=False)
-        assert data.caption_scores([fast, slow], ["a red ball bounces fast over a blue background"] * 2) == \
-            {"ok": 0.5, "balls": 1.0, "colours": 1.0, "speed": 0.5, "background": 1.0, "named": 1.0}
-
-    def test_held_out_caption_combinations(self):
-        """Text-to-video trains without the held-out combinations and is evaluated on them only."""
-        every = data.SyntheticVideos(n=300, frames=4, size=16, split="train")
-        train_ds = data.SyntheticVideos(n=300, frames=4, size=16, split="train", captions=True, held_out="exclude")
-        held = data.SyntheticVideos(n=300, frames=4, size=16, split="train", captions=True, held_out="only")
-        assert sorted(train_ds.items + held.items) == list(range(300)) and 10 <= len(held) <= 60
-        caps = {every.params(i)["caption"] for i in held.items}
-        assert all(data.is_held_out(c) for c in caps)
-        assert not caps & {every.params(i)["caption"] for i in train_ds.items}
-        clip, caption = train_ds[3]
-        j = train_ds.items[3]
-        assert caption == every.params(j)["caption"] and torch.equal(clip, every[j])
-
     def test_caption_files_pair_videos_and_count_those_without(self, tmp_path):
         """§5 on real data: a CSV (WebVid's columns), JSONL or a .txt beside each video gives the captions;
         videos without one are skipped and counted; items become (clip, caption)."""
@@ -1003,20 +838,6 @@ class TestData:
         none.write_text("path,caption\nelsewhere/v.mp4,hello\n")
         with pytest.raises(UserError, match="none of the 3 videos"):
             _data_ds(root, tmp_path, captions=str(none))
-
-    def test_synthetic_flip_and_make_dataset(self, tmp_path):
-        plain, flip = data.SyntheticVideos(frames=4, size=32), data.SyntheticVideos(frames=4, size=32, flip=True)
-        outcomes = set()
-        for i in range(10):
-            a, b = plain[i], flip[i]
-            outcomes.add(torch.equal(a, b))
-            assert torch.equal(a, b) or torch.equal(a.flip(-1), b)
-        assert outcomes == {True, False}
-        assert isinstance(data.make_dataset("synthetic", 4, 32), data.SyntheticVideos)
-        _data_write_folder(tmp_path / "v" / "a", 6)
-        ds = data.make_dataset(str(tmp_path / "v"), 4, 8, split="test", random_start=False)
-        assert isinstance(ds, data.VideoDataset) and len(ds) == 1
-        assert bench.measure_loader(data.SyntheticVideos(n=8, frames=4, size=16), 2, 0, 3) > 0
 
     # ----------------------------------------------------------------------------- prepare
     def test_prepare_mirrors_layout_atomically_and_resumes(self, tmp_path, capsys):
@@ -1100,6 +921,191 @@ class TestWeights:
             ya, yb = a(x), b(x)
         assert torch.equal(ya, yb)
         assert ya.std() > 0
+
+
+class TestBalls:
+    """balls.py: the built-in synthetic dataset, its captions (§5) and the detector that scores samples."""
+
+    def test_synthetic_params_match_rendered_pixels(self):
+        size = 64
+        ds = balls.SyntheticVideos(frames=24, size=size, seed=0)
+        checked_centers = checked_blobs = 0
+        for i in range(12):
+            p = ds.params(i)
+            json.dumps(p)
+            assert p["n_balls"] == len(p["balls"]) and 1 <= p["n_balls"] <= 3
+            video = ds.render(i).astype(int)
+            paths = [_balls_simulate(b, 24) for b in p["balls"]]
+            for t in range(0, 24, 3):
+                for j, b in enumerate(p["balls"]):
+                    cx, cy = paths[j][t] * size
+                    covered = any(np.hypot(*(paths[k][t] - paths[j][t])) < p["balls"][k]["radius"] + 2 / size
+                                  for k in range(j + 1, len(paths)))
+                    if not covered:
+                        assert np.abs(video[t, int(cy), int(cx)] - b["rgb"]).max() <= 2
+                        checked_centers += 1
+                apart = all(np.hypot(*(paths[j][t] - paths[k][t])) > p["balls"][j]["radius"] + p["balls"][k]["radius"]
+                            + 3 / size for j in range(len(paths)) for k in range(j))
+                if apart:  # every ball is one blob of its colour, centered where the trajectory says
+                    blobs = 0
+                    for j, b in enumerate(p["balls"]):
+                        labels, n = ndimage.label(np.abs(video[t] - b["rgb"]).max(-1) <= 30)
+                        blobs += n
+                        if n == 1:
+                            cy, cx = ndimage.center_of_mass(labels > 0)
+                            assert np.hypot(cx + 0.5 - paths[j][t][0] * size, cy + 0.5 - paths[j][t][1] * size) < 0.5
+                    assert blobs == p["n_balls"]
+                    checked_blobs += 1
+        assert checked_centers > 50 and checked_blobs > 20
+
+    def test_synthetic_deterministic_disjoint_and_learnable_ranges(self):
+        a, b = balls.SyntheticVideos(frames=8, size=32), balls.SyntheticVideos(frames=8, size=32)
+        test = balls.SyntheticVideos(frames=8, size=32, split="test")
+        assert (len(a), len(test)) == (10000, 512) and len(balls.SyntheticVideos(n=7)) == 7
+        assert torch.equal(a[3], b[3]) and a.params(3) == b.params(3)
+        assert a.params(3) != test.params(3) and not torch.equal(a[3], test[3])
+        for i in range(50):
+            for ball in a.params(i)["balls"]:
+                assert 0.12 <= ball["radius"] <= 0.18 and 0.5 <= ball["speed"] * 64 <= 1.2  # px per frame at 64²
+            assert len(a.params(i)["balls"]) in (1, 2)
+            x = a[i]
+            assert x.shape == (3, 8, 32, 32) and x.min() >= -1 and x.max() <= 1
+        p = a.params(0)
+        video = balls.SyntheticVideos(frames=4, size=64).render(0).astype(int)
+        yy, xx = np.mgrid[:64, :64] + 0.5
+        far = np.ones((64, 64), bool)
+        for ball in p["balls"]:
+            path = _balls_simulate(ball, 4)
+            for t in range(4):
+                far &= np.hypot(xx - path[t][0] * 64, yy - path[t][1] * 64) > ball["radius"] * 64 + 2
+        smooth = np.abs(np.diff(video, axis=2)).max(-1)[:, :, :-1] * (far[:, :-1] & far[:, 1:])[None, :, :-1]
+        assert smooth.max() <= 6  # background gradient is smooth
+
+    def test_synthetic_long_clip_is_one_continuous_trajectory(self):
+        ds = balls.SyntheticVideos(frames=16, size=64)
+        t0 = time.perf_counter()
+        long = ds.render(5, frames=1024)
+        assert time.perf_counter() - t0 < 5.0
+        assert np.array_equal(ds.render(5, frames=512, stride=2), long[::2])
+        assert np.array_equal(ds.render(5, frames=16, start=1000), long[1000:1016])
+        assert torch.equal(balls.SyntheticVideos(frames=8, stride=3)[5], balls.SyntheticVideos(frames=22)[5][:, ::3])
+        for ball in ds.params(5)["balls"]:
+            ref = _balls_simulate(ball, 1024)
+            t = np.arange(1024)
+            got = np.stack([balls.bounce(ball["x0"], ball["vx"], ball["radius"], t),
+                            balls.bounce(ball["y0"], ball["vy"], ball["radius"], t)], 1)
+            assert np.abs(got - ref).max() < 1e-9
+        step = np.abs(np.diff(long.astype(int), axis=0)).mean(axis=(1, 2, 3))
+        assert step.max() < 8  # no jumps anywhere in 1024 frames
+
+    def test_synthetic_score_passes_real_clips_and_fails_what_is_not_balls(self):
+        """balls.ball_check: real clips pass; noise, flat frames, shuffled frames, a ball that vanishes
+        in the open, a teleported ball and a smeared blob each fail, with their reason."""
+        ds = balls.SyntheticVideos(n=24, frames=16, size=64, split="test")
+        real = np.stack([ds.render(i) for i in range(24)])
+        score, reasons = balls.synthetic_score(real)
+        assert score >= 0.9, reasons
+        rng = np.random.default_rng(0)
+        assert balls.synthetic_score(rng.integers(0, 256, (4, 16, 64, 64, 3), dtype=np.uint8)) == (0.0, {"no ball": 4})
+        flat = np.broadcast_to(real[:4].reshape(4, 16, -1, 3).mean(2, keepdims=True).astype(np.uint8)[:, :, :, None],
+                               real[:4].shape)
+        assert balls.synthetic_score(flat)[0] == 0.0
+        # a single ball over a fixed background: a clean case for each failure
+        bg = np.full((16, 64, 64, 3), 120, np.uint8)
+        yy, xx = np.mgrid[0:64, 0:64]
+
+        def clip(centers, radius=7, color=balls.PALETTE["red"]):
+            v = bg.copy()
+            for t, c in enumerate(centers):
+                if c is not None:
+                    v[t][(yy - c[0]) ** 2 + (xx - c[1]) ** 2 <= radius ** 2] = color
+            return v
+        moving = [(20, 10 + 2 * t) for t in range(16)]
+        assert balls.ball_check(clip(moving)) == (True, "ok")
+        assert balls.ball_check(clip(moving[:10] + [None] * 6)) == (False, "a ball that vanishes")
+        assert balls.ball_check(clip(moving[:4] + [None] * 12)) == (False, "a ball that appears and vanishes")
+        assert balls.ball_check(clip(moving[:8] + [(50, 50)] * 8)) == (False, "a ball that jumps")
+        assert balls.ball_check(clip(moving, radius=20)) == (False, "a blob too large")
+        smear = bg.copy()
+        for t in range(16):                                             # a moving streak, not a ball
+            smear[t, 18:23, 10 + 2 * t:34 + 2 * t] = balls.PALETTE["red"]
+        assert balls.ball_check(smear) == (False, "a misshapen ball")
+        mixed = np.stack([real[(i + t) % 24, t] for t in range(16) for i in (0,)])      # each frame from another clip
+        assert balls.ball_check(mixed)[0] is False
+        # caption accuracy (§5 on this data): real clips with their own captions vs with another clip's
+        captions = [ds.params(i)["caption"] for i in range(24)]
+        own = [balls.caption_check(v, c) for v, c in zip(real, captions)]
+        assert all(c["balls"] == balls.ball_check(v)[0] for c, v in zip(own, real))
+        accuracy = balls.caption_accuracy(real, captions)
+        assert accuracy == pytest.approx(np.mean([c["ok"] for c in own])) and accuracy >= 0.85
+        assert balls.caption_accuracy(real, captions[1:] + captions[:1]) <= 0.1
+
+    def test_captions_name_what_the_detector_reads(self):
+        """synthetic_caption from parameters (closed forms), parse_caption back, and caption_check on a
+        hand-drawn ball of known colour and speed over a background of known hue."""
+        bg = {"hue": 2 / 6 - 0.075}                                              # green
+        lo, hi = balls.SPEED
+        two = [{"color": "red", "speed": hi}, {"color": "blue", "speed": (lo + hi) / 2}]   # mean >= FAST
+        assert balls.synthetic_caption(two, bg) == "a blue ball and a red ball bounce fast over a green background"
+        one = [{"color": "orange", "speed": balls.FAST - 1e-4}]   # the caption grammar is not tied to the palette
+        assert balls.synthetic_caption(one, {"hue": 0.99 - 0.075}) == \
+            "an orange ball bounces slowly over a red background"
+        three = [{"color": c, "speed": lo} for c in ("yellow", "cyan", "magenta")]
+        cap = balls.synthetic_caption(three, {"hue": 0.7 - 0.075})
+        assert cap == "a cyan ball, a magenta ball and a yellow ball bounce slowly over a blue background"
+        assert balls.parse_caption(cap) == ({"cyan", "magenta", "yellow"}, "slowly", "blue")
+        assert balls.parse_caption("Two RED balls, fast!") == ({"red"}, "fast", None)
+        yy, xx = np.mgrid[0:128, 0:128]
+        assert 1 / 128 < balls.FAST - balls.SPEED_SLACK and 3 / 128 > balls.FAST + balls.SPEED_SLACK
+
+        def clip(step, colour="red"):   # a disk of radius 12 moving `step` px per frame over hue 2/3 (blue)
+            v = np.empty((16, 128, 128, 3), np.uint8)
+            v[:] = (60, 60, 140)
+            for t in range(16):
+                v[t][(yy - 60) ** 2 + (xx - 16 - step * t) ** 2 <= 144] = balls.PALETTE[colour]
+            return v
+        fast, slow = clip(3), clip(1)
+        assert balls.video_attributes(fast)["speed"] == pytest.approx(3 / 128)
+        assert balls.video_attributes(slow)["speed"] == pytest.approx(1 / 128)
+        assert balls.video_attributes(fast)["hue"] == pytest.approx(2 / 3, abs=1e-3)
+        everything = {"ok": True, "balls": True, "colours": True, "speed": True, "background": True, "named": True}
+        assert balls.caption_check(fast, "a red ball bounces fast over a blue background") == everything
+        assert balls.caption_check(slow, "a red ball bounces slowly over a blue background") == everything
+        wrong = lambda **k: {**everything, "ok": False, **k}
+        assert balls.caption_check(slow, "a red ball bounces fast over a blue background") == wrong(speed=False)
+        assert balls.caption_check(fast, "a red ball bounces fast over a green background") == wrong(background=False)
+        assert balls.caption_check(fast, "a red ball and a cyan ball bounce fast over a blue background") == \
+            wrong(colours=False, named=False)
+        assert balls.caption_check(fast, "a ball bounces fast over a blue background") == wrong(colours=False)
+        assert balls.caption_scores([fast, slow], ["a red ball bounces fast over a blue background"] * 2) == \
+            {"ok": 0.5, "balls": 1.0, "colours": 1.0, "speed": 0.5, "background": 1.0, "named": 1.0}
+
+    def test_held_out_caption_combinations(self):
+        """Text-to-video trains without the held-out combinations and is evaluated on them only."""
+        every = balls.SyntheticVideos(n=300, frames=4, size=16, split="train")
+        train_ds = balls.SyntheticVideos(n=300, frames=4, size=16, split="train", captions=True, held_out="exclude")
+        held = balls.SyntheticVideos(n=300, frames=4, size=16, split="train", captions=True, held_out="only")
+        assert sorted(train_ds.items + held.items) == list(range(300)) and 10 <= len(held) <= 60
+        caps = {every.params(i)["caption"] for i in held.items}
+        assert all(balls.is_held_out(c) for c in caps)
+        assert not caps & {every.params(i)["caption"] for i in train_ds.items}
+        clip, caption = train_ds[3]
+        j = train_ds.items[3]
+        assert caption == every.params(j)["caption"] and torch.equal(clip, every[j])
+
+    def test_synthetic_flip_and_make_dataset(self, tmp_path):
+        plain, flip = balls.SyntheticVideos(frames=4, size=32), balls.SyntheticVideos(frames=4, size=32, flip=True)
+        outcomes = set()
+        for i in range(10):
+            a, b = plain[i], flip[i]
+            outcomes.add(torch.equal(a, b))
+            assert torch.equal(a, b) or torch.equal(a.flip(-1), b)
+        assert outcomes == {True, False}
+        assert isinstance(balls.make_dataset("synthetic", 4, 32), balls.SyntheticVideos)
+        _data_write_folder(tmp_path / "v" / "a", 6)
+        ds = balls.make_dataset(str(tmp_path / "v"), 4, 8, split="test", random_start=False)
+        assert isinstance(ds, data.VideoDataset) and len(ds) == 1
+        assert bench.measure_loader(balls.SyntheticVideos(n=8, frames=4, size=16), 2, 0, 3) > 0
 
 
 # =============================================================================
@@ -2481,8 +2487,8 @@ class TestTrain:
         out = str(tmp_path / "nan")
         train.main(_TINY_VAE + ["--out", out, "--steps", "2", "--save-every", "2", "--sample-every", "1000"])
         good = torch.load(os.path.join(out, "vae.pt"), weights_only=True)
-        orig = data.SyntheticVideos.__getitem__
-        monkeypatch.setattr(data.SyntheticVideos, "__getitem__", lambda self, i: orig(self, i) * float("nan"))
+        orig = balls.SyntheticVideos.__getitem__
+        monkeypatch.setattr(balls.SyntheticVideos, "__getitem__", lambda self, i: orig(self, i) * float("nan"))
         with pytest.raises(UserError, match="non-finite"):
             train.main(_TINY_VAE + ["--out", out, "--steps", "4", "--save-every", "1", "--sample-every", "1000",
                                     "--resume"])
@@ -2637,7 +2643,7 @@ class TestTrain:
         the main process, and restored from the position after any batch, the same batches after it."""
         args = train.parse_args(["--stage", "vae", "--preset", "demo", "--size", "16", "--frames", "4",
                                  "--batch-size", "2", "--crop", "0"])
-        ds = data.SyntheticVideos(6, 4, 16, seed=0, flip=True)  # flips drawn per (seed, epoch, item)
+        ds = balls.SyntheticVideos(6, 4, 16, seed=0, flip=True)  # flips drawn per (seed, epoch, item)
 
         def batches(workers, state=None, n=9):
             stream = train.ClipStream(ds, argparse.Namespace(**{**vars(args), "workers": workers}), 0, 1, False)
@@ -2965,14 +2971,14 @@ class TestSample:
             for step in (10, 20, 30):
                 f.write(json.dumps({"step": step, "loss": 1.0 / step}) + "\n")
             f.write(json.dumps({"eval_psnr": 27.25, "eval_clips": 32}) + "\n")
-        real = data.SyntheticVideos(n=4, frames=16, size=64, split="test")
+        real = balls.SyntheticVideos(n=4, frames=16, size=64, split="test")
         clips = np.stack([real.render(i) for i in range(4)])
         data.write_grid(str(run_dir / "samples" / "vae-0000030.png"), clips)
         (run_dir / "samples-short").mkdir()
         data.save_npz(str(run_dir / "samples-short" / "samples.npz"), clips)
         data.write_grid(str(run_dir / "samples-short" / "grid.png"), clips)
         (run_dir / "samples-hierarchical").mkdir()
-        long = data.SyntheticVideos(n=2, frames=256, size=64, split="test")
+        long = balls.SyntheticVideos(n=2, frames=256, size=64, split="test")
         np.save(run_dir / "samples-hierarchical" / "long.npy", np.stack([long.render(i) for i in range(2)]))
         (run_dir / "decoder" / "samples").mkdir(parents=True)  # the demo's decoder step
         with open(run_dir / "decoder" / "log-vae.jsonl", "w") as f:
@@ -2981,16 +2987,16 @@ class TestSample:
         videos = np.load(run_dir / "samples-hierarchical" / "long.npy")
         videos[1, 16:32] = 0    # one black 16-frame clip of 16 in the first 128 frames: 15/16 of them pass
         np.save(run_dir / "samples-hierarchical" / "long.npy", videos)
-        first, last = data.clip_score(videos, 0, 128), data.clip_score(videos, 128, 256)
-        assert first == last - 1 / 16 and last == data.synthetic_score(videos[:, :16])[0]  # real clips: all pass
+        first, last = balls.clip_score(videos, 0, 128), balls.clip_score(videos, 128, 256)
+        assert first == last - 1 / 16 and last == balls.synthetic_score(videos[:, :16])[0]  # real clips: all pass
         page = open(sample.write_report(str(run_dir))).read()
         assert f"first / last 128 frames (per 16-frame clip)</td><td>{100 * first:.0f}% / {100 * last:.0f}%" in page
         assert "27.25 dB over 32 clips" in page and "alone: held-out reconstruction PSNR</td><td>31.50 dB" in page
         # as whole videos: the black clip breaks 2 of video 1's 15 clip pairs and 1 of its 15 later clips
         # (16 black frames of 128 leave the border's median as it was); the real videos are these unbroken
         assert "first vs last 128 frames</td><td>93% / 97% / 0.0 of 255 (real videos: 100% / 100% / 0.0)" in page
-        score = data.synthetic_score(clips)[0]
-        assert f"synthetic score of the short samples (data.ball_check)</td><td>{100 * score:.0f}%" in page
+        score = balls.synthetic_score(clips)[0]
+        assert f"synthetic score of the short samples (balls.ball_check)</td><td>{100 * score:.0f}%" in page
         links = re.findall(r'src="([^"]+)"', page)
         assert links and all((run_dir / link).is_file() for link in links)          # relative, and really there
         assert {"samples/vae-0000030.png", "samples-short/grid.png", "samples-hierarchical/strip.png",
@@ -3017,7 +3023,7 @@ class TestFVD:
         before = fvd.open_real(args, (32, 32))[1], train.latent_cache_key(stage, targs), \
             train.latent_cache_key(stage, folder)
         assert (fvd.open_real(args, (32, 32))[1], train.latent_cache_key(stage, targs)) == before[:2]
-        monkeypatch.setattr(data, "SPEED", (data.SPEED[0], 2 * data.SPEED[1]))
+        monkeypatch.setattr(balls, "SPEED", (balls.SPEED[0], 2 * balls.SPEED[1]))
         assert fvd.open_real(args, (32, 32))[1] != before[0]
         assert train.latent_cache_key(stage, targs) != before[1]
         assert train.latent_cache_key(stage, folder) == before[2]
@@ -3180,7 +3186,7 @@ class TestFVD:
                   "--out", str(tmp_path / "curve")])
         rows = (tmp_path / "curve.csv").read_text().strip().splitlines()
         assert rows[0] == "clip,start,end,fvd,kvd,score" and len(rows) == 5
-        assert all(r.endswith(",0.0") for r in rows[1:])  # noise shows no balls (data.ball_check)
+        assert all(r.endswith(",0.0") for r in rows[1:])  # noise shows no balls (balls.ball_check)
         img = np.asarray(Image.open(tmp_path / "curve.png").convert("L"))
         assert img.shape == (420, 720) and img.min() < 100  # something was drawn
 
@@ -3592,7 +3598,7 @@ class TestStudy:
         printed = float(re.search(r"vae\.pt: ([\d.]+) dB", capsys.readouterr().out).group(1))
         autoencoder.eval()
         for split in ("test", "train"):
-            ds = data.SyntheticVideos(n=3, frames=8, size=64, split=split)
+            ds = balls.SyntheticVideos(n=3, frames=8, size=64, split=split)
             x = torch.stack([ds[i] for i in range(3)])
             with torch.no_grad():
                 rec = autoencoder(x, sample_posterior=False)[0].clamp(-1, 1)
@@ -3603,7 +3609,7 @@ class TestStudy:
                 assert written.shape == (3, 8, 64, 64, 3) and np.abs(written - data.to_uint8(rec).astype(int)).max() <= 1
 
     def test_t2v_scores_each_checkpoints_samples_against_the_held_out_prompts(self, tmp_path, monkeypatch):
-        """study.py t2v: the rows are data.caption_scores of the samples it wrote, against the first held-out
+        """study.py t2v: the rows are balls.caption_scores of the samples it wrote, against the first held-out
         captions of the test split, which it wrote to prompts.txt."""
         monkeypatch.setattr(fvd, "load_i3d", lambda path, device="cpu": _FvdTinyFeatures())
         _sample_fixture(tmp_path)
@@ -3618,21 +3624,21 @@ class TestStudy:
         table = study.t2v(["--ckpt", os.path.join(run, "image.pt"), "--n", "3", "--steps", "2", "--w", "1",
                            "--out", out, "--i3d", "stub"])
         prompts = open(os.path.join(out, "prompts.txt")).read().split("\n")[:3]
-        held = data.SyntheticVideos(n=200, frames=16, size=32, split="test", captions=True, held_out="only")
-        assert prompts == [held.params(i)["caption"] for i in held.items[:3]] and all(map(data.is_held_out, prompts))
+        held = balls.SyntheticVideos(n=200, frames=16, size=32, split="test", captions=True, held_out="only")
+        assert prompts == [held.params(i)["caption"] for i in held.items[:3]] and all(map(balls.is_held_out, prompts))
         rows = [r for r in table.split("\n") if r.startswith("| image.pt")]
         assert [r.split(" | ")[2] for r in rows] == ["text, w=1", "unconditional (empty prompt)"]
         for row, folder in zip(rows, ("text,1.0", "unconditional0")):
             videos = np.load(os.path.join(out, "0-image", folder, "samples.npz"))["arr_0"]
-            s = data.caption_scores(videos, prompts)
+            s = balls.caption_scores(videos, prompts)
             cells = row.split(" | ")[3:9]
             assert cells == [f"{100 * s[k]:.1f}%" for k in ("ok", "balls", "colours", "speed", "background", "named")]
         real = np.stack([held.render(i) for i in held.items[:3]])
-        assert f"| {100 * data.caption_scores(real, prompts)['background']:.1f}% |" in table.split("\n")[3]
+        assert f"| {100 * balls.caption_scores(real, prompts)['background']:.1f}% |" in table.split("\n")[3]
 
     def test_study_writes_every_setting_and_its_fvd_curve(self, tmp_path, monkeypatch):
         """study.py long: one long-video run per setting of §4.4 and seed, each scored by fvd_curve and
-        data.synthetic_score; study.md holds mean ± standard deviation over the seeds."""
+        balls.synthetic_score; study.md holds mean ± standard deviation over the seeds."""
         monkeypatch.setattr(fvd, "load_i3d", lambda path, device="cpu": _FvdTinyFeatures())
         for d in "pai":
             (tmp_path / d).mkdir()
@@ -3643,7 +3649,7 @@ class TestStudy:
         study.long_videos(["--pred", pred, "--interp", interp, "--ar-pred", ar, "--frames", "64", "--n", "3", "--real-n", "8",
                      "--steps", "2", "--window", "32", "--seeds", "2", "--i3d", "fake", "--out", out])
         rows = list(csv.DictReader(open(os.path.join(out, "study.csv"))))
-        real_ds = data.SyntheticVideos(n=8, frames=16, size=32, split="test")
+        real_ds = balls.SyntheticVideos(n=8, frames=16, size=32, split="test")
         real = fvd.i3d_features(np.stack([data.to_uint8(real_ds[i][None])[0] for i in range(8)]), _FvdTinyFeatures())
         videos = {}
         for name, (mode, s, w) in study.STUDY.items():
@@ -3657,7 +3663,7 @@ class TestStudy:
                 ref = fvd.fvd_curve(real, videos[name, seed], _FvdTinyFeatures(), pool=2)
                 assert [(int(r["start"]), int(r["end"])) for r in mine] == [(0, 32), (32, 64)]
                 assert [float(r["fvd"]) for r in mine] == pytest.approx([p["fvd"] for p in ref], abs=6e-4)
-                score = [np.mean([data.synthetic_score(videos[name, seed], a, a + 16)[0] for a in (b, b + 16)])
+                score = [np.mean([balls.synthetic_score(videos[name, seed], a, a + 16)[0] for a in (b, b + 16)])
                          for b in (0, 32)]
                 assert [float(r["score"]) for r in mine] == pytest.approx(score, abs=6e-5)
                 fvds.append([p["fvd"] for p in ref])
@@ -3682,14 +3688,14 @@ class TestStudy:
         assert os.path.getsize(os.path.join(out, "study-keeps_first.png")) > 0
 
     def test_key_check_passes_real_keyframes_and_catches_a_changed_ball(self):
-        ds = data.SyntheticVideos(n=40, frames=64, size=64, split="test")
+        ds = balls.SyntheticVideos(n=40, frames=64, size=64, split="test")
         colours = [frozenset(b["color"] for b in ds.params(i)["balls"]) for i in range(40)]
         a = 0
         b = next(i for i in range(1, 40) if colours[i] != colours[a] and len(colours[i]) == len(colours[a]))
         va, vb = ds.render(a), ds.render(b)                            # (64,64,64,3) uint8
         chunks = [va[t:t + 4] for t in range(0, 64, 16)]               # keyframes 16 frames apart, 4 frames each
         check = lambda keys: study.key_check(study.key_detections(keys))
-        assert data.ball_check(va)[0] and check(chunks) == (True, "ok")
+        assert balls.ball_check(va)[0] and check(chunks) == (True, "ok")
         swapped = chunks[:2] + [vb[32:36]] + chunks[3:]                # another video's balls in the third
         assert check(swapped) == (False, "the colours change between keyframes")
         dets = study.key_detections(swapped)                           # each keyframe detected once
@@ -3737,7 +3743,7 @@ class TestStudy:
         assert all(np.isnan(float(r["fvd"])) for r in rows)
         v = np.load(os.path.join(out, "hierarchical", "seed-0", "long.npy"))
         assert [float(r["score"]) for r in rows] == pytest.approx(  # a point: the 16-frame clips of 32 frames
-            [np.mean([data.synthetic_score(v, a, a + 16)[0] for a in (b, b + 16)]) for b in (0, 32)], abs=6e-5)
+            [np.mean([balls.synthetic_score(v, a, a + 16)[0] for a in (b, b + 16)]) for b in (0, 32)], abs=6e-5)
         assert "FVD:" not in open(os.path.join(out, "study.md")).read()
 
     def test_verdicts_and_claims_tables_compare_in_the_claimed_direction(self):

@@ -50,6 +50,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import balls
 import data
 import diffusion
 import hierarchical
@@ -342,11 +343,11 @@ def optimizer_step(optimizer, scaler, grad_clip):
 def eval_clips(args, n):
     """A fixed, seeded set of held-out clips (split 'test'; the whole set where there is no split)."""
     try:
-        ds = data.make_dataset(args.data, args.frames, args.size, stride=args.stride, split="test",
-                               random_start=False, seed=args.seed + 1)
+        ds = balls.make_dataset(args.data, args.frames, args.size, stride=args.stride, split="test",
+                                random_start=False, seed=args.seed + 1)
     except UserError:
-        ds = data.make_dataset(args.data, args.frames, args.size, stride=args.stride, split=args.split,
-                               random_start=False, seed=args.seed + 1)
+        ds = balls.make_dataset(args.data, args.frames, args.size, stride=args.stride, split=args.split,
+                                random_start=False, seed=args.seed + 1)
     idx = np.linspace(0, len(ds) - 1, min(n, len(ds))).round().astype(int)
     return torch.stack([ds[int(i)] for i in idx])  # n x (3,T,H,W) -> (N,3,T,H,W)
 
@@ -519,7 +520,7 @@ def latent_cache_key(stage, args):
     return json.dumps([os.path.abspath(args.vae), os.path.getmtime(args.vae), args.data, stage.clip_frames,
                        args.size, args.stride, args.split, args.seed, args.latent_cache] +
                       ([args.captions or "captions"] if stage.tokenizer is not None else []) +
-                      ([data.synthetic_version()] if args.data == "synthetic" else []))
+                      ([balls.synthetic_version()] if args.data == "synthetic" else []))
 
 
 def latent_cache(stage, args, dataset, device, rank, world):
@@ -694,7 +695,7 @@ def eval_prompts(args, dataset, n):
     """Prompts to sample during training (§5): the first held-out caption combinations of the synthetic
     test split (captions training never saw), or the first captions of a dataset on disk."""
     if str(args.data) == "synthetic":
-        return data.held_out_captions(n)[1]
+        return balls.held_out_captions(n)[1]
     captions = dataset.captions
     return [captions[i % len(captions)] for i in range(n)]
 
@@ -960,9 +961,9 @@ def main(argv=None):
 
         # --- the model of this stage, and its data: items (3,T,H,W) in [-1,1] (or cached latents)
         stage = (build_vae_stage if args.stage == "vae" else build_diffusion_stage)(args, device, master_process)
-        dataset = data.make_dataset(args.data, stage.clip_frames, args.size, stride=args.stride, split=args.split,
-                                    random_start=True, flip=bool(args.flip), seed=args.seed,
-                                    captions=(args.captions or "txt") if stage.tokenizer is not None else None)
+        dataset = balls.make_dataset(args.data, stage.clip_frames, args.size, stride=args.stride, split=args.split,
+                                     random_start=True, flip=bool(args.flip), seed=args.seed,
+                                     captions=(args.captions or "txt") if stage.tokenizer is not None else None)
         videos = dataset  # counts the videos it could not read (data.py)
         if stage.tokenizer is not None:
             stage.prompts = eval_prompts(args, dataset, 4)

@@ -213,7 +213,8 @@ def long_videos(argv):
     p.add_argument("--real-n", type=int, default=256, help="real synthetic clips for the FVD reference")
     p.add_argument("--steps", type=int, default=20); p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eta", type=float, default=hierarchical.DDIM_ETA, help="DDIM eta")
-    p.add_argument("--seeds", type=int, default=3, help="independent runs per setting (seeds SEED, SEED+1, ...)")
+    p.add_argument("--seeds", default="3", help="independent runs per setting: a count (seeds SEED, SEED+1, ...) or "
+                   "a comma-separated list of seeds (e.g. 0,2)")
     p.add_argument("--window", type=int, help=f"frames per point of the curves, a multiple of {drift.CLIP} (default "
                    f"{drift.WINDOW}, or half of --frames if less); the first and last window are the tables' first and last")
     p.add_argument("--threads", type=int, help="sample.py --threads")
@@ -222,6 +223,13 @@ def long_videos(argv):
     args = p.parse_args(argv)
     settings = {name: v for name, v in STUDY.items() if not args.only or name in args.only}
     args.window = args.window or min(drift.WINDOW, args.frames // 2)
+    try:
+        seeds = ([int(x) for x in args.seeds.split(",")] if "," in args.seeds else
+                 list(range(args.seed, args.seed + int(args.seeds))))
+    except ValueError:
+        seeds = []
+    if not seeds:
+        p.error(f"--seeds takes a count of 1 or more or a comma-separated list of seeds, not {args.seeds!r}")
     if any(mode == "autoregressive" for mode, _, _ in settings.values()) and not args.ar_pred:
         p.error("the autoregressive settings need --ar-pred (a pred model trained with --gap 1), or pick "
                 "settings with --only hierarchical")
@@ -235,7 +243,6 @@ def long_videos(argv):
         real_ds = balls.SyntheticVideos(n=args.real_n, frames=16, size=size, split="test")
         real = np.stack([data.to_uint8(real_ds[i][None])[0] for i in range(len(real_ds))])  # N x (16,H,W,3)
         real_feats = fvd.i3d_features(real, model, progress=True, desc="real clips")
-    seeds = range(args.seed, args.seed + args.seeds)
     labels = {name: f"{name} (s={s}, w={w})" for name, (_, s, w) in settings.items()}
     points, rows, per_video, curves, video_rows = {}, [], {}, {}, []
     for seed in seeds:  # seed by seed, so an interrupted study has every setting's first seeds
@@ -269,13 +276,13 @@ def long_videos(argv):
             per_video.setdefault(name, []).extend(m for m, _ in measured)
             curves.setdefault(labels[name], []).extend(c for _, c in measured)
             video_rows += [[name, seed, i] + [f"{m[key]:.4f}" for key in MEASURES] for i, (m, _) in enumerate(measured)]
-            if seed == args.seed and not os.path.exists(os.path.join(out, "strip.png")):
+            if seed == seeds[0] and not os.path.exists(os.path.join(out, "strip.png")):
                 strip(os.path.join(out, "strip.png"), videos[0], args.window)
             print(labels[name], f"seed {seed}:", " ".join(f"{100 * c['score']:.0f}%/{100 * c['keeps_first']:.0f}%"
                                                            for c in pts), flush=True)
     # The reference: as many real videos of the same length (the test split), measured the same way.
     real_dir = os.path.join(args.out, "real")
-    reals = drift.real_videos(args.n * args.seeds, args.frames, videos.shape[2])
+    reals = drift.real_videos(args.n * len(seeds), args.frames, videos.shape[2])
     measured = [video_measures(v, clip_records(v), args.window) for v in reals]
     per_video[REAL], curves[REAL] = [m for m, _ in measured], [c for _, c in measured]
     video_rows += [[REAL, "-", i] + [f"{m[key]:.4f}" for key in MEASURES] for i, (m, _) in enumerate(measured)]
@@ -288,19 +295,19 @@ def long_videos(argv):
         with atomic_path(os.path.join(args.out, name)) as tmp, open(tmp, "w", newline="") as f:
             csv.writer(f).writerows(table)
     whole = {label: [{k: float(np.mean([m[k] for m in per_video[name][i * args.n:(i + 1) * args.n]]))
-                      for k in MEASURES} for i in range(args.seeds)] for name, label in labels.items()}
+                      for k in MEASURES} for i in range(len(seeds))] for name, label in labels.items()}
     whole[f"{REAL} ({args.n} a seed)"] = [{k: float(np.mean([m[k] for m in per_video[REAL][i * args.n:(i + 1) * args.n]]))
-                                           for k in MEASURES} for i in range(args.seeds)]
+                                           for k in MEASURES} for i in range(len(seeds))]
     table = (whole_table(whole) + "\n\n" + claims_tables(per_video) + "\n\n"
              + study_table(points, "score", "synthetic score per 16-frame clip (%)", 100.0) + "\n\n"
              + study_table(points, "balls", "balls per 16-frame clip", 1.0, digits=2) + "\n\n"
              + study_table(points, "keeps_first", "clips showing the first clip's balls (%)", 100.0))
     if model is not None:
         table += "\n\n" + study_table(points, "fvd", "FVD", 1.0)
-    head = (f"{args.n} videos x {args.frames} frames per seed, {args.seeds} seeds, DDIM-{args.steps} (eta {args.eta:g}); "
-            f"a point is {args.window} frames (its 16-frame clips, every video)"
+    head = (f"{args.n} videos x {args.frames} frames per seed, {len(seeds)} seeds ({', '.join(map(str, seeds))}), "
+            f"DDIM-{args.steps} (eta {args.eta:g}); a point is {args.window} frames (its 16-frame clips, every video)"
             + (f", FVD against {args.real_n} real clips" if model is not None else "")
-            + f"; standard errors over the {args.n * args.seeds} videos of a setting.")
+            + f"; standard errors over the {args.n * len(seeds)} videos of a setting.")
     with atomic_path(os.path.join(args.out, "study.md")) as tmp, open(tmp, "w") as f:
         f.write(head + "\n\n" + table + "\n")
     plots = []
@@ -312,7 +319,7 @@ def long_videos(argv):
         plot_lines(png, curve_bands(curves, key, hi=hi), f"{what}: mean ± 2 standard errors over the videos", y_key=key,
                    x_label=f"frame (end of each {args.window}-frame window)", y_label=what.split(" (")[0])
         plots.append((png, what))
-    write_page(args.out, head, table, [(labels[n], run_folder(args.out, n, args.seed)) for n in settings], real_dir,
+    write_page(args.out, head, table, [(labels[n], run_folder(args.out, n, seeds[0])) for n in settings], real_dir,
                plots)
     print(head + "\n\n" + table)
     print(f"wrote {args.out}/study.csv, videos.csv, study.md, study-*.png and index.html")

@@ -3745,6 +3745,16 @@ class TestStudy:
         assert [float(r["score"]) for r in rows] == pytest.approx(  # a point: the 16-frame clips of 32 frames
             [np.mean([balls.synthetic_score(v, a, a + 16)[0] for a in (b, b + 16)]) for b in (0, 32)], abs=6e-5)
         assert "FVD:" not in open(os.path.join(out, "study.md")).read()
+        # a run folder that holds its videos is read, not sampled again; --seeds takes a list
+        np.save(os.path.join(out, "hierarchical", "seed-0", "long.npy"), np.zeros_like(v))
+        study.long_videos(["--pred", pred, "--interp", interp, "--only", "hierarchical", "--frames", "64", "--n", "2",
+                           "--steps", "2", "--seeds", "0,3", "--i3d", "", "--out", out])
+        rows = list(csv.DictReader(open(os.path.join(out, "study.csv"))))
+        assert [(r["seed"], float(r["score"])) for r in rows][:2] == [("0", 0.0), ("0", 0.0)]
+        assert [r["seed"] for r in rows[2:]] == ["3", "3"] and os.path.exists(os.path.join(out, "hierarchical", "seed-3"))
+        with pytest.raises(UserError, match="holds 2 videos of 64 frames, not 3 of 64"):
+            study.long_videos(["--pred", pred, "--interp", interp, "--only", "hierarchical", "--frames", "64", "--n",
+                               "3", "--steps", "2", "--seeds", "1", "--i3d", "", "--out", out])
 
     def test_verdicts_and_claims_tables_compare_in_the_claimed_direction(self):
         """A difference beyond two standard errors in the claimed direction is shown, beyond two the other way

@@ -198,7 +198,7 @@ def parse_args(argv=None):
                    "latent, interp on gap+1 consecutive latents (use --gap 1 for a dense autoregressive model)")
     # stages image / t2v (§5)
     p.add_argument("--captions", help="captions of a dataset on disk: a CSV or JSONL of video path and caption "
-                   "(data.read_captions), or 'txt' for a .txt beside each video (the default)")
+                   "(captions.read_captions), or 'txt' for a .txt beside each video (the default)")
     p.add_argument("--bpe", default=os.environ.get("LVDM_CLIP_BPE", os.path.join("runs", "clip",
                    "bpe_simple_vocab_16e6.txt.gz")), help="CLIP's vocabulary bpe_simple_vocab_16e6.txt.gz (README)")
     p.add_argument("--text-encoder", help="frozen pretrained text encoder: a Hugging Face CLIPTextModel state dict "

@@ -16,6 +16,7 @@ markdown tables (and writes its files under --out). No other file imports this o
 import argparse
 import csv
 import html
+import json
 import os
 import sys
 
@@ -80,6 +81,23 @@ def clip_records(video, clip=drift.CLIP):
         found = balls.find_balls(c)
         out.append({**balls.video_attributes(c, found=found), "ok": balls.ball_check(c, found=found)[0]})
     return out
+
+
+def cached_records(path, videos, key):
+    """clip_records of every video, kept in the JSON file `path` for the videos named by `key` (e.g. their
+    file's size and time): a study read again skips the ball detection, the slow part of its analysis."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        if saved["key"] == key:
+            return [[{**r, "colours": set(r["colours"])} for r in video] for video in saved["records"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    records = [clip_records(v) for v in videos]
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump({"key": key, "records": [[{**r, "colours": sorted(r["colours"])} for r in video]
+                                           for video in records]}, f)
+    return records
 
 
 def video_curves(video, records, window=drift.WINDOW, clip=drift.CLIP):
@@ -262,7 +280,8 @@ def long_videos(argv):
             pts = (fvd.fvd_curve(real_feats, videos, model, pool=args.window // drift.CLIP) if model is not None else
                    [dict(c, fvd=float("nan"), kvd=float("nan"))
                     for c in fvd.curve_points(args.frames, pool=args.window // drift.CLIP)])
-            records = [clip_records(v) for v in videos]
+            st = os.stat(path)
+            records = cached_records(os.path.join(out, "clips.json"), videos, [st.st_size, st.st_mtime_ns])
             measured = [video_measures(v, r, args.window) for v, r in zip(videos, records)]
             for k, c in enumerate(pts):  # per point: the same frames' clips, over the videos
                 st = drift.window_stats(records, c["start"], c["end"])
@@ -282,11 +301,12 @@ def long_videos(argv):
                                                            for c in pts), flush=True)
     # The reference: as many real videos of the same length (the test split), measured the same way.
     real_dir = os.path.join(args.out, "real")
+    os.makedirs(real_dir, exist_ok=True)
     reals = drift.real_videos(args.n * len(seeds), args.frames, videos.shape[2])
-    measured = [video_measures(v, clip_records(v), args.window) for v in reals]
+    records = cached_records(os.path.join(real_dir, "clips.json"), reals, list(reals.shape))
+    measured = [video_measures(v, r, args.window) for v, r in zip(reals, records)]
     per_video[REAL], curves[REAL] = [m for m, _ in measured], [c for _, c in measured]
     video_rows += [[REAL, "-", i] + [f"{m[key]:.4f}" for key in MEASURES] for i, (m, _) in enumerate(measured)]
-    os.makedirs(real_dir, exist_ok=True)
     strip(os.path.join(real_dir, "strip.png"), reals[0], args.window)
     sample.write_one(os.path.join(real_dir, "long_000"), reals[0], 8, long=True)
     for name, table in (("study.csv", [["setting", "seed", "clip", "start", "end", "fvd", "kvd", "score", "balls",

@@ -3752,6 +3752,11 @@ class TestStudy:
         rows = list(csv.DictReader(open(os.path.join(out, "study.csv"))))
         assert [(r["seed"], float(r["score"])) for r in rows][:2] == [("0", 0.0), ("0", 0.0)]
         assert [r["seed"] for r in rows[2:]] == ["3", "3"] and os.path.exists(os.path.join(out, "hierarchical", "seed-3"))
+        first = open(os.path.join(out, "study.csv")).read()      # read again: the cached detections, same numbers
+        assert os.path.exists(os.path.join(out, "hierarchical", "seed-3", "clips.json"))
+        study.long_videos(["--pred", pred, "--interp", interp, "--only", "hierarchical", "--frames", "64", "--n", "2",
+                           "--steps", "2", "--seeds", "0,3", "--i3d", "", "--out", out])
+        assert open(os.path.join(out, "study.csv")).read() == first
         with pytest.raises(UserError, match="holds 2 videos of 64 frames, not 3 of 64"):
             study.long_videos(["--pred", pred, "--interp", interp, "--only", "hierarchical", "--frames", "64", "--n",
                                "3", "--steps", "2", "--seeds", "1", "--i3d", "", "--out", out])

@@ -315,7 +315,7 @@ def write_report(run):
     if not os.path.isdir(run):
         raise UserError(f"run folder {run} does not exist; train first (python train.py --stage all --preset demo).")
     rows, body = [], []
-    decoder = os.path.join(run, "decoder")  # the demo's decoder step (train.py DEMO_DECODER), when it ran
+    decoder = os.path.join(run, "decoder")  # the demo's decoder step (launch.DEMO_DECODER), when it ran
     for folder, what, cmd in ((run, "autoencoder", "python train.py --stage vae (end of the stage)"),
                               (decoder, "its decoder trained on alone", "python train.py --stage vae --init RUN/vae.pt "
                                "--decoder-only --out RUN/decoder (the main job's decoder step)")):

@@ -42,7 +42,9 @@ import diffusion
 import drift
 import fvd
 import hierarchical
+import launch
 import sample
+import stages
 import study
 import text
 import train
@@ -2315,7 +2317,7 @@ class TestTrain:
         assert any(not torch.equal(c1["discriminator"][k], c3["discriminator"][k]) for k in c1["discriminator"])
         # the latent statistics stored in the checkpoint make the stored latents unit-variance
         model = vae.load_vae(os.path.join(out, "vae.pt"))
-        x = train.eval_clips(train.parse_args(_TINY_VAE + ["--out", out]), 2)
+        x = stages.eval_clips(train.parse_args(_TINY_VAE + ["--out", out]), 2)
         z = model.encode_latents(x)
         assert abs(z.mean().item()) < 1e-4 and abs(z.std(unbiased=False).item() - 1) < 1e-3
 
@@ -2333,7 +2335,7 @@ class TestTrain:
                 continue
             assert torch.equal(a[k], b[k]), k
         assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
-        x = train.eval_clips(train.parse_args(_TINY_VAE + ["--out", first]), 2)
+        x = stages.eval_clips(train.parse_args(_TINY_VAE + ["--out", first]), 2)
         ae_a, ae_b = vae.load_vae(os.path.join(first, "vae.pt")), vae.load_vae(os.path.join(second, "vae.pt"))
         assert torch.equal(ae_a.encode_latents(x), ae_b.encode_latents(x))
         assert not torch.equal(ae_a.decode_latents(ae_a.encode_latents(x)), ae_b.decode_latents(ae_b.encode_latents(x)))
@@ -2597,8 +2599,8 @@ class TestTrain:
             argv = _TINY_VAE + ["--disc-start", "2", "--crop", "32"]
         argv += ["--out", str(tmp_path / "run"), "--steps", "10", "--log-every", "5", "--save-every", "100",
                  "--sample-every", "1000", "--ema", "0.9"]
-        project = {os.path.join(_HERE, f) for f in ("train.py", "diffusion.py", "hierarchical.py", "unet3d.py",
-                                                    "vae.py", "text.py", "common.py")}
+        project = {os.path.join(_HERE, f) for f in ("train.py", "stages.py", "launch.py", "diffusion.py",
+                                                    "hierarchical.py", "unet3d.py", "vae.py", "text.py", "common.py")}
         host_side = {"positions", "random_crops", "latent_cache", "save_run", "checkpoint_extras"}
         steps, syncs = [0], collections.Counter()
 
@@ -2637,55 +2639,6 @@ class TestTrain:
         with pytest.raises(UserError, match="unknown model field"):  # raised after the lock was taken
             train.main(_TINY_VAE + ["--out", str(tmp_path), "--steps", "1", "--model", "nonsense=3"])
         assert not os.path.exists(tmp_path / "vae.lock")
-
-    def test_stream_of_one_persistent_loader_equals_workers_0_and_resumes_anywhere(self, tmp_path):
-        """ClipStream over 3 epochs (6 clips, batches of 2): with 2 persistent workers the same batches as in
-        the main process, and restored from the position after any batch, the same batches after it."""
-        args = train.parse_args(["--stage", "vae", "--preset", "demo", "--size", "16", "--frames", "4",
-                                 "--batch-size", "2", "--crop", "0"])
-        ds = balls.SyntheticVideos(6, 4, 16, seed=0, flip=True)  # flips drawn per (seed, epoch, item)
-
-        def batches(workers, state=None, n=9):
-            stream = train.ClipStream(ds, argparse.Namespace(**{**vars(args), "workers": workers}), 0, 1, False)
-            if state is not None:
-                stream.restore(state)
-            it, out = iter(stream), []
-            for _ in range(n):
-                out.append((next(it), stream.state()))
-            return out
-        ref = batches(0)
-        assert [st for _, st in ref][:4] == [{"epoch": 0, "batch_in_epoch": 1}, {"epoch": 0, "batch_in_epoch": 2},
-                                             {"epoch": 1, "batch_in_epoch": 0}, {"epoch": 1, "batch_in_epoch": 1}]
-        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(ref, batches(2)))
-        for k in (1, 2, 4):
-            again = batches(0, ref[k][1], n=9 - k - 1)
-            assert all(torch.equal(a, b) for (a, _), (b, _) in zip(again, ref[k + 1:]))
-        old_style = batches(0, {"epoch": 0, "batch_in_epoch": 3}, n=2)  # saved at an epoch's end by older code
-        assert torch.equal(old_style[0][0], ref[3][0])
-
-    def test_latent_cache_under_ddp_equals_one_process(self, tmp_path):
-        """2 gloo processes each encode every other batch of 8; rank 0 joins them in data order: the cache file
-        equals the one a single process writes (20 clips: 3 batches, one short, split 2 + 1)."""
-        train.main(_TINY_VAE + ["--out", str(tmp_path), "--steps", "1", "--disc-start", "100"])
-        common_argv = ["train.py", "--stage", "lvdm", "--preset", "demo", "--size", "32", "--frames", "8",
-                       "--vae", str(tmp_path / "vae.pt"), "--latent-cache", "20", "--batch-size", "2", "--steps", "1",
-                       "--timesteps", "100", "--model", "model_channels=32", "--model", "channel_mult=(1,)",
-                       "--model", "num_heads=2", "--sample-every", "1000"]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        one, two = str(tmp_path / "one"), str(tmp_path / "two")
-        r1 = subprocess.run([sys.executable, *common_argv, "--out", one], cwd=_HERE, env=env, capture_output=True,
-                            text=True, timeout=300)
-        assert r1.returncode == 0, r1.stderr[-2000:]
-        r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             *common_argv, "--out", two], cwd=_HERE, env=env, capture_output=True, text=True,
-                            timeout=300)
-        assert r2.returncode == 0, r2.stderr[-2000:]
-        fa, fb = ([f for f in os.listdir(d) if f.startswith("latents-")] for d in (one, two))
-        assert len(fa) == 1, (os.listdir(one), os.listdir(two))
-        fa, fb = fa[0], fb[0]
-        assert fa == fb and not [f for f in os.listdir(two) if ".part" in f]
-        a, b = (torch.load(os.path.join(d, fa), weights_only=True) for d in (one, two))
-        assert a["latents"].shape[0] == 20 and torch.equal(a["latents"], b["latents"])
 
     def test_image_stage_encodes_each_caption_once(self):
         """repeat=r: the text encoder sees B captions, not B*r; the result equals encoding them repeated."""
@@ -2834,6 +2787,63 @@ class TestTrain:
             with pytest.raises(UserError, match=words):
                 sample.main(["--ckpt", image, "--n", "1", "--steps", "1", "--out", str(tmp_path / "s")] + extra)
 
+# =============================================================================
+class TestStages:
+    """stages.py: the data stream resumes anywhere; the latent cache is the same under DDP."""
+
+    def test_stream_of_one_persistent_loader_equals_workers_0_and_resumes_anywhere(self, tmp_path):
+        """ClipStream over 3 epochs (6 clips, batches of 2): with 2 persistent workers the same batches as in
+        the main process, and restored from the position after any batch, the same batches after it."""
+        args = train.parse_args(["--stage", "vae", "--preset", "demo", "--size", "16", "--frames", "4",
+                                 "--batch-size", "2", "--crop", "0"])
+        ds = balls.SyntheticVideos(6, 4, 16, seed=0, flip=True)  # flips drawn per (seed, epoch, item)
+
+        def batches(workers, state=None, n=9):
+            stream = stages.ClipStream(ds, argparse.Namespace(**{**vars(args), "workers": workers}), 0, 1, False)
+            if state is not None:
+                stream.restore(state)
+            it, out = iter(stream), []
+            for _ in range(n):
+                out.append((next(it), stream.state()))
+            return out
+        ref = batches(0)
+        assert [st for _, st in ref][:4] == [{"epoch": 0, "batch_in_epoch": 1}, {"epoch": 0, "batch_in_epoch": 2},
+                                             {"epoch": 1, "batch_in_epoch": 0}, {"epoch": 1, "batch_in_epoch": 1}]
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(ref, batches(2)))
+        for k in (1, 2, 4):
+            again = batches(0, ref[k][1], n=9 - k - 1)
+            assert all(torch.equal(a, b) for (a, _), (b, _) in zip(again, ref[k + 1:]))
+        old_style = batches(0, {"epoch": 0, "batch_in_epoch": 3}, n=2)  # saved at an epoch's end by older code
+        assert torch.equal(old_style[0][0], ref[3][0])
+
+    def test_latent_cache_under_ddp_equals_one_process(self, tmp_path):
+        """2 gloo processes each encode every other batch of 8; rank 0 joins them in data order: the cache file
+        equals the one a single process writes (20 clips: 3 batches, one short, split 2 + 1)."""
+        train.main(_TINY_VAE + ["--out", str(tmp_path), "--steps", "1", "--disc-start", "100"])
+        common_argv = ["train.py", "--stage", "lvdm", "--preset", "demo", "--size", "32", "--frames", "8",
+                       "--vae", str(tmp_path / "vae.pt"), "--latent-cache", "20", "--batch-size", "2", "--steps", "1",
+                       "--timesteps", "100", "--model", "model_channels=32", "--model", "channel_mult=(1,)",
+                       "--model", "num_heads=2", "--sample-every", "1000"]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        one, two = str(tmp_path / "one"), str(tmp_path / "two")
+        r1 = subprocess.run([sys.executable, *common_argv, "--out", one], cwd=_HERE, env=env, capture_output=True,
+                            text=True, timeout=300)
+        assert r1.returncode == 0, r1.stderr[-2000:]
+        r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             *common_argv, "--out", two], cwd=_HERE, env=env, capture_output=True, text=True,
+                            timeout=300)
+        assert r2.returncode == 0, r2.stderr[-2000:]
+        fa, fb = ([f for f in os.listdir(d) if f.startswith("latents-")] for d in (one, two))
+        assert len(fa) == 1, (os.listdir(one), os.listdir(two))
+        fa, fb = fa[0], fb[0]
+        assert fa == fb and not [f for f in os.listdir(two) if ".part" in f]
+        a, b = (torch.load(os.path.join(d, fa), weights_only=True) for d in (one, two))
+        assert a["latents"].shape[0] == 20 and torch.equal(a["latents"], b["latents"])
+
+# =============================================================================
+class TestLaunch:
+    """launch.py: the --stage all chain skips, resumes and ends with the page; for real, end to end."""
+
     def test_stage_all_skips_finished_stages_resumes_a_stopped_one_and_ends_with_the_page(self, tmp_path):
         run_dir = str(tmp_path / "run")
         os.makedirs(run_dir)
@@ -2842,13 +2852,13 @@ class TestTrain:
         calls = []
         ok = lambda cmd: calls.append([os.path.basename(c) if c.endswith(".py") else c for c in cmd[1:]]) or \
             subprocess.CompletedProcess(cmd, 0)
-        train.run_all(["--stage", "all", "--preset", "demo", "--out", run_dir], run=ok)
+        launch.run_all(["--stage", "all", "--preset", "demo", "--out", run_dir], train.parse_args, run=ok)
         rest, decoder = ["--preset", "demo", "--out", run_dir], os.path.join(run_dir, "decoder")
         # the demo's decoder step: RUN/vae.pt's decoder trained on alone into RUN/decoder, which the
         # diffusion stages then use (a --vae of the user's, in rest, comes later and wins)
         later = ["--vae", os.path.join(decoder, "vae.pt"), *rest]
         assert calls[:4] == [["train.py", "--stage", "vae", "--init", os.path.join(run_dir, "vae.pt"),
-                              *train.DEMO_DECODER, *rest, "--out", decoder],
+                              *launch.DEMO_DECODER, *rest, "--out", decoder],
                              ["train.py", "--stage", "lvdm", *later, "--resume"], ["train.py", "--stage", "pred", *later],
                              ["train.py", "--stage", "interp", *later]]
         assert [c[0] for c in calls[4:]] == ["sample.py"] * 3
@@ -2857,20 +2867,22 @@ class TestTrain:
         assert args.decoder_only and args.steps == 2000 and args.disc_start >= args.steps and args.out == decoder
         calls.clear()  # a finished decoder step is skipped like any stage; --threads reaches sample.py too
         common.save_checkpoint(os.path.join(decoder, "vae.pt"), {"stage": "vae", "step": 2000})
-        train.run_all(["--stage", "all", "--preset", "demo", "--out", run_dir, "--threads", "1"], run=ok)
+        launch.run_all(["--stage", "all", "--preset", "demo", "--out", run_dir, "--threads", "1"], train.parse_args,
+                       run=ok)
         assert calls[0][:3] == ["train.py", "--stage", "lvdm"]
         assert all(c[-2:] == ["--threads", "1"] for c in calls[3:5])
         fail = lambda cmd: subprocess.CompletedProcess(cmd, 1)
         with pytest.raises(UserError, match="run --stage all again"):
-            train.run_all(["--stage=all", "--preset", "demo", "--out", run_dir], run=fail)
+            launch.run_all(["--stage=all", "--preset", "demo", "--out", run_dir], train.parse_args, run=fail)
         # a finished checkpoint trained with other --model overrides is not taken for this chain's
         lvdm_args = vars(train.parse_args(["--stage", "lvdm", "--preset", "demo", "--out", run_dir]))
         common.save_checkpoint(os.path.join(run_dir, "lvdm.pt"), {"stage": "lvdm", "step": 10_000, "train_args": {
             **lvdm_args, "model": ["attention=joint"]}})
         calls.clear()
         with pytest.raises(UserError, match=r"lvdm.pt is complete but was trained with model = \['attention=joint'\]"):
-            train.run_all(["--stage", "all", "--preset", "demo", "--out", run_dir], run=ok)
-        train.run_all(["--stage", "all", "--preset", "demo", "--out", run_dir, "--model", "attention=joint"], run=ok)
+            launch.run_all(["--stage", "all", "--preset", "demo", "--out", run_dir], train.parse_args, run=ok)
+        launch.run_all(["--stage", "all", "--preset", "demo", "--out", run_dir, "--model", "attention=joint"],
+                       train.parse_args, run=ok)
         assert [c[2] for c in calls if c[0] == "train.py"] == ["pred", "interp"]  # the same overrides: skipped
 
     @pytest.mark.slow
@@ -3011,7 +3023,7 @@ class TestFVD:
     """fvd.py (§4.1): I3D, FVD and KVD against independent references."""
 
     def test_caches_of_the_builtin_data_follow_the_generator(self, monkeypatch, tmp_path):
-        """Cached real features (fvd.py) and cached latents (train.py) of the built-in data are keyed by
+        """Cached real features (fvd.py) and cached latents (stages.py) of the built-in data are keyed by
         its ranges: an earlier version of the generator's features or latents are not reused after a
         change to it. A folder dataset's latent key does not depend on them."""
         args = argparse.Namespace(real="synthetic", size=32, frames=4, stride=1, split="test", seed=0, n_real=4)
@@ -3020,13 +3032,13 @@ class TestFVD:
         targs = train.parse_args(["--stage", "lvdm", "--preset", "demo", "--vae", str(tmp_path / "vae.pt")])
         folder = train.parse_args(["--stage", "lvdm", "--preset", "demo", "--vae", str(tmp_path / "vae.pt"),
                                    "--data", str(tmp_path)])
-        before = fvd.open_real(args, (32, 32))[1], train.latent_cache_key(stage, targs), \
-            train.latent_cache_key(stage, folder)
-        assert (fvd.open_real(args, (32, 32))[1], train.latent_cache_key(stage, targs)) == before[:2]
+        before = fvd.open_real(args, (32, 32))[1], stages.latent_cache_key(stage, targs), \
+            stages.latent_cache_key(stage, folder)
+        assert (fvd.open_real(args, (32, 32))[1], stages.latent_cache_key(stage, targs)) == before[:2]
         monkeypatch.setattr(balls, "SPEED", (balls.SPEED[0], 2 * balls.SPEED[1]))
         assert fvd.open_real(args, (32, 32))[1] != before[0]
-        assert train.latent_cache_key(stage, targs) != before[1]
-        assert train.latent_cache_key(stage, folder) == before[2]
+        assert stages.latent_cache_key(stage, targs) != before[1]
+        assert stages.latent_cache_key(stage, folder) == before[2]
 
     # ------------------------------------------------------------------ distances
     def test_fvd_reference_values_from_independent_implementations(self):

@@ -28,6 +28,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from dataclasses import asdict
 
 import numpy as np
@@ -190,6 +191,28 @@ def auto_amp(device):
     if device.type != "cuda":
         return "none"
     return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+
+
+def _cpu_ticks():
+    """(busy, total) clock ticks of all CPUs since boot (/proc/stat), and this process's own (utime + stime)."""
+    with open("/proc/stat") as f:
+        t = [int(x) for x in f.readline().split()[1:8]]  # user nice system idle iowait irq softirq
+    with open("/proc/self/stat") as f:
+        own = f.read().rsplit(")", 1)[1].split()          # fields after the command name; utime, stime at 11, 12
+    return sum(t) - t[3] - t[4], sum(t), int(own[11]) + int(own[12])
+
+
+def cpu_busy_elsewhere(interval=0.25):
+    """How many cores other processes kept busy over the next `interval` seconds (Linux; None elsewhere).
+    Measured now, unlike the load average, which still holds a process that just ended for a minute."""
+    try:
+        busy0, total0, own0 = _cpu_ticks()
+        time.sleep(interval)
+        busy1, total1, own1 = _cpu_ticks()
+    except (OSError, ValueError, IndexError):
+        return None
+    cores = os.cpu_count() or 1
+    return max(busy1 - busy0 - (own1 - own0), 0) / max(total1 - total0, 1) * cores
 
 
 def checkpoint_weights(ckpt, use_ema=True):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import UserError, auto_amp, load_checkpoint, setup_cuda
+from common import UserError, auto_amp, cpu_busy_elsewhere, load_checkpoint, setup_cuda
 
 # --stage all, demo preset: after the vae stage, its decoder trains on alone (encoder, its latents and
 # their statistics frozen), for sharper reconstructions and samples; without the GAN term, which did
@@ -105,9 +105,9 @@ def setup_processes(args):
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if device.type == "cpu" and rank == 0 and load > 0.5 and not args.threads:
-        print(f"note: other processes keep the CPU busy (load {load:.1f}, {os.cpu_count()} cores); torch's "
+    busy = cpu_busy_elsewhere() if device.type == "cpu" and rank == 0 and not args.threads else None
+    if busy is not None and busy > 0.5:
+        print(f"note: other processes keep {busy:.1f} of {os.cpu_count()} cores busy; torch's "
               f"{torch.get_num_threads()} threads spin-wait for each other and can run several times slower on "
               f"shared cores: --threads 1 (or OMP_WAIT_POLICY=PASSIVE) helps")
     setup_cuda(device, benchmark=True)  # training shapes are fixed: let cuDNN pick its fastest algorithms

@@ -415,6 +415,23 @@ def _fvd_reference_clip():
 class TestCommon:
     """common.py: errors, atomic writes, checkpoints, the restricted unpickler."""
 
+    def test_cpu_busy_elsewhere_counts_other_processes_not_this_one(self, monkeypatch):
+        """Cores kept busy by others = (all busy ticks - this process's ticks) / all ticks x cores: a spinning
+        neighbour shows, this process's own work does not (the load average counted a stage that had ended)."""
+        ticks = iter([(1000, 4000, 100), (1000 + 300 + 100, 4000 + 400, 100 + 100)])  # 300 of 400 ticks elsewhere
+        monkeypatch.setattr(common, "_cpu_ticks", lambda: next(ticks))
+        monkeypatch.setattr(os, "cpu_count", lambda: 2)
+        assert common.cpu_busy_elsewhere(0.0) == pytest.approx(300 / 400 * 2)
+        monkeypatch.undo()
+        spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(0.3)
+            assert common.cpu_busy_elsewhere(0.5) > 0.6                  # the neighbour's core
+        finally:
+            spin.kill(); spin.wait()
+        busy, total, own = common._cpu_ticks()
+        assert 0 < busy < total and own > 0
+
     def test_lpips_file_restricted_unpickler_refuses_callables(self, tmp_path):
         good = {"a": [np.arange(3, dtype=np.float32)], "b": {"c": np.eye(2)}}
         back = common.NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(good))).load()

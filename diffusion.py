@@ -31,6 +31,7 @@ import math
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from common import UserError
 
@@ -85,10 +86,10 @@ class GaussianDiffusion:
       to 1.8x the data's spread (the demo: latent std 1.76 against 0.97, RESULTS.md). With v the
       error in ẑ_0 stays ~δ.
       Both are linear in the network output, so Eq. (9)'s guidance reads the same for either.
-    ddim_spacing: which S of the T steps DDIM visits (ddim_timesteps). "linspace": evenly from 0 to T-1,
-      ending on the predicted ẑ_0 (this project). "release": the public LVDM release's sampler, kept for
-      its converted checkpoints (convert.py): every (T//S)-th step shifted by one, the last step landing
-      on ᾱ of index 0 instead of on ẑ_0.
+    ddim_spacing: which S of the T steps DDIM visits (ddim_timesteps), picked by name. "linspace": evenly
+      from 0 to T-1, ending on the predicted ẑ_0 (this project: ddim_timesteps_linspace). "release": the
+      public LVDM release's sampler, kept for its converted checkpoints (convert.py; ddim_timesteps_release
+      at the end of the file).
     min_snr: γ of Min-SNR-γ loss weighting (Hang et al. 2023), None or 0 = off (the paper's L_simple).
       Every prediction's squared error is a multiple of ẑ_0's: |ε̂-ε|² = SNR_t |ẑ_0-z_0|² and
       |v̂-v|² = (SNR_t + 1) |ẑ_0-z_0|², SNR_t = ᾱ_t / (1-ᾱ_t). The weight min(SNR_t, γ) / SNR_t (ε) or
@@ -114,6 +115,7 @@ class GaussianDiffusion:
         self.loss_type, self.var_type, self.prediction = loss_type, var_type, prediction
         self.min_snr = min_snr or None
         self.ddim_spacing = ddim_spacing
+        self.ddim_respace = {"linspace": ddim_timesteps_linspace, "release": ddim_timesteps_release}[ddim_spacing]
         self.num_timesteps = T = len(betas)
 
         # Eq. (3): q(z_t | z_{t-1}) = N(√(1-β_t) z_{t-1}, β_t I);  α_t = 1 - β_t.
@@ -267,21 +269,12 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ DDIM
     def ddim_timesteps(self, steps):
-        """Uniformly respaced training indices τ_1 < ... < τ_S, always ending at T-1 (pure noise).
-
-        ddim_spacing "release": τ = (0, c, 2c, ...) + 1 with c = T // S, as the release's
-        make_ddim_timesteps; where S does not divide T that is more than S steps (T=1000, S=7: 7
-        strides of 142, 8 steps). An index that lands on T (e.g. S=3: 999+1, or S=T) lies past the
-        schedule, where the release fails with an IndexError; here it is clipped to T-1 (and a
-        repeated index dropped), so every S runs."""
+        """The training indices DDIM walks down, τ_0 < τ_1 < ... < τ_S: the model runs at τ_S = T-1 (pure
+        noise), ..., τ_1, and the last step lands on τ_0 (-1: the clean data, ᾱ = 1). Spaced as ddim_spacing
+        names (self.ddim_respace)."""
         if not 1 <= steps <= self.num_timesteps:
             raise UserError(f"DDIM steps must be between 1 and {self.num_timesteps}, got {steps}; pass a valid --steps.")
-        if self.ddim_spacing == "release":
-            T = self.num_timesteps
-            return np.unique(np.minimum(np.arange(0, T, T // steps) + 1, T - 1))
-        if steps == 1:
-            return np.array([self.num_timesteps - 1])
-        return np.round(np.linspace(0, self.num_timesteps - 1, steps)).astype(np.int64)
+        return self.ddim_respace(self.num_timesteps, steps)
 
     def ddim_sample(self, model_fn, x_t, t, t_prev, eta=0.0, generator=None, noise=None):
         """One DDIM step from index t to t_prev < t (t_prev = -1: to clean data, ᾱ = 1).
@@ -313,11 +306,10 @@ class GaussianDiffusion:
         the step just taken (x is now at the next lower respaced index, or clean after the last).
         """
         x = self._start(shape, noise, generator, device)
-        seq = self.ddim_timesteps(steps)
-        last = 0 if self.ddim_spacing == "release" else -1  # the release's final step lands on ᾱ[0], not on ẑ_0
-        for i in _progress(range(len(seq) - 1, -1, -1), progress, "DDIM"):
+        seq = self.ddim_timesteps(steps)  # τ_0 < ... < τ_S
+        for i in _progress(range(len(seq) - 1, 0, -1), progress, "DDIM"):
             t = torch.full((shape[0],), int(seq[i]), device=x.device, dtype=torch.long)
-            t_prev = torch.full_like(t, int(seq[i - 1]) if i > 0 else last)
+            t_prev = torch.full_like(t, int(seq[i - 1]))
             with torch.no_grad():
                 x = self.ddim_sample(model_fn, x, t, t_prev, eta, generator)["sample"]
             if after_step is not None:
@@ -342,11 +334,27 @@ class GaussianDiffusion:
         return _randn(tuple(shape), generator, device, torch.float32)  # z_T ~ N(0, I), Eq. (4)
 
 
+def ddim_timesteps_linspace(T, steps):
+    """This project's DDIM spacing: τ_1..τ_S evenly from 0 to T-1 (S = 1: just T-1), then τ_0 = -1, so the
+    last step ends on the predicted ẑ_0 (DESIGN: with all steps and eta = 0, DDIM ends on ẑ_0)."""
+    tau = np.array([T - 1]) if steps == 1 else np.round(np.linspace(0, T - 1, steps)).astype(np.int64)
+    return np.concatenate([[-1], tau])
+
+
 def _progress(it, on, desc):
     if not on:
         return it
-    from tqdm import tqdm
     return tqdm(it, desc=desc, leave=False)
+
+
+# --------------------------------------------- the public release's variants (convert.py turns them on)
+def ddim_timesteps_release(T, steps):
+    """ddim_spacing="release", the release's make_ddim_timesteps: τ = (0, c, 2c, ...) + 1 with c = T // S, and
+    τ_0 = 0, so the last step lands on ᾱ of index 0, not on ẑ_0. Where S does not divide T that is more than S
+    steps (T=1000, S=7: 7 strides of 142, 8 steps). An index that lands on T (e.g. S=3: 999+1, or S=T) lies past
+    the schedule, where the release fails with an IndexError; here it is clipped to T-1 (and a repeated index
+    dropped), so every S runs."""
+    return np.concatenate([[0], np.unique(np.minimum(np.arange(0, T, T // steps) + 1, T - 1))])
 
 
 if __name__ == "__main__":

@@ -1423,7 +1423,7 @@ class TestVAE:
         """Release compatibility: norm_over="clip" normalizes each group over (C/G,T,H,W), written out
         here; quant_conv / post_quant_conv are 1x1x1 convs on the moments and on z."""
         torch.manual_seed(0)
-        norm = vae.Normalize(8, 4, over="clip").double()
+        norm = vae.ClipNormalize(8, 4).double()
         nn.init.normal_(norm.weight), nn.init.normal_(norm.bias)
         x = torch.randn(2, 8, 3, 4, 5, dtype=torch.float64)
         g = x.reshape(2, 4, -1)                                          # (B, G, C/G*T*H*W)
@@ -1433,6 +1433,7 @@ class TestVAE:
         frame = vae.Normalize(8, 4).double()
         frame.load_state_dict(norm.state_dict())
         assert not torch.allclose(frame(x), ref)                         # per frame is another computation
+        assert not any("quant_conv" in k for k in _vae_tiny().state_dict())   # off: identities, no keys
         model = _vae_tiny(norm_over="clip", quant_conv=True).double().eval()
         _diffusion_randomize(model)
         x = _vae_smooth_video(B=1, dtype=torch.float64)
@@ -1675,7 +1676,10 @@ class TestUNet3D:
         """norm_over="clip": ResBlock and output norms are nn.GroupNorm on the 5D tensor (frames interact);
         the temporal attention normalizes each position over (C/G, T), written out here."""
         torch.manual_seed(0)
-        att = SelfAttention(32, 2, "temporal", 2, norm_over="clip", relative_form="release").double()
+        blk = unet3d.AttentionBlock(32, UNetConfig(model_channels=32, num_heads=2, max_relative_position=2,
+                                                   norm_over="clip", relative_form="release")).double()
+        att, spatial = blk.attn_t, blk.attn_s                # chosen when built: the release's layers
+        assert isinstance(att, unet3d.ReleaseTemporalAttention) and isinstance(att.norm, unet3d.PositionGroupNorm32)
         assert att.rel_v is not None and att.rel_v.shape == att.rel_k.shape
         x = torch.randn(1, 32, 4, 2, 3, dtype=torch.float64)
         nn.init.normal_(att.norm.weight), nn.init.normal_(att.norm.bias)
@@ -1688,7 +1692,7 @@ class TestUNet3D:
         att.qkv.register_forward_hook(lambda m, inp, out: seen.update(h=inp[0]))
         att(x)
         torch.testing.assert_close(seen["h"], ref.permute(0, 3, 4, 2, 1).reshape(6, 4, 32))  # (B*H*W, T, C)
-        spatial = SelfAttention(32, 2, "spatial", 2, norm_over="clip").double()   # the release: per frame
+        assert isinstance(spatial.norm, vae.FrameGroupNorm)                        # the release: per frame
         nn.init.normal_(spatial.norm.weight), nn.init.normal_(spatial.norm.bias)
         frames = x.permute(0, 2, 1, 3, 4).reshape(4, 32, 6)                          # (B*T, C, H*W)
         ref = F.group_norm(frames, 32, spatial.norm.weight, spatial.norm.bias, 1e-5).reshape(1, 4, 32, 2, 3)
@@ -1996,6 +2000,7 @@ class TestDiffusion:
         d.ddim_sample_loop(model_fn, z_T.shape, steps=7, noise=z_T)
         ts = [int(c[1][0]) for c in calls]
         assert len(ts) == 7 and ts[0] == 999 and ts[-1] == 0 and all(x > y for x, y in zip(ts, ts[1:]))
+        assert d.ddim_timesteps(7).tolist() == [-1] + ts[::-1]  # τ_0 = -1: the last step lands on ᾱ = 1
 
     @pytest.mark.parametrize("S", [10, 7, 3])
     def test_release_ddim_spacing_follows_the_release_formula(self, S):
@@ -2007,7 +2012,7 @@ class TestDiffusion:
         if S == 3:
             assert steps[-1] == T
             steps[-1] = T - 1
-        assert gd.ddim_timesteps(S).tolist() == steps.tolist()
+        assert gd.ddim_timesteps(S).tolist() == [0] + steps.tolist()     # τ_0 = 0: the last step lands on ᾱ[0]
         ac = np.cumprod(1 - make_betas("linear", T, 0.0015, 0.0155))
         alphas, alphas_prev = ac[steps], np.concatenate([[ac[0]], ac[steps[:-1]]])
         model = lambda x, t: torch.sin(x) * 0.5 + 1e-3 * t.view(-1, 1).double()
@@ -3562,7 +3567,7 @@ class TestConvert:
             unet_ema, _, _ = sample.load_model(str(tmp_path / "ema" / "lvdm.pt"), "cpu")
             assert rel(unet_ema(ref["unet_x"], ref["unet_t"]), ref["unet_out_ema"]) < 1e-4
             for S in (10, 7):
-                assert gd.ddim_timesteps(S).tolist() == sorted(ref[f"ddim{S}_steps"].tolist())  # the release lists them as run
+                assert gd.ddim_timesteps(S)[1:].tolist() == sorted(ref[f"ddim{S}_steps"].tolist())  # the release lists them as run
                 out = gd.ddim_sample_loop(lambda x, t: unet(x, t), ref["ddim_xT"].shape, S, noise=ref["ddim_xT"])
                 assert rel(out, ref[f"ddim{S}"]) < 1e-3
 

@@ -28,7 +28,8 @@ independently), and the relative positions enter only on the key side, as an
 additive attention bias, so every attention is one call to
 F.scaled_dot_product_attention (the release also adds a value-side table).
 Both are config fields (norm_over="clip", relative_form="release") that
-convert.py sets for the release's own checkpoints.
+convert.py sets for the release's own checkpoints; their layers sit at the end
+of the file and are chosen when the network is built.
 
 Print the preset sizes:
     python unet3d.py
@@ -64,7 +65,7 @@ class UNetConfig:
     s_embedding: bool = False
     context_dim: int = None            # None: no cross-attention
     use_checkpoint: bool = False
-    # Release compatibility (convert.py sets these for the public LVDM checkpoints):
+    # The public release's variants (convert.py sets them for its checkpoints; layers at the end of the file):
     norm_over: str = "frame"           # "clip": ResBlock/output GroupNorm over the whole clip and the temporal
                                        # attention's over (C/G,T) per position, as the release (frames then interact)
     relative_form: str = "key"         # "key": Shaw et al.'s key term as one SDPA bias; "release": the release's
@@ -121,10 +122,9 @@ def conv_1x3x3(cin, cout, stride=1):
     return nn.Conv3d(cin, cout, (1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1))
 
 
-def GroupNorm32(channels, over="frame"):
-    """GroupNorm(32) with statistics per frame (vae.FrameGroupNorm: (B,C,T,H,W) normalized as B*T images),
-    or over the whole clip (C/G,T,H,W) as the release (nn.GroupNorm on the 5D tensor)."""
-    return FrameGroupNorm(32, channels) if over == "frame" else nn.GroupNorm(32, channels)
+def GroupNorm32(channels):
+    """GroupNorm(32) with statistics per frame (vae.FrameGroupNorm: (B,C,T,H,W) normalized as B*T images)."""
+    return FrameGroupNorm(32, channels)
 
 
 class ResBlock(nn.Module):
@@ -132,12 +132,12 @@ class ResBlock(nn.Module):
     h = conv(SiLU(GN(x))); h = GN(h)·(1 + scale) + shift with (scale, shift) = Linear(SiLU(emb));
     out = skip(x) + conv(SiLU(h)), the second conv zero-initialized so the block starts as the identity."""
 
-    def __init__(self, channels, emb_channels, out_channels, dropout=0.0, use_checkpoint=False, norm_over="frame"):
+    def __init__(self, channels, emb_channels, out_channels, dropout=0.0, use_checkpoint=False, norm=GroupNorm32):
         super().__init__()
         self.use_checkpoint = use_checkpoint
-        self.in_layers = nn.Sequential(GroupNorm32(channels, norm_over), nn.SiLU(), conv_1x3x3(channels, out_channels))
+        self.in_layers = nn.Sequential(norm(channels), nn.SiLU(), conv_1x3x3(channels, out_channels))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels))
-        self.out_norm = GroupNorm32(out_channels, norm_over)
+        self.out_norm = norm(out_channels)
         self.out_layers = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), zero_module(conv_1x3x3(out_channels, out_channels)))
         self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv3d(channels, out_channels, 1)
 
@@ -189,58 +189,30 @@ def relative_position_bias(q, table, frame_index, max_dist):
     return bias / math.sqrt(q.shape[-1])
 
 
-def release_relative_attention(q, k, v, table_k, table_v, max_dist):
-    """The release's temporal attention with relative positions (its QKVAttention with rp), written out.
-
-    logits[i, j] = q_i·k_j/√d + d^-1/4 q_j·a^K_{clip(i-j)}     (its key term: transposed and scaled once)
-    out_i = Σ_j w_ij (v_j + a^V_{clip(j-i)}),   w = softmax_j(logits)   (Shaw et al.'s value term)
-    q, k, v: (N, heads, L, d) over the frames of each position; tables (2·max_dist+1, d)."""
-    L, d = q.shape[2], q.shape[3]
-    pos = torch.arange(L, device=q.device)
-    ij = pos[:, None] - pos[None, :]                                   # (L,L): i - j
-    a_k = table_k.to(q.dtype)[ij.clamp(-max_dist, max_dist) + max_dist]   # (L,L,d): a^K_{i-j}
-    a_v = table_v.to(q.dtype)[(-ij).clamp(-max_dist, max_dist) + max_dist]  # (L,L,d): a^V_{j-i}
-    logits = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d)        # (N,h,L,d)@(N,h,d,L) -> (N,h,L,L)
-    logits = logits + torch.einsum("nhjc,ijc->nhij", q, a_k) * d ** -0.25
-    w = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(q.dtype)
-    return torch.matmul(w, v) + torch.einsum("nhij,ijc->nhic", w, a_v)  # (N,h,L,d)
-
-
 class SelfAttention(nn.Module):
     """Multi-head self-attention over one axis of a (B,C,T,H,W) tensor, with a residual connection.
 
     kind = "spatial": tokens are the H·W positions of each frame;
            "temporal": tokens are the T frames at each position (relative positions, if enabled);
            "joint": tokens are all T·H·W positions (relative frame positions, if enabled).
+    norm builds the input's GroupNorm (per frame; the release's variants pass theirs).
     The output projection is zero-initialized, so the block starts as the identity.
     """
 
-    def __init__(self, channels, num_heads, kind, max_relative_position=None, norm_over="frame",
-                 relative_form="key"):
+    def __init__(self, channels, num_heads, kind, max_relative_position=None, norm=GroupNorm32):
         super().__init__()
         self.kind, self.num_heads, self.max_dist = kind, num_heads, max_relative_position
-        # The release normalizes its spatial attention's input per frame and its temporal attention's per
-        # position over (C/G, T); this project normalizes both per frame.
-        self.norm_per_position = norm_over == "clip" and kind == "temporal"
-        self.norm = nn.GroupNorm(32, channels) if self.norm_per_position else \
-            GroupNorm32(channels, "clip" if norm_over == "clip" and kind == "joint" else "frame")
+        self.norm = norm(channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj_out = zero_module(nn.Linear(channels, channels))
-        self.rel_k = self.rel_v = None
+        self.rel_k = None
         if kind != "spatial" and max_relative_position is not None:
             self.rel_k = nn.Parameter(torch.empty(2 * max_relative_position + 1, channels // num_heads))
             nn.init.xavier_uniform_(self.rel_k)
-            if relative_form == "release":
-                self.rel_v = nn.Parameter(torch.empty(2 * max_relative_position + 1, channels // num_heads))
-                nn.init.xavier_uniform_(self.rel_v)
 
     def forward(self, x):
         B, C, T, H, W = x.shape
-        if self.norm_per_position:
-            h = self.norm(x.permute(0, 3, 4, 1, 2).reshape(B * H * W, C, T))  # (B,C,T,H,W) -> (B*H*W,C,T)
-            h = h.reshape(B, H, W, C, T).permute(0, 3, 4, 1, 2)               # (B*H*W,C,T) -> (B,C,T,H,W)
-        else:
-            h = self.norm(x)
+        h = self.norm(x)
         if self.kind == "spatial":
             tok = h.permute(0, 2, 3, 4, 1).reshape(B * T, H * W, C)  # (B,C,T,H,W) -> (B*T,H*W,C)
             frame_index = None
@@ -252,13 +224,7 @@ class SelfAttention(nn.Module):
             frame_index = torch.arange(T, device=x.device).repeat_interleave(H * W)
         N, L, _ = tok.shape
         q, k, v = self.qkv(tok).reshape(N, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (N,L,3C) -> 3×(N,heads,L,d)
-        if self.rel_v is not None:  # the release's form (temporal only)
-            out = release_relative_attention(q, k, v, self.rel_k, self.rel_v, self.max_dist)
-        else:
-            bias = None
-            if self.rel_k is not None:
-                bias = relative_position_bias(q, self.rel_k, frame_index, self.max_dist)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # softmax(q·k/√d + bias) v
+        out = self.attend(q, k, v, frame_index)
         out = self.proj_out(out.transpose(1, 2).reshape(N, L, C))  # (N,heads,L,d) -> (N,L,C)
         if self.kind == "spatial":
             out = out.reshape(B, T, H, W, C).permute(0, 4, 1, 2, 3)  # (B*T,H*W,C) -> (B,C,T,H,W)
@@ -267,6 +233,11 @@ class SelfAttention(nn.Module):
         else:
             out = out.reshape(B, T, H, W, C).permute(0, 4, 1, 2, 3)  # (B,T*H*W,C) -> (B,C,T,H,W)
         return x + out
+
+    def attend(self, q, k, v, frame_index):
+        """softmax(q·k/√d + bias) v over (N,heads,L,d), bias the relative positions' key term (or none)."""
+        bias = None if self.rel_k is None else relative_position_bias(q, self.rel_k, frame_index, self.max_dist)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
 class CrossAttention(nn.Module):
@@ -307,13 +278,15 @@ class AttentionBlock(nn.Module):
         self.use_checkpoint = cfg.use_checkpoint
         rel = cfg.max_relative_position if cfg.use_relative_position else None
         first = "joint" if cfg.attention == "joint" else "spatial"
+        # the release's variants are chosen here (end of file): joint attention normalizes like the ResBlocks,
+        # spatial attention per frame in both, temporal attention as temporal_attention says
+        norm = ClipGroupNorm32 if cfg.norm_over == "clip" and first == "joint" else GroupNorm32
         # temporal_only (cfg.temporal_resolutions): just the temporal attention, and nothing for the
         # image model (attention="spatial"), whose video model then adds it zero-initialized like the rest
-        self.attn_s = None if temporal_only else SelfAttention(channels, cfg.num_heads, first, rel, cfg.norm_over)
+        self.attn_s = None if temporal_only else SelfAttention(channels, cfg.num_heads, first, rel, norm)
         self.cross = CrossAttention(channels, cfg.context_dim, cfg.num_heads) if cfg.context_dim and not temporal_only \
             else None
-        self.attn_t = (SelfAttention(channels, cfg.num_heads, "temporal", rel, cfg.norm_over, cfg.relative_form)
-                       if cfg.attention == "factorized" else None)
+        self.attn_t = temporal_attention(channels, cfg, rel) if cfg.attention == "factorized" else None
 
     def forward(self, x, context=None):
         if self.use_checkpoint and torch.is_grad_enabled():
@@ -351,11 +324,12 @@ class UNet3D(nn.Module):
         super().__init__()
         self.cfg = cfg
         mc, emb_dim = cfg.model_channels, 4 * cfg.model_channels
+        norm = ClipGroupNorm32 if cfg.norm_over == "clip" else GroupNorm32  # the release's variant: end of file
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.s_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)) if cfg.s_embedding else None
 
         def res(cin, cout):
-            return ResBlock(cin, emb_dim, cout, cfg.dropout, cfg.use_checkpoint, cfg.norm_over)
+            return ResBlock(cin, emb_dim, cout, cfg.dropout, cfg.use_checkpoint, norm)
 
         def attention(ch, ds):  # the block a level gets: full, temporal only, or none ([] then)
             if ds in cfg.attention_resolutions or ds in cfg.temporal_resolutions:
@@ -387,13 +361,35 @@ class UNet3D(nn.Module):
                     layers.append(Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(layers))
-        self.out = nn.Sequential(GroupNorm32(ch, cfg.norm_over), nn.SiLU(), zero_module(conv_1x3x3(mc, cfg.out_channels)))
+        self.out = nn.Sequential(norm(ch), nn.SiLU(), zero_module(conv_1x3x3(mc, cfg.out_channels)))
 
     def forward(self, x, t, mask=None, s=None, context=None):
         """x: (B, in_channels, T, H, W); t: LongTensor (B,) in [0, steps); mask: (B,1,T,H,W) binary frame
         mask (zeros when None; needs mask_channel); s: LongTensor (B,) noise level of the conditioning
         frames (needs s_embedding; None adds nothing); context: (B, L, context_dim) (needs context_dim;
         None skips cross-attention).  Returns ε̂ (or v̂) with x's shape."""
+        self.check_inputs(x, mask, s, context)
+        B, _, T, H, W = x.shape
+        t = t.expand(B) if t.dim() == 0 else t
+        if self.cfg.mask_channel:  # Eq. (8)'s frame mask as one more input channel (no frames given: zeros)
+            mask = torch.zeros(B, 1, T, H, W, device=x.device, dtype=x.dtype) if mask is None else mask
+            x = torch.cat([x, mask.to(x.dtype)], dim=1)  # (B,C,T,H,W) -> (B,C+1,T,H,W)
+        dtype = self.time_embed[0].weight.dtype
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))
+        if s is not None:  # the noise level s of the perturbed conditioning frames (§3.3), embedded like t
+            s = s.expand(B) if s.dim() == 0 else s
+            emb = emb + self.s_embed(timestep_embedding(s, self.cfg.model_channels).to(dtype))
+        hs, h = [], x
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            hs.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb, context)  # skip connection along channels
+        return self.out(h)
+
+    def check_inputs(self, x, mask, s, context):
+        """A UserError naming the fix for inputs this U-Net cannot take (see forward)."""
         cfg = self.cfg
         if x.dim() != 5 or x.shape[1] != cfg.in_channels:
             raise UserError(f"the U-Net expects latents (B, {cfg.in_channels}, T, H, W), got {tuple(x.shape)}; "
@@ -403,36 +399,17 @@ class UNet3D(nn.Module):
         if H % f or W % f:
             raise UserError(f"latent size {H}×{W} must be divisible by {f} for this U-Net; pick a video size whose "
                             f"latent is a multiple of {f}.")
-        if t.dim() == 0:
-            t = t.expand(B)
-        if cfg.mask_channel:
-            if mask is None:
-                mask = torch.zeros(B, 1, T, H, W, device=x.device, dtype=x.dtype)
-            if tuple(mask.shape) != (B, 1, T, H, W):
-                raise UserError(f"mask must have shape {(B, 1, T, H, W)}, got {tuple(mask.shape)}.")
-            x = torch.cat([x, mask.to(x.dtype)], dim=1)  # (B,C,T,H,W) -> (B,C+1,T,H,W)
-        elif mask is not None:
+        if mask is not None and not cfg.mask_channel:
             raise UserError("this U-Net has no mask channel; build it with mask_channel=True (a prediction/"
                             "interpolation model) or pass mask=None.")
-        dtype = self.time_embed[0].weight.dtype
-        emb = self.time_embed(timestep_embedding(t, cfg.model_channels).to(dtype))
-        if s is not None:
-            if self.s_embed is None:
-                raise UserError("this U-Net has no noise-level embedding; build it with s_embedding=True or pass s=None.")
-            emb = emb + self.s_embed(timestep_embedding(s.expand(B) if s.dim() == 0 else s, cfg.model_channels).to(dtype))
-        if context is not None:
-            if not cfg.context_dim:
-                raise UserError("this U-Net has no cross-attention; build it with context_dim set or pass context=None.")
-            if context.dim() != 3 or context.shape[0] != B or context.shape[2] != cfg.context_dim:
-                raise UserError(f"context must have shape (B={B}, L, {cfg.context_dim}), got {tuple(context.shape)}.")
-        hs, h = [], x
-        for block in self.input_blocks:
-            h = block(h, emb, context)
-            hs.append(h)
-        h = self.middle_block(h, emb, context)
-        for block in self.output_blocks:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb, context)  # skip connection along channels
-        return self.out(h)
+        if mask is not None and tuple(mask.shape) != (B, 1, T, H, W):
+            raise UserError(f"mask must have shape {(B, 1, T, H, W)}, got {tuple(mask.shape)}.")
+        if s is not None and self.s_embed is None:
+            raise UserError("this U-Net has no noise-level embedding; build it with s_embedding=True or pass s=None.")
+        if context is not None and not cfg.context_dim:
+            raise UserError("this U-Net has no cross-attention; build it with context_dim set or pass context=None.")
+        if context is not None and (context.dim() != 3 or context.shape[0] != B or context.shape[2] != cfg.context_dim):
+            raise UserError(f"context must have shape (B={B}, L, {cfg.context_dim}), got {tuple(context.shape)}.")
 
 
 def init_from_image(model, state, source="the image model"):
@@ -454,6 +431,65 @@ def init_from_image(model, state, source="the image model"):
         elif ".attn_t." not in k:
             raise UserError(f"{source} lacks '{k}', which is not temporal attention; pass the image model's "
                             f"checkpoint (train.py --stage image).")
+
+
+# --------------------------------------------- the public release's variants (convert.py turns them on)
+def ClipGroupNorm32(channels):
+    """The release's GroupNorm(32) with norm_over="clip": nn.GroupNorm on (B,C,T,H,W), statistics over
+    (C/G,T,H,W) of the whole clip, so frames interact (same parameters as GroupNorm32)."""
+    return nn.GroupNorm(32, channels)
+
+
+class PositionGroupNorm32(nn.GroupNorm):
+    """The release's temporal-attention GroupNorm(32) with norm_over="clip": statistics over (C/G,T) at each
+    position (the spatial attention's stay per frame, as here)."""
+
+    def __init__(self, channels):
+        super().__init__(32, channels)
+
+    def forward(self, x):
+        B, C, T, H, W = x.shape
+        h = super().forward(x.permute(0, 3, 4, 1, 2).reshape(B * H * W, C, T))  # (B,C,T,H,W) -> (B*H*W,C,T)
+        return h.reshape(B, H, W, C, T).permute(0, 3, 4, 1, 2)                  # (B*H*W,C,T) -> (B,C,T,H,W)
+
+
+def release_relative_attention(q, k, v, table_k, table_v, max_dist):
+    """The release's temporal attention with relative positions (its QKVAttention with rp), written out.
+
+    logits[i, j] = q_i·k_j/√d + d^-1/4 q_j·a^K_{clip(i-j)}     (its key term: transposed and scaled once)
+    out_i = Σ_j w_ij (v_j + a^V_{clip(j-i)}),   w = softmax_j(logits)   (Shaw et al.'s value term)
+    q, k, v: (N, heads, L, d) over the frames of each position; tables (2·max_dist+1, d)."""
+    L, d = q.shape[2], q.shape[3]
+    pos = torch.arange(L, device=q.device)
+    ij = pos[:, None] - pos[None, :]                                   # (L,L): i - j
+    a_k = table_k.to(q.dtype)[ij.clamp(-max_dist, max_dist) + max_dist]   # (L,L,d): a^K_{i-j}
+    a_v = table_v.to(q.dtype)[(-ij).clamp(-max_dist, max_dist) + max_dist]  # (L,L,d): a^V_{j-i}
+    logits = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d)        # (N,h,L,d)@(N,h,d,L) -> (N,h,L,L)
+    logits = logits + torch.einsum("nhjc,ijc->nhij", q, a_k) * d ** -0.25
+    w = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(q.dtype)
+    return torch.matmul(w, v) + torch.einsum("nhij,ijc->nhic", w, a_v)  # (N,h,L,d)
+
+
+class ReleaseTemporalAttention(SelfAttention):
+    """Temporal SelfAttention with relative_form="release": a value-side table rel_v next to rel_k, and the
+    release's attention (release_relative_attention) in place of the key-side bias."""
+
+    def __init__(self, channels, num_heads, max_relative_position, norm=GroupNorm32):
+        super().__init__(channels, num_heads, "temporal", max_relative_position, norm)
+        self.rel_v = nn.Parameter(torch.empty(2 * max_relative_position + 1, channels // num_heads))
+        nn.init.xavier_uniform_(self.rel_v)
+
+    def attend(self, q, k, v, frame_index):  # frame_index is arange(T) here, as release_relative_attention's
+        return release_relative_attention(q, k, v, self.rel_k, self.rel_v, self.max_dist)
+
+
+def temporal_attention(channels, cfg, rel):
+    """The temporal SelfAttention cfg asks for: this project's (GroupNorm32, the key-side bias), or with the
+    release's per-position norm (norm_over="clip") and value table (relative_form="release")."""
+    norm = PositionGroupNorm32 if cfg.norm_over == "clip" else GroupNorm32
+    if cfg.relative_form == "release" and rel is not None:
+        return ReleaseTemporalAttention(channels, cfg.num_heads, rel, norm)
+    return SelfAttention(channels, cfg.num_heads, "temporal", rel, norm)
 
 
 if __name__ == "__main__":

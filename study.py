@@ -7,7 +7,6 @@ hierarchical sampling loses its scene, §5 on held-out captions, and the checks 
                                            # lose quality in the keyframes or in the interpolation?
     python study.py t2v --ckpt runs/demo-t2v/t2v.pt --n 64 --i3d PATH   # §5: caption accuracy and FVD on
                                            # held-out prompts, text-conditional vs unconditional samples
-    python study.py score [--n-score 256]  # the synthetic score on real clips, noise and broken videos
     python study.py psnr --vae RUN/vae.pt  # autoencoder PSNR on 256 held-out 16-frame synthetic clips
 
 bench.py measures speed and memory; this file measures what the models make. Each subcommand prints
@@ -183,8 +182,7 @@ def curve_bands(curves, key, lo=0.0, hi=None):
 
 def strip(path, video, every=drift.WINDOW):
     """One row of frames 0, every, 2*every, ... and the last of a uint8 video (T,H,W,3), as a PNG."""
-    T = len(video)
-    data.write_grid(path, np.asarray(video)[None, list(range(0, T, every)) + [T - 1]])  # (1, frames, H, W, 3)
+    data.write_grid(path, np.asarray(video)[None, list(range(0, len(video), every)) + [len(video) - 1]])  # (1,F,H,W,3)
 
 
 def write_page(out, head, tables, settings, real_dir, plots):
@@ -314,16 +312,12 @@ def long_videos(argv):
                         ("videos.csv", [["setting", "seed", "video"] + list(MEASURES)] + video_rows)):
         with atomic_path(os.path.join(args.out, name)) as tmp, open(tmp, "w", newline="") as f:
             csv.writer(f).writerows(table)
-    whole = {label: [{k: float(np.mean([m[k] for m in per_video[name][i * args.n:(i + 1) * args.n]]))
-                      for k in MEASURES} for i in range(len(seeds))] for name, label in labels.items()}
-    whole[f"{REAL} ({args.n} a seed)"] = [{k: float(np.mean([m[k] for m in per_video[REAL][i * args.n:(i + 1) * args.n]]))
-                                           for k in MEASURES} for i in range(len(seeds))]
-    table = (whole_table(whole) + "\n\n" + claims_tables(per_video) + "\n\n"
-             + study_table(points, "score", "synthetic score per 16-frame clip (%)", 100.0) + "\n\n"
-             + study_table(points, "balls", "balls per 16-frame clip", 1.0, digits=2) + "\n\n"
-             + study_table(points, "keeps_first", "clips showing the first clip's balls (%)", 100.0))
-    if model is not None:
-        table += "\n\n" + study_table(points, "fvd", "FVD", 1.0)
+    whole = {label: [{k: float(np.mean([m[k] for m in per_video[name][i * args.n:(i + 1) * args.n]])) for k in MEASURES}
+                     for i in range(len(seeds))] for name, label in {**labels, REAL: f"{REAL} ({args.n} a seed)"}.items()}
+    table = "\n\n".join([whole_table(whole), claims_tables(per_video)] + [study_table(points, *t) for t in (
+        ("score", "synthetic score per 16-frame clip (%)", 100.0), ("balls", "balls per 16-frame clip", 1.0, 2),
+        ("keeps_first", "clips showing the first clip's balls (%)", 100.0))] + (
+        [study_table(points, "fvd", "FVD", 1.0)] if model is not None else []))
     head = (f"{args.n} videos x {args.frames} frames per seed, {len(seeds)} seeds ({', '.join(map(str, seeds))}), "
             f"DDIM-{args.steps} (eta {args.eta:g}); a point is {args.window} frames (its 16-frame clips, every video)"
             + (f", FVD against {args.real_n} real clips" if model is not None else "")
@@ -541,34 +535,6 @@ def t2v(argv):
 
 
 # ----------------------------------------------------------------------------- the measures themselves
-def score(argv):
-    """balls.synthetic_score on what should pass (real clips) and what should not (noise, flat frames,
-    shuffled frames, frames from different clips), plus the ends of real 1024-frame videos."""
-    p = argparse.ArgumentParser(prog="study.py score", description=score.__doc__)
-    p.add_argument("--n-score", type=int, default=256, help="real clips per split")
-    args = p.parse_args(argv)
-    n, rng = args.n_score, np.random.default_rng(0)
-    test = balls.SyntheticVideos(n=n, frames=16, size=64, split="test")
-    train_ds = balls.SyntheticVideos(n=n, frames=16, size=64, split="train")
-    real = np.stack([test.render(i) for i in range(n)])                    # (n,16,64,64,3)
-    flat = np.broadcast_to(real[:32].mean(axis=(2, 3), keepdims=True).astype(np.uint8), real[:32].shape)
-    long = balls.SyntheticVideos(n=8, frames=1024, size=64, split="test")
-    long_videos = np.stack([long.render(i) for i in range(8)])
-    cases = [("held-out (test) clips", real), ("training clips", np.stack([train_ds.render(i) for i in range(n)])),
-             ("uniform noise", rng.integers(0, 256, (32, 16, 64, 64, 3), dtype=np.uint8)),
-             ("each frame replaced by its mean colour", flat),
-             ("real clips, frames shuffled", real[:64, rng.permutation(16)]),
-             ("every frame from another real clip", np.stack([real[(np.arange(16) + i) % n, np.arange(16)] for i in range(min(64, n))])),
-             ("8 real 1024-frame videos, first 128 frames", long_videos[:, :128]),
-             ("8 real 1024-frame videos, last 128 frames", long_videos[:, -128:])]
-    rows = ["| videos (64², 16 frames unless said) | pass | failures |", "|---|---|---|"]
-    for name, videos in cases:
-        share, reasons = balls.synthetic_score(videos)
-        fails = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()) if k != "ok") or "none"
-        rows.append(f"| {name} ({len(videos)}) | {100 * share:.1f}% | {fails} |")
-    return "\n".join(rows)
-
-
 def psnr(argv):
     """Held-out reconstruction PSNR of any autoencoder checkpoint: --n-score synthetic test clips of --frames
     frames at the size it was trained on (mean and std over clips); --npz also writes its reconstructions of
@@ -600,7 +566,7 @@ def psnr(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"long": long_videos, "keyframes": keyframes, "t2v": t2v, "score": score, "psnr": psnr}
+    commands = {"long": long_videos, "keyframes": keyframes, "t2v": t2v, "psnr": psnr}
     if not argv or argv[0] not in commands:
         raise UserError(f"name a study: python study.py {{{','.join(commands)}}} ... (python study.py long --help)")
     table = commands[argv[0]](argv[1:])

@@ -945,6 +945,13 @@ class TestWeights:
 class TestBalls:
     """balls.py: the built-in synthetic dataset, its captions (§5) and the detector that scores samples."""
 
+    def test_score_table_passes_real_clips_and_fails_noise(self, capsys):
+        balls.main(["score", "--n", "4"])
+        rows = {r.split(" | ")[0].lstrip("| "): r.split(" | ")[1] for r in capsys.readouterr().out.splitlines()[2:]}
+        assert rows["held-out (test) clips (4)"] == "100.0%" and rows["training clips (4)"] == "100.0%"
+        assert rows["uniform noise (32)"] == "0.0%" and rows["each frame replaced by its mean colour (4)"] == "0.0%"
+        assert rows["8 real 1024-frame videos, last 128 frames (8)"] == "100.0%"
+
     def test_synthetic_params_match_rendered_pixels(self):
         size = 64
         ds = balls.SyntheticVideos(frames=24, size=size, seed=0)

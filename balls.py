@@ -79,13 +79,9 @@ class SyntheticVideos(torch.utils.data.Dataset):
         + y sin a) + phase), f ~ U(0.4, 0.9) (less than one period over the frame: smooth);
         colour = HSV(hue + 0.15 g, sat, val*(0.75 + 0.25 g)), hue ~ U(0, 1), sat ~ U(0.2, 0.4),
         val ~ U(0.45, 0.7): low saturation so the balls stand out.
-    The demo's size (issue 13's sweeps, README "Results"): the first version had 1-3 balls of radius
-    0.08-0.20, eight colours and a background drifting in phase and hue; the demo's then 8x8 latent
-    could not hold it (autoencoder 26.2 dB, 37.5% of reconstructions passing ball_check). The second
-    moved the balls at 0.02-0.045 frame widths per frame, about a ball radius per latent frame: the
-    demo U-Net's samples then changed colour and gained or lost balls between latent frames (4.7% of
-    samples passing ball_check), and at the present speed 35.9% after 2500 LVDM steps (70.7% of 256
-    after the default 5000, DDIM eta 1). Motion, occlusion and several objects remain.
+    Why this size and speed (RESULTS.md, 2026-11-29): with more, larger and faster balls and a drifting
+    background the demo's autoencoder and U-Net could not hold the scene (balls changed colour, appeared
+    and vanished between latent frames). Motion, occlusion and several objects remain.
     Item i is frames 0..frames-1 (stride s: 0, s, 2s, ...) as float (3,T,size,size) in [-1,1],
     rendered to uint8 first like real data; flip=True mirrors x with default_rng([seed, epoch, i]).
     params(i) returns every generative parameter as a plain json-able dict and its caption (§5), which

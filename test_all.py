@@ -3727,6 +3727,10 @@ class TestStudy:
         assert not np.array_equal(videos["autoregressive", 0], videos["autoregressive, no perturbation", 0])
         assert not np.array_equal(videos["autoregressive", 0], videos["autoregressive, no guidance", 0])
         assert os.path.getsize(os.path.join(out, "study-keeps_first.png")) > 0
+        page = open(os.path.join(out, "index.html")).read()    # a strip per setting, next to real videos' strip
+        for folder in ["real"] + [name.replace(", ", "-").replace(" ", "-") + "/seed-0" for name in study.STUDY]:
+            assert f'src="{folder}/strip.png"' in page and os.path.isfile(os.path.join(out, folder, "strip.png"))
+        assert all(f'src="study-{k}.png"' in page for k in ("keeps_first", "background", "score", "balls"))
 
     def test_key_check_passes_real_keyframes_and_catches_a_changed_ball(self):
         ds = balls.SyntheticVideos(n=40, frames=64, size=64, split="test")

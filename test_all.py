@@ -44,6 +44,7 @@ import fvd
 import hierarchical
 import launch
 import sample
+import sdvae
 import stages
 import study
 import text
@@ -1464,6 +1465,76 @@ class TestVAE:
         x = torch.zeros(2, 3, 4, 8, 8)
         y = x + 0.02  # mse = 4e-4 on a range of 2 -> 10 log10(4 / 4e-4) = 40 dB
         assert torch.allclose(vae.psnr(x, y), torch.tensor([40.0, 40.0]), atol=1e-4)
+
+
+# =============================================================================
+def _sdvae_tiny(seed=0):
+    """A small Stable Diffusion autoencoder (2 levels: fs=2) with every weight random (none zero)."""
+    torch.manual_seed(seed)
+    model = sdvae.FrameAutoencoder(sdvae.SDVAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)).double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+class TestSDVAE:
+    """sdvae.py: Stable Diffusion's KL-f8 autoencoder applied frame by frame (§5's first stage), against closed
+    forms and explicit references; the slow TestConvert test compares it with diffusers' AutoencoderKL."""
+
+    def test_every_frame_is_encoded_and_decoded_on_its_own(self):
+        model = _sdvae_tiny()
+        x = _vae_smooth_video(B=2, T=3, H=16, W=16, dtype=torch.float64)
+        with torch.no_grad():
+            post = model.encode(x)
+            assert post.mean.shape == (2, 4, 3, 8, 8) and (model.fs, model.ft) == (2, 1)
+            for t in range(3):                                   # a frame's latent sees that frame alone
+                torch.testing.assert_close(post.mean[:, :, t:t + 1], model.encode(x[:, :, t:t + 1]).mean)
+            z = post.mode()
+            dec = model.decode(z)
+            assert dec.shape == x.shape
+            torch.testing.assert_close(dec[:, :, 1:2], model.decode(z[:, :, 1:2]))
+            model.frame_batch = 1                                # frames through the networks one at a time
+            torch.testing.assert_close(model.decode(z), dec)
+            # Stable Diffusion's latents: 0.18215 * E(x), decoded from z / 0.18215 (no shift)
+            torch.testing.assert_close(model.encode_latents(x), 0.18215 * post.mode())
+            torch.testing.assert_close(model.decode_latents(z), model.decode(z / 0.18215))
+        with pytest.raises(UserError, match="multiple of 2"):
+            model.encode(torch.zeros(1, 3, 1, 9, 9, dtype=torch.float64))
+
+    def test_layers_match_their_closed_forms(self):
+        """Downsample reads x[2i:2i+3, 2j:2j+3] (one zero row/column padded at the bottom/right); attention is
+        softmax(q k^T / sqrt(C)) v over the positions of one frame; a block's skip is 1x1 only where widths differ."""
+        torch.manual_seed(0)
+        down = sdvae.Downsample(1).double()
+        with torch.no_grad():
+            down.conv.weight.zero_()
+            down.conv.weight[0, 0, 2, 2] = 1.0                   # the kernel's bottom-right tap
+            down.conv.bias.zero_()
+        x = torch.arange(16.0, dtype=torch.float64).reshape(1, 1, 4, 4)
+        assert down(x)[0, 0].tolist() == [[10.0, 0.0], [0.0, 0.0]]  # x[2,2]; the rest reach the zero padding
+        attn = sdvae.AttnBlock(32).double()
+        h = torch.randn(2, 32, 3, 5, dtype=torch.float64)
+        n = attn.norm(h).flatten(2).transpose(1, 2)              # (2,15,32)
+        q, k, v = attn.q(n), attn.k(n), attn.v(n)
+        w = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(32), dim=-1)
+        ref = h + attn.proj_out(w @ v).transpose(1, 2).reshape(2, 32, 3, 5)
+        torch.testing.assert_close(attn(h), ref)
+        assert isinstance(sdvae.ResnetBlock(32, 32).nin_shortcut, nn.Identity)
+        assert sdvae.ResnetBlock(32, 64).nin_shortcut.weight.shape == (64, 32, 1, 1)
+
+    def test_checkpoints_load_either_autoencoder_by_kind(self, tmp_path):
+        model = _sdvae_tiny().float()
+        common.save_checkpoint(str(tmp_path / "sd.pt"), sdvae.autoencoder_checkpoint(model, "test"))
+        loaded = sdvae.load_autoencoder(str(tmp_path / "sd.pt"))
+        assert isinstance(loaded, sdvae.FrameAutoencoder) and loaded.cfg == model.cfg
+        _assert_same_tensors(loaded.state_dict(), model.state_dict())
+        video_ae = _vae_tiny()
+        common.save_checkpoint(str(tmp_path / "v.pt"), {"stage": "vae", "model": video_ae.state_dict(), "ema": None,
+                                                        "model_args": asdict(video_ae.cfg)})
+        assert isinstance(sdvae.load_autoencoder(str(tmp_path / "v.pt")), vae.VideoAutoencoder)
+        with pytest.raises(UserError, match="does not exist"):
+            sdvae.load_autoencoder(str(tmp_path / "none.pt"))
 
 
 # =============================================================================

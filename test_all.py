@@ -44,6 +44,7 @@ import fvd
 import hierarchical
 import launch
 import sample
+import sdblocks
 import sdvae
 import stages
 import study
@@ -1848,6 +1849,91 @@ class TestUNet3D:
         # a config survives the checkpoint round trip (asdict -> lists -> UNetConfig)
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(presets["paper"]).items()}
         assert UNetConfig(**d) == presets["paper"]
+
+
+# =============================================================================
+def _sd_unet_config(**kw):
+    """A tiny Stable Diffusion v1 U-Net (sdblocks, added timestep embedding) as a UNetConfig."""
+    args = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2), num_heads=4,
+                context_dim=16, block="sd", resblock_scale_shift=False, attention="spatial")
+    args.update(kw)
+    return UNetConfig(**args)
+
+
+def _sd_randomize(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+class TestSDBlocks:
+    """sdblocks.py and unet3d.py's block="sd" (§5's image model as Stable Diffusion v1 builds it), against
+    explicit references; the slow TestConvert test compares the U-Net with diffusers' UNet2DConditionModel."""
+
+    def test_spatial_transformer_matches_an_explicit_reference_per_frame(self):
+        """GroupNorm(32, eps 1e-6) of each frame, 1x1 in, LN -> self-attention, LN -> cross-attention, LN -> GEGLU
+        (a * GELU(gate), GELU with erf) with residuals, 1x1 out, plus the input; written out with einsum."""
+        torch.manual_seed(0)
+        st = _sd_randomize(sdblocks.SpatialTransformer(32, 4, 16, depth=2).double())
+        x, ctx = torch.randn(2, 32, 3, 4, 5, dtype=torch.float64), torch.randn(2, 7, 16, dtype=torch.float64)
+
+        def attend(a, q_in, kv_in, heads=4):
+            q, k, v = a.to_q(q_in), a.to_k(kv_in), a.to_v(kv_in)
+            split = lambda y: y.reshape(y.shape[0], y.shape[1], heads, -1)          # (N,L,C) -> (N,L,h,d)
+            w = torch.softmax(torch.einsum("nihd,njhd->nhij", split(q), split(k)) / math.sqrt(32 // heads), -1)
+            return a.to_out[0](torch.einsum("nhij,njhd->nihd", w, split(v)).flatten(2))
+
+        with torch.no_grad():
+            out = st(x, ctx)
+            for f in range(3):
+                frame = x[:, :, f]                                                    # (2,32,4,5)
+                h = F.group_norm(frame, 32, st.norm.weight, st.norm.bias, eps=1e-6)
+                tok = torch.einsum("oc,nchw->nhwo", st.proj_in.weight[:, :, 0, 0, 0], h).reshape(2, 20, 32)
+                tok = tok + st.proj_in.bias
+                for b in st.transformer_blocks:
+                    ln = lambda y, norm: F.layer_norm(y, (32,), norm.weight, norm.bias, eps=1e-5)
+                    tok = tok + attend(b.attn1, ln(tok, b.norm1), ln(tok, b.norm1))
+                    tok = tok + attend(b.attn2, ln(tok, b.norm2), ctx)
+                    a, gate = b.ff.net[0].proj(ln(tok, b.norm3)).chunk(2, -1)
+                    tok = tok + b.ff.net[2](a * 0.5 * gate * (1 + torch.erf(gate / math.sqrt(2))))
+                proj = torch.einsum("oc,nlc->nlo", st.proj_out.weight[:, :, 0, 0, 0], tok) + st.proj_out.bias
+                torch.testing.assert_close(out[:, :, f], frame + proj.reshape(2, 4, 5, 32).permute(0, 3, 1, 2))
+        assert st.transformer_blocks[0].attn1.to_q.bias is None and st.transformer_blocks[0].attn2.to_v.bias is None
+
+    def test_resblock_adds_the_timestep_embedding(self):
+        """resblock_scale_shift=False: out = skip(x) + conv(SiLU(GN(conv(SiLU(GN(x))) + W SiLU(emb) + b)))."""
+        torch.manual_seed(0)
+        rb = _sd_randomize(ResBlock(32, 24, 64, scale_shift=False).double())
+        x, emb = torch.randn(2, 32, 3, 4, 4, dtype=torch.float64), torch.randn(2, 24, dtype=torch.float64)
+        with torch.no_grad():
+            h = rb.in_layers(x) + rb.emb_layers[1](F.silu(emb))[:, :, None, None, None]
+            want = rb.skip_connection(x) + rb.out_layers[2](F.silu(rb.out_norm(h)))
+            torch.testing.assert_close(rb(x, emb), want)
+        assert rb.emb_layers[1].weight.shape == (64, 24)
+
+    def test_image_model_runs_per_frame_and_the_video_model_starts_as_it(self):
+        """attention="spatial": each frame is denoised on its own. attention="factorized" adds a temporal attention
+        after every SpatialTransformer (zero output projection): started from the image model's weights
+        (init_from_image, §5) it computes the image model frame by frame."""
+        torch.manual_seed(0)
+        image = _sd_randomize(UNet3D(_sd_unet_config()).double().eval())
+        video = UNet3D(_sd_unet_config(attention="factorized")).double().eval()
+        extra = set(video.state_dict()) - set(image.state_dict())
+        assert extra and all(".attn_t." in k for k in extra) and set(image.state_dict()) < set(video.state_dict())
+        unet3d.init_from_image(video, image.state_dict())
+        x, t, ctx = torch.randn(2, 4, 3, 8, 8, dtype=torch.float64), torch.tensor([10, 900]), \
+            torch.randn(2, 5, 16, dtype=torch.float64)
+        with torch.no_grad():
+            out = image(x, t, context=ctx)
+            frames = torch.cat([image(x[:, :, f:f + 1], t, context=ctx) for f in range(3)], 2)
+            torch.testing.assert_close(out, frames)
+            torch.testing.assert_close(video(x, t, context=ctx), out)
+        with pytest.raises(UserError, match="attention='spatial'"):
+            _sd_unet_config(attention="joint")
+        with pytest.raises(UserError, match="block must be"):
+            _sd_unet_config(block="sd2")
 
 
 # =============================================================================

@@ -81,7 +81,8 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         N, C, H, W = x.shape
         h = self.norm(x).flatten(2).transpose(1, 2)                       # (N,C,H,W) -> (N,H*W,C)
-        h = F.scaled_dot_product_attention(self.q(h)[:, None], self.k(h)[:, None], self.v(h)[:, None])[:, 0]
+        q, k, v = self.q(h)[:, None], self.k(h)[:, None], self.v(h)[:, None]  # (N,H*W,C) -> (N,1,H*W,C): one head
+        h = F.scaled_dot_product_attention(q, k, v)[:, 0]                    # scale 1/sqrt(C)
         return x + self.proj_out(h).transpose(1, 2).reshape(N, C, H, W)   # (N,H*W,C) -> (N,C,H,W)
 
 

@@ -14,6 +14,15 @@ maps their keys onto vae.py / unet3d.py, and writes ordinary project checkpoints
 
 --ae is optional: an LVDM checkpoint holds its autoencoder too (first_stage_model.*).
 
+§5's image model, Stable Diffusion v1.x, in either of its layouts (a single .ckpt / .safetensors file or a
+diffusers folder, which sdlayout.py renames to the single file's names):
+
+    python convert.py --sd v1-5-pruned-emaonly.safetensors --out runs/sd15      (or --sd stable-diffusion-v1-5/)
+    -> runs/sd15/vae.pt           (stage vae: sdvae.py's per-frame KL-f8 autoencoder, latent scale 0.18215)
+       runs/sd15/image.pt         (stage image: the U-Net as unet3d.py's block="sd", with CLIP's text model)
+       runs/sd15/text_encoder.pt  (the CLIP text model alone, for train.py --text-encoder)
+    python sample.py --ckpt runs/sd15/image.pt --prompt "a red car" --bpe bpe_simple_vocab_16e6.txt.gz  (images)
+
 The architecture comes from the tensors' shapes (autoencoder width and stages, U-Net width,
 multipliers, residual blocks, attention levels, relative-position table size). What shapes
 cannot tell comes from --preset (the release's yaml configs: heads, latent scale and shift,
@@ -41,6 +50,9 @@ from dataclasses import asdict
 
 import torch
 
+import sdlayout
+import sdvae
+import text
 import train
 import unet3d
 import vae as vae_lib
@@ -96,7 +108,7 @@ class ReleaseUnpickler(pickle.Unpickler):
     """Admits the globals above and nothing else: any other name in the file (a function, a class that
     would run code when rebuilt) ends the load with a UserError naming it."""
 
-    path = "the checkpoint"
+    path, fix = "the checkpoint", "pass a checkpoint of the LVDM release"
 
     def find_class(self, module, name):
         if (module, name) in DATA_GLOBALS:
@@ -106,14 +118,15 @@ class ReleaseUnpickler(pickle.Unpickler):
         if (module, name) in PLACEHOLDER_GLOBALS:
             return type(name, (Inert,), {"origin": f"{module}.{name}", "__module__": "convert.placeholders"})
         raise UserError(f"{self.path} asks to run {module}.{name} while loading, which is refused (not a tensor "
-                        f"or a known Lightning object); pass a checkpoint of the LVDM release.")
+                        f"or a known Lightning object); {self.fix}.")
 
 
-def load_release(path):
-    """A release (Lightning) checkpoint -> (state_dict of tensors, global_step), read with ReleaseUnpickler."""
+def load_release(path, fix="pass a checkpoint of the LVDM release"):
+    """A release (Lightning) checkpoint -> (state_dict of tensors, global_step), read with ReleaseUnpickler;
+    `fix` ends the sentence refusing a file. (Stable Diffusion's .ckpt files are Lightning checkpoints too.)"""
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist; pass the release checkpoint's path (e.g. ae_sky.ckpt, short_sky.ckpt).")
-    unpickler = type("PathUnpickler", (ReleaseUnpickler,), {"path": path})
+    unpickler = type("PathUnpickler", (ReleaseUnpickler,), {"path": path, "fix": fix})
     module = types.SimpleNamespace(__name__="release_pickle", Unpickler=unpickler,
                                    load=lambda f, **kw: unpickler(f, **kw).load())
     try:
@@ -122,17 +135,15 @@ def load_release(path):
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}); pass a checkpoint "
-                        f"of the LVDM release.") from None
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}); {fix}.") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         kind = "a checkpoint of this project (use it directly)" if isinstance(ckpt, dict) and "stage" in ckpt else \
             f"a {type(ckpt).__name__} without a 'state_dict'"
-        raise UserError(f"{path} is {kind}, not a Lightning checkpoint of the LVDM release.")
+        raise UserError(f"{path} is {kind}, not a Lightning checkpoint; {fix}.")
     sd = ckpt["state_dict"]
     bad = [k for k, v in sd.items() if not isinstance(k, str) or not torch.is_tensor(v)]
     if bad:
-        raise UserError(f"{path} has non-tensor entries in its state_dict ({bad[0]!r}); pass a checkpoint of the "
-                        f"LVDM release.")
+        raise UserError(f"{path} has non-tensor entries in its state_dict ({bad[0]!r}); {fix}.")
     step = ckpt.get("global_step")
     return sd, step if isinstance(step, int) else 0
 
@@ -265,6 +276,31 @@ def ae_config(sd, ft, path):
                              quant_conv=quant)
 
 
+def unet_shape(sd, path, attention_key, fix):
+    """Widths, levels, residual blocks and attention levels of an LDM-style U-Net state dict (input_blocks.n.0 a
+    ResBlock or a downsampling `op`, input_blocks.n.1 its attention, found by `attention_key`)."""
+    try:
+        mc, cin = sd["input_blocks.0.0.weight"].shape[:2]
+        cout = sd["out.2.weight"].shape[0]
+    except KeyError as e:
+        raise UserError(f"{path} lacks the U-Net weight {e}; {fix}.") from None
+    levels, i = [[]], 1
+    while f"input_blocks.{i}.0.in_layers.2.weight" in sd or f"input_blocks.{i}.0.op.weight" in sd:
+        if f"input_blocks.{i}.0.op.weight" in sd:
+            levels.append([])
+        else:
+            width = sd[f"input_blocks.{i}.0.in_layers.2.weight"].shape[0]
+            levels[-1].append((width, f"input_blocks.{i}.1.{attention_key}" in sd))
+        i += 1
+    counts = {len(lv) for lv in levels}
+    if len(counts) != 1 or 0 in counts or any(len({w for w, _ in lv}) != 1 for lv in levels):
+        raise UserError(f"{path}: the U-Net's levels {levels} do not have equal residual blocks of one width each; "
+                        f"{fix}.")
+    return dict(in_channels=int(cin), out_channels=int(cout), model_channels=int(mc),
+                channel_mult=tuple(lv[0][0] // mc for lv in levels), num_res_blocks=counts.pop(),
+                attention_resolutions=tuple(2 ** n for n, lv in enumerate(levels) if lv[0][1]))
+
+
 def unet_fields(sd, path):
     """UNetConfig fields a release U-Net state dict (release keys, prefix stripped) shows by its shapes."""
     if "label_emb.weight" in sd or any(k.startswith("time_embed_cond.") for k in sd):
@@ -274,27 +310,8 @@ def unet_fields(sd, path):
     if any(".transformer_blocks." in k for k in sd):
         raise UserError(f"{path} holds the release's text-to-video U-Net (spatial-temporal transformer blocks), "
                         f"which this converter does not map; convert a short unconditional model.")
-    try:
-        mc, cin = sd["input_blocks.0.0.weight"].shape[:2]
-        cout = sd["out.2.weight"].shape[0]
-    except KeyError as e:
-        raise UserError(f"{path} lacks the U-Net weight {e}; pass the release's short_*.ckpt.") from None
-    levels, blocks, i = [[]], 1, 1
-    while f"input_blocks.{i}.0.in_layers.2.weight" in sd or f"input_blocks.{i}.0.op.weight" in sd:
-        if f"input_blocks.{i}.0.op.weight" in sd:
-            levels.append([])
-        else:
-            width = sd[f"input_blocks.{i}.0.in_layers.2.weight"].shape[0]
-            levels[-1].append((width, f"input_blocks.{i}.1.norm_s.weight" in sd))
-        i += 1
-    counts = {len(lv) for lv in levels}
-    if len(counts) != 1 or 0 in counts or any(len({w for w, _ in lv}) != 1 for lv in levels):
-        raise UserError(f"{path}: the U-Net's levels {levels} do not have equal residual blocks of one width each; "
-                        f"not a release U-Net.")
     tables = [v for k, v in sd.items() if k.endswith("relative_position_k.embeddings_table")]
-    fields = dict(in_channels=int(cin), out_channels=int(cout), model_channels=int(mc),
-                  channel_mult=tuple(lv[0][0] // mc for lv in levels), num_res_blocks=counts.pop(),
-                  attention_resolutions=tuple(2 ** n for n, lv in enumerate(levels) if lv[0][1]),
+    fields = dict(unet_shape(sd, path, "norm_s.weight", "pass the release's short_*.ckpt"),
                   attention="factorized", use_relative_position=bool(tables), norm_over="clip",
                   relative_form="release" if any(k.endswith("relative_position_v.embeddings_table") for k in sd)
                   else "key")
@@ -352,25 +369,165 @@ def release_train_args(preset, size, frames, out, vae_path, source):
     return dict(vars(args), data=None, converted_from=source)  # trained on the release's data, not on --data
 
 
+# ----------------------------------------------------------------------------- Stable Diffusion v1.x (§5)
+# Stable Diffusion v1's diffusion (v1-inference.yaml): 1000 steps of LDM's linear schedule 0.00085 -> 0.012, ε,
+# and LDM's DDIM step spacing (the release's; ddim_spacing="release").
+SD_DIFFUSION = dict(timesteps=1000, schedule="linear", beta_start=0.00085, beta_end=0.012, loss="l2",
+                    prediction="eps", var_type="fixed_small", ddim_spacing="release")
+# Its U-Net's names -> unet3d.py's: only the ResBlock's second GroupNorm and conv differ (as the release's).
+SD_UNET_KEYS = UNET_KEYS[:2] + [("{rest}", "{rest}")]
+
+
+def read_sd(path):
+    """Stable Diffusion v1.x in either layout -> (state dict in the single file's names, hints: settings only
+    a diffusers folder's configs show, and the step of a .ckpt)."""
+    if os.path.isdir(path):
+        return sdlayout.read_folder(path)
+    if not os.path.isfile(path):
+        raise UserError(f"--sd {path} does not exist; check the path.")
+    if path.endswith(".safetensors"):
+        return text.read_safetensors(path), {}
+    if path.endswith((".ckpt", ".pt", ".pth")):
+        sd, step = load_release(path, "pass a Stable Diffusion v1.x .ckpt, .safetensors or diffusers folder")
+        return sd, {"step": step}
+    raise UserError(f"--sd {path} is not a layout of Stable Diffusion this converter reads; pass a single .ckpt or "
+                    f".safetensors file, or a diffusers folder (with unet/, vae/ and text_encoder/).")
+
+
+def sd_to_project(unet, ae):
+    """Single-file U-Net and autoencoder state dicts (prefixes stripped) -> unet3d.py / sdvae.py names and
+    shapes: U-Net convs gain a time axis of 1 ((O,I,k,k) -> (O,I,1,k,k)), the autoencoder's attention 1x1 convs
+    become Linear weights ((C,C,1,1) -> (C,C))."""
+    unet = {_rename(k, SD_UNET_KEYS): v.unsqueeze(2) if v.dim() == 4 else v for k, v in unet.items()}
+    ae = {k: v.flatten(1) if sdlayout.VAE_ATTENTION_WEIGHT.search(k) else v for k, v in ae.items()}
+    return unet, ae
+
+
+def project_to_sd(unet, ae):
+    """The inverse of sd_to_project (tests write Stable Diffusion files of their own models with it)."""
+    inverse = [(dst, src) for src, dst in SD_UNET_KEYS]
+    unet = {_rename(k, inverse): v.squeeze(2) if v.dim() == 5 else v for k, v in unet.items()}
+    ae = {k: v[:, :, None, None] if sdlayout.VAE_ATTENTION_WEIGHT.search(k) else v for k, v in ae.items()
+          if not k.startswith("latent_")}
+    return unet, ae
+
+
+def sd_unet_fields(sd, path):
+    """UNetConfig fields of a Stable Diffusion U-Net state dict (sd_to_project's names) shown by its shapes."""
+    fix = "pass Stable Diffusion v1.x weights"
+    proj = [v for k, v in sd.items() if k.endswith(".proj_in.weight")]
+    if not proj or proj[0].dim() != 5:
+        raise UserError(f"{path} has no Stable Diffusion v1 attention blocks (1x1 conv proj_in; 2.x has Linear "
+                        f"ones); {fix}.")
+    first = min(k for k in sd if k.endswith(".attn2.to_k.weight"))
+    block = first.split(".transformer_blocks.")[0]
+    depth = sum(1 for k in sd if k.startswith(block + ".transformer_blocks.") and k.endswith(".attn1.to_q.weight"))
+    return dict(unet_shape(sd, path, "proj_in.weight", fix), context_dim=int(sd[first].shape[1]),
+                transformer_depth=depth, block="sd", resblock_scale_shift=False, attention="spatial")
+
+
+def sd_vae_config(sd, path, scale):
+    """SDVAEConfig of a Stable Diffusion autoencoder state dict (names of sdvae.py) from its shapes."""
+    try:
+        ch, cin = sd["encoder.conv_in.weight"].shape[:2]
+        levels = sum(1 for k in sd if re.fullmatch(r"encoder\.down\.\d+\.block\.0\.conv1\.weight", k))
+        layers = sum(1 for k in sd if re.fullmatch(r"encoder\.down\.0\.block\.\d+\.conv1\.weight", k))
+        ch_mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
+        z = sd["decoder.conv_in.weight"].shape[1]
+        moments = sd["quant_conv.weight"].shape[0]
+    except KeyError as e:
+        raise UserError(f"{path} lacks the autoencoder weight {e}; pass Stable Diffusion v1.x weights.") from None
+    if moments != 2 * z or any(re.match(r"(en|de)coder\.(down|up)\.\d+\.attn\.", k) for k in sd):
+        raise UserError(f"{path}'s autoencoder is not Stable Diffusion's KL-f8 (embedding width or attention "
+                        f"levels differ); pass Stable Diffusion v1.x weights.")
+    return sdvae.SDVAEConfig(in_channels=int(cin), ch=int(ch), ch_mult=ch_mult, num_res_blocks=layers,
+                             z_channels=int(z), scale_factor=float(scale))
+
+
+def convert_sd(path, weights="model", overrides=None, scale=None):
+    """Stable Diffusion v1.x (either layout) -> (FrameAutoencoder, image model text.TextConditioned(UNet3D,
+    CLIP text model), its UNetConfig, step). weights: "model" (model.diffusion_model.*: what the
+    -emaonly files hold) or "ema" (model_ema.*, in the full .ckpt files)."""
+    sd, hints = read_sd(path)
+    unet_sd = ema_weights(sd, path) if weights == "ema" else with_prefix(sd, sdlayout.UNET)
+    ae_sd, clip_sd = with_prefix(sd, sdlayout.VAE), with_prefix(sd, sdlayout.TEXT)
+    for what, part in (("U-Net (model.diffusion_model.*)", unet_sd), ("autoencoder (first_stage_model.*)", ae_sd),
+                       ("text encoder (cond_stage_model.transformer.*)", clip_sd)):
+        if not part:
+            raise UserError(f"{path} holds no {what}; pass a whole Stable Diffusion v1.x checkpoint (.ckpt, "
+                            f".safetensors) or diffusers folder.")
+    unet_sd, ae_sd = sd_to_project(unet_sd, ae_sd)
+    autoencoder = sdvae.FrameAutoencoder(sd_vae_config(ae_sd, path, scale or hints.get("scale_factor", 0.18215)))
+    load_weights(autoencoder, {**{k: v.float() for k, v in ae_sd.items()}, "latent_scale": autoencoder.latent_scale,
+                               "latent_shift": autoencoder.latent_shift}, path, "Stable Diffusion autoencoder")
+    ucfg = make_config(unet3d.UNetConfig, dict(sd_unet_fields(unet_sd, path), num_heads=hints.get("num_heads", 8)),
+                       overrides or {})   # SD v1: 8 heads at every level (v1-inference.yaml)
+    image = text.TextConditioned(unet3d.UNet3D(ucfg), text.clip_text_from_state(clip_sd, path, hints.get("text_heads")))
+    load_weights(image.net, {k: v.float() for k, v in unet_sd.items()}, path, "U-Net")
+    return autoencoder.eval(), image.eval(), ucfg, hints.get("step", 0)
+
+
+def write_sd(args):
+    """convert.py --sd: RUN/vae.pt, RUN/image.pt (with train.py's arguments of an image run, Stable Diffusion's
+    diffusion settings) and RUN/text_encoder.pt (a CLIPTextModel state dict, text.load_clip_text reads it)."""
+    autoencoder, image, ucfg, step = convert_sd(args.sd, args.weights, parse_overrides(args.model), args.scale_factor)
+    source, size = os.path.abspath(args.sd), args.size or 512   # SD v1.5 was trained on 512² images
+    if size % (autoencoder.fs * 2 ** (len(ucfg.channel_mult) - 1)):
+        raise UserError(f"--size {size} gives a latent this U-Net cannot take; pass a multiple of "
+                        f"{autoencoder.fs * 2 ** (len(ucfg.channel_mult) - 1)}.")
+    os.makedirs(args.out, exist_ok=True)
+    vae_path, image_path, text_path = (os.path.abspath(os.path.join(args.out, name))
+                                       for name in ("vae.pt", "image.pt", "text_encoder.pt"))
+    save_checkpoint(vae_path, sdvae.autoencoder_checkpoint(autoencoder, source, step))
+    save_checkpoint(text_path, {"state_dict": {"text_model." + k: v for k, v in image.text.state_dict().items()}})
+    # an image run's arguments (a paper-size preset; sample.py reads size, frames and the diffusion settings)
+    targs = train.parse_args(["--stage", "image", "--preset", "ucf101", "--data", source, "--out", args.out,
+                              "--size", str(size), "--frames", "1", "--vae", vae_path, "--text-encoder", text_path])
+    for k, v in SD_DIFFUSION.items():
+        setattr(targs, k, v)
+    save_checkpoint(image_path, {"stage": "image", "step": step, "model": image.state_dict(), "ema": None,
+                                 "model_args": asdict(ucfg), "text_args": asdict(image.text.cfg),
+                                 "train_args": dict(vars(targs), data=None, converted_from=source),
+                                 "vae_path": vae_path})
+    print(f"{vae_path}: Stable Diffusion's autoencoder, fs={autoencoder.fs}, applied per frame, scale "
+          f"{float(autoencoder.latent_scale):g}")
+    print(f"{image_path}: U-Net {count_params(image.net) / 1e6:.1f}M params, channels {ucfg.model_channels} x "
+          f"{ucfg.channel_mult}, heads {ucfg.num_heads}; CLIP text model {count_params(image.text) / 1e6:.1f}M params "
+          f"(also {text_path}); {args.weights} weights of {source}")
+    print(f"next: python sample.py --ckpt {image_path} --prompt \"a red car\" --bpe bpe_simple_vocab_16e6.txt.gz\n"
+          f"      python train.py --stage t2v --preset ucf101 --data VIDEOS --init {image_path} --vae {vae_path} "
+          f"--text-encoder {text_path}")
+
+
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", required=True, choices=sorted(RELEASE_PRESETS),
+    p.add_argument("--preset", choices=sorted(RELEASE_PRESETS),
                    help="the release config the files were trained with (scale/shift, heads, clip size)")
+    p.add_argument("--sd", metavar="FILE_OR_FOLDER", help="Stable Diffusion v1.x, §5's image model: a single .ckpt "
+                   "or .safetensors file, or a diffusers folder (unet/, vae/, text_encoder/); no --preset")
     p.add_argument("--ae", help="the release's autoencoder checkpoint (ae_sky.ckpt); default: the one inside --lvdm")
     p.add_argument("--lvdm", help="the release's short unconditional model (short_sky.ckpt)")
-    p.add_argument("--out", required=True, help="run folder for vae.pt and lvdm.pt")
+    p.add_argument("--out", required=True, help="run folder for vae.pt and lvdm.pt (--sd: and image.pt)")
     p.add_argument("--weights", default="model", choices=["model", "ema"],
-                   help="which U-Net weights: model.diffusion_model.* (the release's short sampler) or model_ema.*")
+                   help="which U-Net weights: model.diffusion_model.* (the release's short sampler, Stable "
+                        "Diffusion's -emaonly files) or model_ema.*")
     p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
                    help="override a U-Net field shapes cannot show, e.g. --model num_heads=2")
-    p.add_argument("--scale-factor", type=positive_float, help="latent scale (default: the preset's yaml value)")
+    p.add_argument("--scale-factor", type=positive_float, help="latent scale (default: the preset's yaml value; "
+                   "--sd: 0.18215 or the diffusers config's)")
     p.add_argument("--shift-factor", type=float, help="latent shift (default: the preset's yaml value)")
     p.add_argument("--ft", type=positive_int, help="the autoencoder's temporal factor (release: 4)")
-    p.add_argument("--size", type=positive_int, help="frame size to sample at (release: 256)")
+    p.add_argument("--size", type=positive_int, help="frame size to sample at (release: 256; --sd: 512)")
     p.add_argument("--frames", type=positive_int, help="frames per clip to sample (release: 16)")
     args = p.parse_args(argv)
+    if args.sd:
+        if args.ae or args.lvdm or args.preset:
+            raise UserError("--sd converts Stable Diffusion on its own; drop --ae, --lvdm and --preset.")
+        return args
     if not args.ae and not args.lvdm:
-        raise UserError("nothing to convert: pass --ae ae_<preset>.ckpt and/or --lvdm short_<preset>.ckpt.")
+        raise UserError("nothing to convert: pass --ae ae_<preset>.ckpt and/or --lvdm short_<preset>.ckpt (or --sd).")
+    if not args.preset:
+        raise UserError("pass --preset sky, taichi or ucf101: the release config the files were trained with.")
     preset = RELEASE_PRESETS[args.preset]
     for k in ("scale_factor", "shift_factor", "ft", "size", "frames"):
         if getattr(args, k) is None:
@@ -381,6 +538,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.sd:
+        return write_sd(args)
     lvdm_sd, step = load_release(args.lvdm) if args.lvdm else (None, 0)
     if args.ae:
         ae_sd, ae_step = load_release(args.ae)

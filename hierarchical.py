@@ -334,15 +334,16 @@ def stream_decode(vae, latent_chunks, context=None, batch=None):
         if pending.shape[2] <= context:
             continue
         emit = pending[:, :, : pending.shape[2] - context]  # keep `context` latents as right context
-        left = prev[:, :, -context:] if prev is not None else emit[:, :, :0]
+        left = prev[:, :, max(prev.shape[2] - context, 0):] if prev is not None else emit[:, :, :0]  # not -context: -0 is all
         window = torch.cat([left, pending], 2)               # (B,c,left+n,h,w)
         x = decode_latents(vae, window, batch)
         a = left.shape[2] * ft
         yield x[:, :, a: a + emit.shape[2] * ft]             # (B,3,n_emit*ft,H,W)
-        prev = emit if prev is None else torch.cat([prev, emit], 2)[:, :, -context:]  # (B,c,<=context,h,w)
+        prev = emit if prev is None else torch.cat([prev, emit], 2)
+        prev = prev[:, :, max(prev.shape[2] - context, 0):]                             # (B,c,<=context,h,w)
         pending = pending[:, :, emit.shape[2]:]
     if pending is not None and pending.shape[2] > 0:
-        left = prev[:, :, -context:] if prev is not None else pending[:, :, :0]
+        left = prev[:, :, max(prev.shape[2] - context, 0):] if prev is not None else pending[:, :, :0]
         x = decode_latents(vae, torch.cat([left, pending], 2), batch)  # (B,c,left+n,h,w) -> (B,3,(left+n)*ft,H,W)
         yield x[:, :, left.shape[2] * ft:]                       # (B,3,n*ft,H,W)
 

@@ -27,9 +27,9 @@ import data
 import diffusion as diffusion_lib
 import drift
 import hierarchical
+import sdvae
 import text as text_lib
 import unet3d
-import vae as vae_lib
 from common import (ArgumentParser, UserError, add_threads_flag, atomic_path, auto_amp, checkpoint_weights,
                     load_checkpoint, load_weights, main_guard, natural_float, natural_int, plot_lines, positive_int,
                     setup_cuda)
@@ -62,7 +62,7 @@ def load_decoder(args_of_ckpt, override, device):
     path = override or args_of_ckpt.get("vae_path")
     if not path or not os.path.isfile(path):
         raise UserError(f"the autoencoder {path} the model was trained with is not there; pass --vae PATH.")
-    return vae_lib.load_vae(path, device).eval()
+    return sdvae.load_autoencoder(path, device).eval()  # a trained vae.py one or Stable Diffusion's
 
 
 def parse_args(argv=None):

@@ -31,6 +31,7 @@ import balls
 import data
 import diffusion
 import hierarchical
+import sdvae
 import text
 import unet3d
 import vae
@@ -106,7 +107,7 @@ def build_diffusion_stage(args, device, master_process):
         if not args.vae:
             raise UserError("latent diffusion needs the frozen autoencoder: pass --vae RUN/vae.pt "
                             "(train it with --stage vae), or --space pixel.")
-        autoencoder = vae.load_vae(args.vae, device).eval().requires_grad_(False)
+        autoencoder = sdvae.load_autoencoder(args.vae, device).eval().requires_grad_(False)  # vae.py's or SD's
         channels, ft = autoencoder.cfg.z_channels, autoencoder.ft
     else:
         channels, ft = 3, 1

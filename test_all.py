@@ -44,6 +44,9 @@ import fvd
 import hierarchical
 import launch
 import sample
+import sdblocks
+import sdlayout
+import sdvae
 import stages
 import study
 import text
@@ -1467,6 +1470,89 @@ class TestVAE:
 
 
 # =============================================================================
+def _sdvae_tiny(seed=0):
+    """A small Stable Diffusion autoencoder (2 levels: fs=2) with every weight random (none zero)."""
+    torch.manual_seed(seed)
+    model = sdvae.FrameAutoencoder(sdvae.SDVAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)).double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+class TestSDVAE:
+    """sdvae.py: Stable Diffusion's KL-f8 autoencoder applied frame by frame (§5's first stage), against closed
+    forms and explicit references; the slow TestConvert test compares it with diffusers' AutoencoderKL."""
+
+    def test_every_frame_is_encoded_and_decoded_on_its_own(self):
+        model = _sdvae_tiny()
+        x = _vae_smooth_video(B=2, T=3, H=16, W=16, dtype=torch.float64)
+        with torch.no_grad():
+            post = model.encode(x)
+            assert post.mean.shape == (2, 4, 3, 8, 8) and (model.fs, model.ft) == (2, 1)
+            for t in range(3):                                   # a frame's latent sees that frame alone
+                torch.testing.assert_close(post.mean[:, :, t:t + 1], model.encode(x[:, :, t:t + 1]).mean)
+            z = post.mode()
+            dec = model.decode(z)
+            assert dec.shape == x.shape
+            torch.testing.assert_close(dec[:, :, 1:2], model.decode(z[:, :, 1:2]))
+            model.frame_batch = 1                                # frames through the networks one at a time
+            torch.testing.assert_close(model.decode(z), dec)
+            # Stable Diffusion's latents: 0.18215 * E(x), decoded from z / 0.18215 (no shift)
+            torch.testing.assert_close(model.encode_latents(x), 0.18215 * post.mode())
+            torch.testing.assert_close(model.decode_latents(z), model.decode(z / 0.18215))
+        with pytest.raises(UserError, match="multiple of 2"):
+            model.encode(torch.zeros(1, 3, 1, 9, 9, dtype=torch.float64))
+
+    def test_layers_match_their_closed_forms(self):
+        """Downsample reads x[2i:2i+3, 2j:2j+3] (one zero row/column padded at the bottom/right); attention is
+        softmax(q k^T / sqrt(C)) v over the positions of one frame; a block's skip is 1x1 only where widths differ."""
+        torch.manual_seed(0)
+        down = sdvae.Downsample(1).double()
+        with torch.no_grad():
+            down.conv.weight.zero_()
+            down.conv.weight[0, 0, 2, 2] = 1.0                   # the kernel's bottom-right tap
+            down.conv.bias.zero_()
+        x = torch.arange(16.0, dtype=torch.float64).reshape(1, 1, 4, 4)
+        assert down(x)[0, 0].tolist() == [[10.0, 0.0], [0.0, 0.0]]  # x[2,2]; the rest reach the zero padding
+        attn = sdvae.AttnBlock(32).double()
+        h = torch.randn(2, 32, 3, 5, dtype=torch.float64)
+        n = attn.norm(h).flatten(2).transpose(1, 2)              # (2,15,32)
+        q, k, v = attn.q(n), attn.k(n), attn.v(n)
+        w = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(32), dim=-1)
+        ref = h + attn.proj_out(w @ v).transpose(1, 2).reshape(2, 32, 3, 5)
+        torch.testing.assert_close(attn(h), ref)
+        assert isinstance(sdvae.ResnetBlock(32, 32).nin_shortcut, nn.Identity)
+        assert sdvae.ResnetBlock(32, 64).nin_shortcut.weight.shape == (64, 32, 1, 1)
+
+    def test_long_videos_decode_chunk_by_chunk_without_context(self):
+        """Frames do not interact, so hierarchical.stream_decode needs no neighbouring latents: its temporal reach
+        is 0 and each chunk is decoded alone (not with every earlier latent), equal to the one-shot decode."""
+        model = _sdvae_tiny().float()
+        assert hierarchical.temporal_reach(model) == 0
+        z, windows = torch.randn(1, 4, 7, 4, 4), []
+        decode = model.decode_latents
+        model.decode_latents = lambda zz: windows.append(zz.shape[2]) or decode(zz)
+        with torch.no_grad():
+            parts = list(hierarchical.stream_decode(model, (z[:, :, i:i + 2] for i in range(0, 7, 2))))
+            torch.testing.assert_close(torch.cat(parts, 2), decode(z))
+        assert windows == [2, 2, 2, 1]
+
+    def test_checkpoints_load_either_autoencoder_by_kind(self, tmp_path):
+        model = _sdvae_tiny().float()
+        common.save_checkpoint(str(tmp_path / "sd.pt"), sdvae.autoencoder_checkpoint(model, "test"))
+        loaded = sdvae.load_autoencoder(str(tmp_path / "sd.pt"))
+        assert isinstance(loaded, sdvae.FrameAutoencoder) and loaded.cfg == model.cfg
+        _assert_same_tensors(loaded.state_dict(), model.state_dict())
+        video_ae = _vae_tiny()
+        common.save_checkpoint(str(tmp_path / "v.pt"), {"stage": "vae", "model": video_ae.state_dict(), "ema": None,
+                                                        "model_args": asdict(video_ae.cfg)})
+        assert isinstance(sdvae.load_autoencoder(str(tmp_path / "v.pt")), vae.VideoAutoencoder)
+        with pytest.raises(UserError, match="does not exist"):
+            sdvae.load_autoencoder(str(tmp_path / "none.pt"))
+
+
+# =============================================================================
 class TestUNet3D:
     """unet3d.py (§3.2 backbone): the factorized U-Net against hand-written references."""
 
@@ -1777,6 +1863,91 @@ class TestUNet3D:
         # a config survives the checkpoint round trip (asdict -> lists -> UNetConfig)
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(presets["paper"]).items()}
         assert UNetConfig(**d) == presets["paper"]
+
+
+# =============================================================================
+def _sd_unet_config(**kw):
+    """A tiny Stable Diffusion v1 U-Net (sdblocks, added timestep embedding) as a UNetConfig."""
+    args = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2), num_heads=4,
+                context_dim=16, block="sd", resblock_scale_shift=False, attention="spatial")
+    args.update(kw)
+    return UNetConfig(**args)
+
+
+def _sd_randomize(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+class TestSDBlocks:
+    """sdblocks.py and unet3d.py's block="sd" (§5's image model as Stable Diffusion v1 builds it), against
+    explicit references; the slow TestConvert test compares the U-Net with diffusers' UNet2DConditionModel."""
+
+    def test_spatial_transformer_matches_an_explicit_reference_per_frame(self):
+        """GroupNorm(32, eps 1e-6) of each frame, 1x1 in, LN -> self-attention, LN -> cross-attention, LN -> GEGLU
+        (a * GELU(gate), GELU with erf) with residuals, 1x1 out, plus the input; written out with einsum."""
+        torch.manual_seed(0)
+        st = _sd_randomize(sdblocks.SpatialTransformer(32, 4, 16, depth=2).double())
+        x, ctx = torch.randn(2, 32, 3, 4, 5, dtype=torch.float64), torch.randn(2, 7, 16, dtype=torch.float64)
+
+        def attend(a, q_in, kv_in, heads=4):
+            q, k, v = a.to_q(q_in), a.to_k(kv_in), a.to_v(kv_in)
+            split = lambda y: y.reshape(y.shape[0], y.shape[1], heads, -1)          # (N,L,C) -> (N,L,h,d)
+            w = torch.softmax(torch.einsum("nihd,njhd->nhij", split(q), split(k)) / math.sqrt(32 // heads), -1)
+            return a.to_out[0](torch.einsum("nhij,njhd->nihd", w, split(v)).flatten(2))
+
+        with torch.no_grad():
+            out = st(x, ctx)
+            for f in range(3):
+                frame = x[:, :, f]                                                    # (2,32,4,5)
+                h = F.group_norm(frame, 32, st.norm.weight, st.norm.bias, eps=1e-6)
+                tok = torch.einsum("oc,nchw->nhwo", st.proj_in.weight[:, :, 0, 0, 0], h).reshape(2, 20, 32)
+                tok = tok + st.proj_in.bias
+                for b in st.transformer_blocks:
+                    ln = lambda y, norm: F.layer_norm(y, (32,), norm.weight, norm.bias, eps=1e-5)
+                    tok = tok + attend(b.attn1, ln(tok, b.norm1), ln(tok, b.norm1))
+                    tok = tok + attend(b.attn2, ln(tok, b.norm2), ctx)
+                    a, gate = b.ff.net[0].proj(ln(tok, b.norm3)).chunk(2, -1)
+                    tok = tok + b.ff.net[2](a * 0.5 * gate * (1 + torch.erf(gate / math.sqrt(2))))
+                proj = torch.einsum("oc,nlc->nlo", st.proj_out.weight[:, :, 0, 0, 0], tok) + st.proj_out.bias
+                torch.testing.assert_close(out[:, :, f], frame + proj.reshape(2, 4, 5, 32).permute(0, 3, 1, 2))
+        assert st.transformer_blocks[0].attn1.to_q.bias is None and st.transformer_blocks[0].attn2.to_v.bias is None
+
+    def test_resblock_adds_the_timestep_embedding(self):
+        """resblock_scale_shift=False: out = skip(x) + conv(SiLU(GN(conv(SiLU(GN(x))) + W SiLU(emb) + b)))."""
+        torch.manual_seed(0)
+        rb = _sd_randomize(ResBlock(32, 24, 64, scale_shift=False).double())
+        x, emb = torch.randn(2, 32, 3, 4, 4, dtype=torch.float64), torch.randn(2, 24, dtype=torch.float64)
+        with torch.no_grad():
+            h = rb.in_layers(x) + rb.emb_layers[1](F.silu(emb))[:, :, None, None, None]
+            want = rb.skip_connection(x) + rb.out_layers[2](F.silu(rb.out_norm(h)))
+            torch.testing.assert_close(rb(x, emb), want)
+        assert rb.emb_layers[1].weight.shape == (64, 24)
+
+    def test_image_model_runs_per_frame_and_the_video_model_starts_as_it(self):
+        """attention="spatial": each frame is denoised on its own. attention="factorized" adds a temporal attention
+        after every SpatialTransformer (zero output projection): started from the image model's weights
+        (init_from_image, §5) it computes the image model frame by frame."""
+        torch.manual_seed(0)
+        image = _sd_randomize(UNet3D(_sd_unet_config()).double().eval())
+        video = UNet3D(_sd_unet_config(attention="factorized")).double().eval()
+        extra = set(video.state_dict()) - set(image.state_dict())
+        assert extra and all(".attn_t." in k for k in extra) and set(image.state_dict()) < set(video.state_dict())
+        unet3d.init_from_image(video, image.state_dict())
+        x, t, ctx = torch.randn(2, 4, 3, 8, 8, dtype=torch.float64), torch.tensor([10, 900]), \
+            torch.randn(2, 5, 16, dtype=torch.float64)
+        with torch.no_grad():
+            out = image(x, t, context=ctx)
+            frames = torch.cat([image(x[:, :, f:f + 1], t, context=ctx) for f in range(3)], 2)
+            torch.testing.assert_close(out, frames)
+            torch.testing.assert_close(video(x, t, context=ctx), out)
+        with pytest.raises(UserError, match="attention='spatial'"):
+            _sd_unet_config(attention="joint")
+        with pytest.raises(UserError, match="block must be"):
+            _sd_unet_config(block="sd2")
 
 
 # =============================================================================
@@ -3577,6 +3748,256 @@ class TestConvert:
                 assert gd.ddim_timesteps(S)[1:].tolist() == sorted(ref[f"ddim{S}_steps"].tolist())  # the release lists them as run
                 out = gd.ddim_sample_loop(lambda x, t: unet(x, t), ref["ddim_xT"].shape, S, noise=ref["ddim_xT"])
                 assert rel(out, ref[f"ddim{S}"]) < 1e-3
+
+    def test_stable_diffusion_in_every_layout_becomes_this_projects_checkpoints(self, tmp_path):
+        """§5's image model from Stable Diffusion v1.x: a .ckpt, a .safetensors and a diffusers folder of the same
+        model convert to the same weights (torch.equal with the model they were written from), the checkpoints
+        sample images from a prompt, and the video model (train.py --stage t2v) starts from them."""
+        net, ae, clip, ema = _sd_write_files(tmp_path)
+        x, t, ctx = torch.randn(1, 4, 2, 8, 8), torch.tensor([500]), torch.randn(1, 5, 64)
+        video = _vae_smooth_video(B=1, T=2, H=16, W=16)
+        for source in ("sd.ckpt", "sd.safetensors", "sd"):
+            out = tmp_path / ("run-" + source)
+            convert.main(["--sd", str(tmp_path / source), "--out", str(out), "--size", "16"])
+            loaded = sdvae.load_autoencoder(str(out / "vae.pt"))
+            image, gd, targs = sample.load_model(str(out / "image.pt"), "cpu")
+            _assert_same_tensors(loaded.state_dict(), ae.state_dict())
+            _assert_same_tensors(image.net.state_dict(), net.state_dict())
+            _assert_same_tensors(image.text.state_dict(), clip.state_dict())
+            _assert_same_tensors(text.load_clip_text(str(out / "text_encoder.pt")).state_dict(), clip.state_dict())
+            assert (image.cfg.block, image.cfg.attention, image.cfg.num_heads) == ("sd", "spatial", 8)
+            assert (targs["stage"], targs["size"], targs["frames"], gd.ddim_spacing) == ("image", 16, 1, "release")
+            np.testing.assert_allclose(np.sqrt(gd.betas), np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000))  # LDM's
+            with torch.no_grad():
+                assert torch.equal(image.net(x, t, context=ctx), net(x, t, context=ctx))
+                assert torch.equal(loaded.encode_latents(video), ae.encode_latents(video))
+        assert common.load_checkpoint(str(tmp_path / "run-sd.ckpt" / "image.pt"))["step"] == 7
+        convert.main(["--sd", str(tmp_path / "sd.ckpt"), "--out", str(tmp_path / "ema"), "--weights", "ema"])
+        image, _, _ = sample.load_model(str(tmp_path / "ema" / "image.pt"), "cpu")
+        _assert_same_tensors(image.net.state_dict(), convert.sd_to_project(
+            {k: ema["model_ema.diffusion_model" + k.replace(".", "")] for k in convert.project_to_sd(
+                net.state_dict(), {})[0]}, {})[0])
+        bpe, run = tmp_path / "bpe.txt.gz", tmp_path / "run-sd"
+        with gzip.open(bpe, "wt", encoding="utf-8") as f:
+            f.write("#version: test\nr e\n")
+        sample.main(["--ckpt", str(run / "image.pt"), "--prompt", "a red ball", "--n", "2", "--steps", "2", "--bpe",
+                     str(bpe), "--out", str(tmp_path / "s"), "--npz"])
+        assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (2, 1, 16, 16, 3)   # images
+        train.main(["--stage", "t2v", "--preset", "demo-t2v", "--size", "16", "--frames", "4", "--init",
+                    str(run / "image.pt"), "--vae", str(run / "vae.pt"), "--text-encoder", str(run / "text_encoder.pt"),
+                    "--bpe", str(bpe), "--out", str(tmp_path / "t2v"), "--steps", "1", "--batch-size", "2",
+                    "--latent-cache", "2", "--sample-every", "100", "--lr", "1e-12", "--ema", "0"])
+        t2v, _, _ = sample.load_model(str(tmp_path / "t2v" / "t2v.pt"), "cpu")
+        assert (t2v.cfg.block, t2v.cfg.attention) == ("sd", "factorized")
+        _assert_same_tensors(t2v.text.state_dict(), clip.state_dict())                  # frozen CLIP
+        with torch.no_grad():
+            torch.testing.assert_close(t2v.net(x, t, context=ctx), net(x, t, context=ctx), atol=1e-5, rtol=1e-4)
+
+    def test_stable_diffusion_files_it_cannot_read_are_refused_in_one_sentence(self, tmp_path):
+        _sd_write_files(tmp_path)
+        (tmp_path / "sd.bin").write_bytes(b"x")
+        single = text.read_safetensors(str(tmp_path / "sd.safetensors"))
+        _text_write_safetensors(tmp_path / "no_text.safetensors",
+                                {k: v for k, v in single.items() if not k.startswith("cond_stage_model.")})
+        cases = [(["--sd", str(tmp_path / "sd.bin")], "not a layout of Stable Diffusion"),
+                 (["--sd", str(tmp_path / "none.ckpt")], "does not exist"),
+                 (["--sd", str(tmp_path)], "has no unet/diffusion_pytorch_model.safetensors"),
+                 (["--sd", str(tmp_path / "no_text.safetensors")], "holds no text encoder"),
+                 (["--sd", str(tmp_path / "sd.ckpt"), "--preset", "sky"], "on its own"),
+                 (["--sd", str(tmp_path / "sd.safetensors"), "--size", "20"], "--size 20")]
+        for extra, words in cases:
+            with pytest.raises(UserError) as e:
+                convert.main(extra + ["--out", str(tmp_path / "o")])
+            assert words in str(e.value) and "\n" not in str(e.value), (extra, str(e.value))
+
+    @pytest.mark.slow
+    def test_stable_diffusion_matches_diffusers_and_transformers(self, tmp_path):
+        """diffusers' own tiny UNet2DConditionModel and AutoencoderKL and transformers' CLIPTextModel (seeded,
+        every weight perturbed), saved as a diffusers folder and, through a mapping written out here (checked
+        with diffusers' own single-file loader), as a single file: the converted models match their outputs."""
+        diffusers = pytest.importorskip("diffusers")
+        transformers = pytest.importorskip("transformers")
+        from diffusers.loaders import single_file_utils
+        torch.manual_seed(0)
+        unet = diffusers.UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32).eval()
+        autoencoder = diffusers.AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            norm_num_groups=32, sample_size=32).eval()
+        clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+            vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=77, hidden_act="quick_gelu")).eval()
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for model in (unet, autoencoder, clip):
+                for v in model.state_dict().values():
+                    if v.is_floating_point():
+                        v.add_(0.05 * torch.randn(v.shape, generator=g))
+        for part, model in (("unet", unet), ("vae", autoencoder), ("text_encoder", clip)):
+            model.save_pretrained(str(tmp_path / "sd" / part))
+        # the single file, by the block names of CompVis' UNetModel / AutoencoderKL for this config (1 block a level)
+        blocks = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+                  "time_embedding.linear_2": "time_embed.2", "down_blocks.0.resnets.0": "input_blocks.1.0",
+                  "down_blocks.0.attentions.0": "input_blocks.1.1", "down_blocks.0.downsamplers.0.conv": "input_blocks.2.0.op",
+                  "down_blocks.1.resnets.0": "input_blocks.3.0", "mid_block.resnets.0": "middle_block.0",
+                  "mid_block.attentions.0": "middle_block.1", "mid_block.resnets.1": "middle_block.2",
+                  "up_blocks.0.resnets.0": "output_blocks.0.0", "up_blocks.0.resnets.1": "output_blocks.1.0",
+                  "up_blocks.0.upsamplers.0.conv": "output_blocks.1.1.conv", "up_blocks.1.resnets.0": "output_blocks.2.0",
+                  "up_blocks.1.attentions.0": "output_blocks.2.1", "up_blocks.1.resnets.1": "output_blocks.3.0",
+                  "up_blocks.1.attentions.1": "output_blocks.3.1", "conv_norm_out": "out.0", "conv_out": "out.2"}
+        for part in ("encoder", "decoder"):
+            blocks.update({f"{part}.{a}": f"{part}.{b}" for a, b in (
+                ("conv_in", "conv_in"), ("conv_out", "conv_out"), ("conv_norm_out", "norm_out"),
+                ("mid_block.resnets.0", "mid.block_1"), ("mid_block.attentions.0", "mid.attn_1"),
+                ("mid_block.resnets.1", "mid.block_2"))})
+        blocks.update({"encoder.down_blocks.0.resnets.0": "encoder.down.0.block.0", "encoder.down_blocks.1.resnets.0":
+                       "encoder.down.1.block.0", "encoder.down_blocks.0.downsamplers.0.conv": "encoder.down.0.downsample.conv",
+                       "decoder.up_blocks.0.resnets.0": "decoder.up.1.block.0", "decoder.up_blocks.0.resnets.1":
+                       "decoder.up.1.block.1", "decoder.up_blocks.0.upsamplers.0.conv": "decoder.up.1.upsample.conv",
+                       "decoder.up_blocks.1.resnets.0": "decoder.up.0.block.0", "decoder.up_blocks.1.resnets.1":
+                       "decoder.up.0.block.1", "quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv"})
+        inner_unet = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                      "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+        inner_vae = {"conv_shortcut": "nin_shortcut", "group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v",
+                     "to_out.0": "proj_out"}
+
+        def to_compvis(sd, vae):
+            """Block by block; inside resnets (and the autoencoder's attention) a few names differ; the autoencoder's
+            attention Linear weights are 1x1 convs there."""
+            out = {}
+            for k, v in sd.items():
+                head = next(h for h in sorted(blocks, key=len, reverse=True) if k.startswith(h + "."))
+                rest = k[len(head) + 1:]
+                if ".resnets." in head or (vae and ".attentions." in head):
+                    old = next((n for n in (inner_vae if vae else inner_unet) if rest.startswith(n + ".")), None)
+                    rest = rest if old is None else (inner_vae if vae else inner_unet)[old] + rest[len(old):]
+                    v = v[:, :, None, None] if vae and ".attentions." in head and v.dim() == 2 else v
+                out[f"{blocks[head]}.{rest}"] = v
+            return out
+
+        single = {**{"model.diffusion_model." + k: v for k, v in to_compvis(unet.state_dict(), False).items()},
+                  **{"first_stage_model." + k: v for k, v in to_compvis(autoencoder.state_dict(), True).items()},
+                  **{"cond_stage_model.transformer." + k: v for k, v in clip.state_dict().items()}}
+        _assert_same_tensors(single_file_utils.convert_ldm_unet_checkpoint(single, unet.config), unet.state_dict())
+        _assert_same_tensors(single_file_utils.convert_ldm_vae_checkpoint(single, autoencoder.config),
+                             autoencoder.state_dict())
+        _text_write_safetensors(tmp_path / "sd.safetensors", single)
+        sample_, t, ehs = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 7, 128)
+        image = torch.rand(1, 3, 32, 32) * 2 - 1
+        ids = torch.tensor([[49406 % 1000, 5, 17, 3] + [999] * 73])
+        with torch.no_grad():
+            want_unet = unet(sample_, t, encoder_hidden_states=ehs).sample
+            post = autoencoder.encode(image).latent_dist
+            want_decode = autoencoder.decode(post.mean).sample
+            want_text = clip(ids).last_hidden_state
+        for source in ("sd", "sd.safetensors"):
+            convert.main(["--sd", str(tmp_path / source), "--out", str(tmp_path / ("run-" + source)), "--size", "32"])
+            ours, _, _ = sample.load_model(str(tmp_path / ("run-" + source) / "image.pt"), "cpu")
+            ae = sdvae.load_autoencoder(str(tmp_path / ("run-" + source) / "vae.pt"))
+            with torch.no_grad():
+                got = ae.encode(image[:, :, None])
+                for a, b in ((ours.net(sample_[:, :, None], t, context=ehs)[:, :, 0], want_unet),
+                             (got.mean[:, :, 0], post.mean), (got.logvar[:, :, 0], post.logvar),
+                             (ae.decode(post.mean[:, :, None])[:, :, 0], want_decode), (ours.text(ids), want_text)):
+                    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+    @pytest.mark.slow
+    @pytest.mark.skipif(not os.path.isdir(os.environ.get("LVDM_SD_REF", "")),
+                        reason="set LVDM_SD_REF to a folder of Stable Diffusion reference outputs (diffusers_tiny/, ...)")
+    def test_stable_diffusion_matches_reference_outputs(self, tmp_path):
+        """The prepared reference folder: a tiny SD in diffusers layout and as a CompVis single file (.ckpt and
+        .safetensors), with diffusers' outputs on seeded inputs."""
+        ref_dir = os.environ["LVDM_SD_REF"]
+        ref_unet = torch.load(os.path.join(ref_dir, "diffusers_unet_tiny.pt"), weights_only=True)
+        ref_vae = torch.load(os.path.join(ref_dir, "diffusers_vae_tiny.pt"), weights_only=True)
+        i = ref_unet["inputs"]
+        for source in ("diffusers_tiny", "compvis_tiny_sd_single_file.ckpt", "compvis_tiny_sd_single_file.safetensors"):
+            convert.main(["--sd", os.path.join(ref_dir, source), "--out", str(tmp_path / source), "--size", "32"])
+            net, _, _ = sample.load_model(str(tmp_path / source / "image.pt"), "cpu")
+            ae = sdvae.load_autoencoder(str(tmp_path / source / "vae.pt"))
+            with torch.no_grad():
+                out = net.net(i["sample"][:, :, None], i["timestep"], context=i["encoder_hidden_states"])[:, :, 0]
+                post = ae.encode(ref_vae["inputs"]["image"][:, :, None])
+                torch.testing.assert_close(out, ref_unet["output"], atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(post.mean[:, :, 0], ref_vae["posterior_mean"], atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(ae.decode(ref_vae["posterior_mean"][:, :, None])[:, :, 0],
+                                           ref_vae["decode_of_mean"], atol=1e-4, rtol=1e-4)
+
+
+def _sd_write_files(tmp_path):
+    """A tiny Stable Diffusion of this project's modules (every weight random) written in the three layouts:
+    sd.ckpt (Lightning-style, with EMA copies), sd.safetensors (the flat single file) and a diffusers folder."""
+    net = _sd_randomize(UNet3D(_sd_unet_config(channel_mult=(1, 1, 2), num_res_blocks=2, attention_resolutions=(1, 2),
+                                               num_heads=8, context_dim=64)).float(), seed=1)
+    ae = _sdvae_tiny(seed=2).float()
+    torch.manual_seed(3)
+    clip = text.TextTransformer(text.TextConfig(vocab_size=49408, width=64, layers=1, heads=1, mlp_width=128))
+    unet_sd, ae_sd = convert.project_to_sd(net.state_dict(), ae.state_dict())
+    single = {**{"model.diffusion_model." + k: v for k, v in unet_sd.items()},
+              **{"first_stage_model." + k: v for k, v in ae_sd.items()},
+              **{"cond_stage_model.transformer.text_model." + k: v for k, v in clip.state_dict().items()},
+              "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None],
+              "betas": torch.from_numpy(make_betas("linear", 1000, 0.00085, 0.012)).float()}
+    ema = {"model_ema.diffusion_model" + k.replace(".", ""): v + 0.01 for k, v in unet_sd.items()}
+    torch.save({"state_dict": {**single, **ema, "model_ema.decay": torch.tensor(0.9999)}, "global_step": 7},
+               tmp_path / "sd.ckpt")
+    _text_write_safetensors(tmp_path / "sd.safetensors", single)
+    parts = sdlayout.compvis_to_diffusers(single)
+    for part, name, sd, config in zip(("unet", "vae", "text_encoder"), ("diffusion_pytorch_model",) * 2 + ("model",),
+                                      parts, ({"attention_head_dim": 8}, {"scaling_factor": 0.18215},
+                                              {"num_attention_heads": 1, "hidden_act": "quick_gelu"})):
+        os.makedirs(tmp_path / "sd" / part)
+        _text_write_safetensors(tmp_path / "sd" / part / f"{name}.safetensors", sd)
+        (tmp_path / "sd" / part / "config.json").write_text(json.dumps(config))
+    return net.eval(), ae, clip.eval(), ema
+
+
+class TestSDLayout:
+    """sdlayout.py: Stable Diffusion v1's diffusers names <-> its original single-file names, checked against the
+    examples the diffusers and CompVis code bases give at full size; convert.py's tests run whole files."""
+
+    def test_full_size_names_map_as_stable_diffusion_1_5s(self):
+        unet = {k: None for k in ("down_blocks.0.resnets.0.norm1.weight", "down_blocks.0.attentions.1.proj_in.bias",
+                                  "down_blocks.0.downsamplers.0.conv.weight", "down_blocks.3.resnets.1.time_emb_proj.bias",
+                                  "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_k.weight",
+                                  "up_blocks.0.upsamplers.0.conv.bias", "up_blocks.1.upsamplers.0.conv.weight",
+                                  "up_blocks.2.resnets.0.conv_shortcut.weight", "mid_block.attentions.0.norm.weight",
+                                  "time_embedding.linear_2.weight", "conv_norm_out.bias")}
+        want = ["input_blocks.1.0.in_layers.0.weight", "input_blocks.2.1.proj_in.bias", "input_blocks.3.0.op.weight",
+                "input_blocks.11.0.emb_layers.1.bias", "output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight",
+                "output_blocks.2.1.conv.bias", "output_blocks.5.2.conv.weight", "output_blocks.6.0.skip_connection.weight",
+                "middle_block.1.norm.weight", "time_embed.2.weight", "out.0.bias"]
+        table = sdlayout.unet_table(4, 2, [False, True, True, True])
+        assert list(sdlayout.rename(unet, table, True, "U-Net")) == want
+        assert list(sdlayout.rename(dict.fromkeys(want), table, False, "U-Net")) == list(unet)
+        vae = {k: None for k in ("decoder.up_blocks.0.resnets.2.conv2.weight", "decoder.up_blocks.2.upsamplers.0.conv.bias",
+                                 "encoder.down_blocks.1.resnets.0.conv_shortcut.bias", "encoder.down_blocks.3.resnets.1.norm1.weight",
+                                 "encoder.mid_block.attentions.0.to_out.0.weight", "decoder.mid_block.attentions.0.query.bias",
+                                 "decoder.mid_block.resnets.1.conv1.weight", "encoder.conv_norm_out.weight")}
+        assert list(sdlayout.rename(vae, sdlayout.vae_table(4, 2), True, "autoencoder")) == [
+            "decoder.up.3.block.2.conv2.weight", "decoder.up.1.upsample.conv.bias", "encoder.down.1.block.0.nin_shortcut.bias",
+            "encoder.down.3.block.1.norm1.weight", "encoder.mid.attn_1.proj_out.weight", "decoder.mid.attn_1.q.bias",
+            "decoder.mid.block_2.conv1.weight", "encoder.norm_out.weight"]
+        with pytest.raises(UserError, match="add_embedding"):
+            sdlayout.rename({"add_embedding.linear_1.weight": None}, table, True, "U-Net")  # SDXL's
+
+    def test_a_diffusers_folder_reads_as_the_single_file(self, tmp_path):
+        _sd_write_files(tmp_path)
+        sd, hints = sdlayout.read_folder(str(tmp_path / "sd"))
+        single = text.read_safetensors(str(tmp_path / "sd.safetensors"))
+        _assert_same_tensors(sd, {k: v for k, v in single.items() if k != "betas"})
+        assert hints == {"num_heads": 8, "scale_factor": 0.18215, "text_heads": 1}
+        (tmp_path / "sd" / "unet" / "config.json").write_text(json.dumps({"attention_head_dim": [5, 10, 20],
+                                                                        "use_linear_projection": True}))
+        with pytest.raises(UserError, match="not Stable Diffusion v1.x"):
+            sdlayout.read_folder(str(tmp_path / "sd"))
+        os.remove(tmp_path / "sd" / "vae" / "diffusion_pytorch_model.safetensors")
+        with pytest.raises(UserError, match="no vae/diffusion_pytorch_model.safetensors"):
+            sdlayout.read_folder(str(tmp_path / "sd"))
+
 
 # =============================================================================
 class TestDrift:

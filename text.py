@@ -310,6 +310,11 @@ def load_clip_text(path, heads=None):
     else:
         sd = load_checkpoint(path)
         sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    return clip_text_from_state(sd, path, heads)
+
+
+def clip_text_from_state(sd, path, heads=None):
+    """load_clip_text's model from a CLIPTextModel state dict already read from `path` (any spelling)."""
     sd = clip_text_state(sd)
     try:
         vocab, width = sd["embeddings.token_embedding.weight"].shape

@@ -21,6 +21,10 @@ Inputs for the later stages (§3.3, §5), each behind a config flag:
   s_embedding   the noise level s of the perturbed conditioning frames, embedded
                 like t and added to the timestep embedding (s=None adds nothing)
   context_dim   cross-attention to a context sequence (B, L, context_dim), e.g. text
+§5's image model as Stable Diffusion v1 builds it, so its weights load (convert.py --sd):
+  block="sd"    Stable Diffusion's attention block (sdblocks.SpatialTransformer: self-attention,
+                cross-attention, feed-forward) in place of AttentionBlock
+  resblock_scale_shift=False   the timestep embedding added to the features instead of AdaGN
 
 Two deliberate differences from the release: GroupNorm statistics are taken
 per frame (so layers without temporal attention really treat frames
@@ -42,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import sdblocks
 from common import UserError, count_params
 from vae import FrameGroupNorm
 
@@ -65,6 +70,10 @@ class UNetConfig:
     s_embedding: bool = False
     context_dim: int = None            # None: no cross-attention
     use_checkpoint: bool = False
+    # Stable Diffusion v1's layers (§5's image model; convert.py --sd sets them, sdblocks.py holds the block):
+    block: str = "lvdm"                # "lvdm": AttentionBlock; "sd": sdblocks.SpatialTransformer (+ attn_t in video)
+    transformer_depth: int = 1         # block="sd": transformer blocks per attention block
+    resblock_scale_shift: bool = True  # AdaGN; False: the embedding is added to the features (Stable Diffusion)
     # The public release's variants (convert.py sets them for its checkpoints; layers at the end of the file):
     norm_over: str = "frame"           # "clip": ResBlock/output GroupNorm over the whole clip and the temporal
                                        # attention's over (C/G,T) per position, as the release (frames then interact)
@@ -79,6 +88,11 @@ class UNetConfig:
             raise UserError(f"unknown attention {self.attention!r}; use 'factorized', 'joint' or 'spatial'.")
         if self.norm_over not in ("frame", "clip"):
             raise UserError(f"norm_over must be 'frame' or 'clip', not {self.norm_over!r}.")
+        if self.block not in ("lvdm", "sd"):
+            raise UserError(f"block must be 'lvdm' or 'sd', not {self.block!r}.")
+        if self.block == "sd" and self.attention == "joint":
+            raise UserError("block='sd' is Stable Diffusion's per-frame attention; use attention='spatial' (the image "
+                            "model) or 'factorized' (with temporal attention).")
         if self.relative_form not in ("key", "release"):
             raise UserError(f"relative_form must be 'key' or 'release', not {self.relative_form!r}.")
         if self.relative_form == "release" and self.attention == "joint":
@@ -130,13 +144,15 @@ def GroupNorm32(channels):
 class ResBlock(nn.Module):
     """Residual block with adaptive group normalization (AdaGN, Dhariwal & Nichol 2021):
     h = conv(SiLU(GN(x))); h = GN(h)·(1 + scale) + shift with (scale, shift) = Linear(SiLU(emb));
-    out = skip(x) + conv(SiLU(h)), the second conv zero-initialized so the block starts as the identity."""
+    out = skip(x) + conv(SiLU(h)), the second conv zero-initialized so the block starts as the identity.
+    scale_shift=False (Stable Diffusion's): h = GN(h + Linear(SiLU(emb))) instead."""
 
-    def __init__(self, channels, emb_channels, out_channels, dropout=0.0, use_checkpoint=False, norm=GroupNorm32):
+    def __init__(self, channels, emb_channels, out_channels, dropout=0.0, use_checkpoint=False, norm=GroupNorm32,
+                 scale_shift=True):
         super().__init__()
-        self.use_checkpoint = use_checkpoint
+        self.use_checkpoint, self.scale_shift = use_checkpoint, scale_shift
         self.in_layers = nn.Sequential(norm(channels), nn.SiLU(), conv_1x3x3(channels, out_channels))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, (2 if scale_shift else 1) * out_channels))
         self.out_norm = norm(out_channels)
         self.out_layers = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), zero_module(conv_1x3x3(out_channels, out_channels)))
         self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv3d(channels, out_channels, 1)
@@ -148,6 +164,9 @@ class ResBlock(nn.Module):
 
     def _forward(self, x, emb):
         h = self.in_layers(x)
+        if not self.scale_shift:
+            h = self.out_norm(h + self.emb_layers(emb).to(h.dtype)[:, :, None, None, None])  # (B,C) -> (B,C,1,1,1)
+            return self.skip_connection(x) + self.out_layers(h)
         scale, shift = self.emb_layers(emb).to(h.dtype)[:, :, None, None, None].chunk(2, dim=1)  # (B,2C) -> 2×(B,C,1,1,1)
         h = self.out_norm(h) * (1 + scale) + shift  # AdaGN
         return self.skip_connection(x) + self.out_layers(h)
@@ -304,13 +323,13 @@ class AttentionBlock(nn.Module):
 
 
 class TimestepEmbedSequential(nn.ModuleList):
-    """Runs its layers in order, giving the embedding to ResBlocks and the context to AttentionBlocks."""
+    """Runs its layers in order, giving the embedding to ResBlocks and the context to attention blocks."""
 
     def forward(self, x, emb, context=None):
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
-            elif isinstance(layer, AttentionBlock):
+            elif isinstance(layer, (AttentionBlock, sdblocks.SpatialTransformer)):
                 x = layer(x, context)
             else:
                 x = layer(x)
@@ -329,11 +348,19 @@ class UNet3D(nn.Module):
         self.s_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)) if cfg.s_embedding else None
 
         def res(cin, cout):
-            return ResBlock(cin, emb_dim, cout, cfg.dropout, cfg.use_checkpoint, norm)
+            return ResBlock(cin, emb_dim, cout, cfg.dropout, cfg.use_checkpoint, norm, cfg.resblock_scale_shift)
+
+        def block(ch, temporal_only=False):  # the attention block: this project's, or Stable Diffusion's (§5)
+            if cfg.block == "lvdm" or temporal_only:
+                return AttentionBlock(ch, cfg, temporal_only)
+            rel = cfg.max_relative_position if cfg.use_relative_position else None
+            return sdblocks.SpatialTransformer(ch, cfg.num_heads, cfg.context_dim, cfg.transformer_depth,
+                                               temporal_attention(ch, cfg, rel) if cfg.attention == "factorized"
+                                               else None, cfg.use_checkpoint)
 
         def attention(ch, ds):  # the block a level gets: full, temporal only, or none ([] then)
             if ds in cfg.attention_resolutions or ds in cfg.temporal_resolutions:
-                return [AttentionBlock(ch, cfg, temporal_only=ds not in cfg.attention_resolutions)]
+                return [block(ch, temporal_only=ds not in cfg.attention_resolutions)]
             return []
 
         cin = cfg.in_channels + (1 if cfg.mask_channel else 0)
@@ -350,7 +377,7 @@ class UNet3D(nn.Module):
                 self.input_blocks.append(TimestepEmbedSequential([Downsample(ch)]))
                 skip_chans.append(ch)
                 ds *= 2
-        self.middle_block = TimestepEmbedSequential([res(ch, ch), AttentionBlock(ch, cfg), res(ch, ch)])
+        self.middle_block = TimestepEmbedSequential([res(ch, ch), block(ch), res(ch, ch)])
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):

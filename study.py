@@ -240,12 +240,13 @@ def long_videos(argv):
     settings = {name: v for name, v in STUDY.items() if not args.only or name in args.only}
     args.window = args.window or min(drift.WINDOW, args.frames // 2)
     try:
-        seeds = ([int(x) for x in args.seeds.split(",")] if "," in args.seeds else
+        seeds = ([int(x) for x in args.seeds.split(",") if x] if "," in args.seeds else
                  list(range(args.seed, args.seed + int(args.seeds))))
     except ValueError:
         seeds = []
-    if not seeds:
-        p.error(f"--seeds takes a count of 1 or more or a comma-separated list of seeds, not {args.seeds!r}")
+    if not seeds or len(set(seeds)) < len(seeds):
+        p.error(f"--seeds takes a count of 1 or more or a comma-separated list of distinct seeds (one seed: "
+                f"'2,'), not {args.seeds!r}")
     if any(mode == "autoregressive" for mode, _, _ in settings.values()) and not args.ar_pred:
         p.error("the autoregressive settings need --ar-pred (a pred model trained with --gap 1), or pick "
                 "settings with --only hierarchical")

@@ -4223,6 +4223,10 @@ class TestStudy:
         study.long_videos(["--pred", pred, "--interp", interp, "--only", "hierarchical", "--frames", "64", "--n", "2",
                            "--steps", "2", "--seeds", "0,3", "--i3d", "", "--out", out])
         assert open(os.path.join(out, "study.csv")).read() == first
+        for bad in ("0,0", "0", "x,1"):   # the same videos twice would halve the standard errors
+            with pytest.raises(SystemExit):
+                study.long_videos(["--pred", pred, "--interp", interp, "--only", "hierarchical", "--seeds", bad,
+                                   "--frames", "64", "--n", "2", "--out", out])
         with pytest.raises(UserError, match="holds 2 videos of 64 frames, not 3 of 64"):
             study.long_videos(["--pred", pred, "--interp", interp, "--only", "hierarchical", "--frames", "64", "--n",
                                "3", "--steps", "2", "--seeds", "1", "--i3d", "", "--out", out])

@@ -283,9 +283,9 @@ def long_videos(argv):
             records = cached_records(os.path.join(out, "clips.json"), videos, [st.st_size, st.st_mtime_ns])
             measured = [video_measures(v, r, args.window) for v, r in zip(videos, records)]
             for k, c in enumerate(pts):  # per point: the same frames' clips, over the videos
-                st = drift.window_stats(records, c["start"], c["end"])
-                c.update(score=float(np.mean([m[1][k]["score"] for m in measured])), balls=st["balls_mean"],
-                         speed=st["speed"], keeps_first=float(np.mean([m[1][k]["keeps_first"] for m in measured])),
+                ws = drift.window_stats(records, c["start"], c["end"])
+                c.update(score=float(np.mean([m[1][k]["score"] for m in measured])), balls=ws["balls_mean"],
+                         speed=ws["speed"], keeps_first=float(np.mean([m[1][k]["keeps_first"] for m in measured])),
                          background=float(np.mean([m[1][k]["background"] for m in measured])))
                 rows.append([labels[name], seed, c["clip"], c["start"], c["end"], f"{c['fvd']:.3f}", f"{c['kvd']:.5f}",
                              f"{c['score']:.4f}", f"{c['balls']:.4f}", f"{c['speed']:.5f}", f"{c['keeps_first']:.4f}",

@@ -10,6 +10,7 @@ diagnostics, §5 on the built-in data) are in study.py.
     python bench.py smoke [--device cuda]  # every stage at the paper presets, a few steps: time and peak memory
     python bench.py contention             # the demo's training step next to a busy process: threads, wait policy
     python bench.py updates                # per-step costs the GPU path removed: EMA, guidance, schedule lookups
+    python bench.py levers [--compile]     # the demo's AE and LVDM training steps per speed lever, share of fp32 peak
     python bench.py release [--ae A --lvdm L]   # convert + sample the release's paper-size Sky models: time, memory
     python bench.py all --i3d PATH
 
@@ -39,6 +40,7 @@ import diffusion
 import fvd
 import harness
 import hierarchical
+import stages
 import train
 import unet3d
 import vae
@@ -370,11 +372,108 @@ def updates(args):
     return f"Machine: {harness.machine()}. Median of {args.repeat} runs after a warm-up.\n\n" + "\n".join(rows)
 
 
+# ----------------------------------------------------------------------------- levers of the demo's training step
+def demo_steps(variant, batch):
+    """(step, flops_of_one_step) of the demo's training step as train.py runs it (model, loss, backward, clip,
+    optimizer, EMA), for `variant` (a set of lever names, see levers) at `batch` clips; ae for the autoencoder
+    (random 32x32 crops of 16-frame 64x64 clips, no GAN term), else the LVDM (4x16x16 latents of 4 channels)."""
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    bf16 = "bf16" in variant
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    if "ae" in variant:
+        args = train.parse_args(["--stage", "vae", "--out", tempfile.gettempdir(), "--batch-size", str(batch)])
+        stage = stages.build_vae_stage(args, cpu, False)
+        x = torch.stack([balls.make_dataset("synthetic", 16, 64, split="train", seed=0)[i] for i in range(batch)])
+        scaler = train.make_scaler(cpu, "none")
+        scalers = {"optimizer": scaler, "optimizer_d": scaler}
+        net, ema = stage.model, None
+        loss = lambda: train.vae_step(stage, net, x, 0, False, args, autocast(), scalers)  # noqa: E731
+        opt = stage.optimizer
+    else:
+        cfg = replace(unet3d.unet_presets()["demo"], in_channels=4, out_channels=4)
+        net = unet3d.UNet3D(cfg)
+        gd = diffusion.GaussianDiffusion(diffusion.make_betas("linear", 1000), prediction="v")
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, **({"foreach": True} if "foreach" in variant else {}))
+        ema = None if "no EMA" in variant else train.EMA(net, 0.999)
+        z = torch.randn(batch, 4, 4, 16, 16)
+        if "channels-last" in variant:
+            net, z = net.to(memory_format=torch.channels_last_3d), z.contiguous(memory_format=torch.channels_last_3d)
+        fwd = torch.compile(net) if "compile" in variant else net
+
+        def loss():
+            with autocast():
+                value = gd.training_loss(lambda zt, t: fwd(zt, t), z).mean()
+            value.backward()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss()
+        torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        if ema is not None:
+            ema.update(net)
+
+    with FlopCounterMode(display=False) as fc:
+        opt.zero_grad(set_to_none=True)
+        loss()
+    return step, fc.get_total_flops()
+
+
+def levers(args):
+    """The demo's two training steps per speed lever, each a variant measured in rounds interleaved with the
+    others in this process (so all see the same load): ms per step and per clip, clips/s against the fp32 row
+    of its model, and the step's conv/matmul FLOP/s as a share of the fp32 matmul peak; then the profiler's top
+    ops of the LVDM step. --compile adds torch.compile rows (inductor needs a C compiler; its compile time is
+    reported and would be paid once per stage)."""
+    rows = [("LVDM", {"lvdm"}, 8), ("LVDM", {"lvdm", "bf16"}, 8), ("LVDM", {"lvdm", "channels-last"}, 8),
+            ("LVDM", {"lvdm", "foreach"}, 8), ("LVDM", {"lvdm", "no EMA"}, 8), ("LVDM", {"lvdm"}, 4),
+            ("LVDM", {"lvdm"}, 16), ("LVDM", {"lvdm", "bf16"}, 16),
+            ("autoencoder", {"ae"}, 4), ("autoencoder", {"ae", "bf16"}, 4)]
+    if args.compile:
+        rows += [("LVDM", {"lvdm", "compile"}, 8), ("LVDM", {"lvdm", "compile", "bf16"}, 8)]
+    peak = matmul_peak(torch.device("cpu"))
+    built, compile_s = [], {}
+    for name, variant, batch in rows:
+        t = time.perf_counter()
+        step, flops = demo_steps(variant, batch)
+        step()  # warm-up (and compilation)
+        if "compile" in variant:
+            compile_s[len(built)] = time.perf_counter() - t
+        built.append((step, flops))
+    times = [[] for _ in rows]
+    for _ in range(args.repeat):
+        for i, (step, _) in enumerate(built):
+            t = time.perf_counter()
+            for _ in range(3):
+                step()
+            times[i].append((time.perf_counter() - t) / 3)
+    out = [f"Machine: {harness.machine()}. fp32 matmul peak {peak / 1e9:.0f} GFLOP/s. Median of {args.repeat} rounds "
+           f"of 3 steps per row, the rows interleaved.", "",
+           "| model | levers | batch | ms / step | ms / clip | clips/s vs fp32, batch of the default | share of fp32 peak |",
+           "|---|---|---|---|---|---|---|"]
+    base = {}
+    for i, ((name, variant, batch), (_, flops)) in enumerate(zip(rows, built)):
+        t = float(np.median(times[i]))
+        base.setdefault(name, t / batch)
+        levers_ = ", ".join(sorted(variant - {"ae", "lvdm"})) or "fp32 (default)"
+        extra = f" (compile {compile_s[i]:.0f} s)" if i in compile_s else ""
+        out.append(f"| {name} | {levers_}{extra} | {batch} | {1e3 * t:.1f} | {1e3 * t / batch:.2f} | "
+                   f"{base[name] / (t / batch):.2f} | {flops / t / peak:.2f} |")
+    step, _ = demo_steps({"lvdm"}, 8)
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            step()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    return "\n".join(out) + "\n\nThe LVDM step (fp32, batch 8), top ops by own time over 5 steps:\n\n```\n" + table + "```"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", default="table2",
-                   choices=["table2", "loader", "i3d", "long", "faults", "smoke", "contention", "updates", "release",
-                            "all"])
+                   choices=["table2", "loader", "i3d", "long", "faults", "smoke", "contention", "updates", "levers",
+                            "release", "all"])
     p.add_argument("root", nargs="?", help="loader: folder of frame folders (default: a temporary one, made)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--width", type=int, default=64, help="U-Net model_channels (paper: 256; reduced on CPU)")
@@ -395,6 +494,7 @@ def main(argv=None):
     p.add_argument("--kills", type=int, default=5); p.add_argument("--fault-steps", type=int, default=12)
     p.add_argument("--smoke-steps", type=int, default=2)
     p.add_argument("--ae-hidden", type=int, default=8, help="smoke on a CPU: autoencoder width (paper: 32)")
+    p.add_argument("--compile", action="store_true", help="levers: add torch.compile rows (minutes to compile)")
     if argv is None:
         argv = sys.argv[1:]
     args = p.parse_args(argv)

@@ -186,8 +186,12 @@ def setup_cuda(device, benchmark=False):
 def auto_amp(device):
     """--amp auto: bf16 on GPUs of compute capability 8.0 on (A100, H100, RTX 30xx and later); fp16 with a
     loss scale below that (V100, T4: torch.cuda.is_bf16_supported() is true there, but through emulation,
-    and cuDNN has no fast bf16 convolutions); none on the CPU."""
+    and cuDNN has no fast bf16 convolutions). On the CPU bf16 where it has native bf16 instructions
+    (AVX512-BF16 or AMX), which oneDNN's convolutions and matmuls use (bench.py levers); none elsewhere,
+    where bf16 is emulated and slower than float32."""
     device = torch.device(device)
+    if device.type == "cpu":
+        return "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "none"
     if device.type != "cuda":
         return "none"
     return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"

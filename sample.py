@@ -91,7 +91,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
                    help="autocast of the networks: auto = bf16 on GPUs that have it natively, fp16 on older ones, "
-                        "none on the CPU (float32)")
+                        "bf16 on CPUs with bf16 instructions (AVX512-BF16, AMX), else none (float32)")
     add_threads_flag(p)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     # text-to-video (§5)

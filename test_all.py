@@ -518,12 +518,16 @@ class TestCommon:
             common.check_torch(ok)
 
     def test_amp_by_compute_capability(self, monkeypatch):
-        """bf16 only where the GPU has it natively (8.0 on); V100 / T4 report bf16 support through emulation."""
+        """bf16 only where the GPU or CPU has it natively (GPUs 8.0 on; CPUs with AVX512-BF16 or AMX); V100 / T4
+        report bf16 support through emulation."""
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
         for capability, amp in (((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):
             monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=capability: c)
             assert common.auto_amp("cuda:1") == amp
-        assert common.auto_amp("cpu") == "none"
+        for bf16, amx, amp in ((False, False, "none"), (True, False, "bf16"), (False, True, "bf16")):
+            monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda b=bf16: b)
+            monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda a=amx: a)
+            assert common.auto_amp("cpu") == amp  # emulated bf16 (no native instructions) is slower than fp32
 
     def test_cuda_rng_is_the_run_devices(self, monkeypatch):
         """rng_state / set_rng_state read and write the generator of the device they are given, not GPU 0's."""
@@ -2552,7 +2556,7 @@ class TestTrain:
         common = ["--stage", "vae", "--preset", "demo", "--size", "32", "--frames", "8", "--model", "hidden=8",
                   "--model", "ch_mult=(1,1,1)", "--model", _TINY_STRIDES, "--disc-start", "100", "--eval-clips", "2",
                   "--steps", "1",
-                  "--sample-posterior", "0", "--sample-every", "1000", "--save-every", "1"]
+                  "--sample-posterior", "0", "--sample-every", "1000", "--save-every", "1", "--amp", "none"]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         r1 = subprocess.run([sys.executable, "train.py", *common, "--batch-size", "2", "--out", one],
                             cwd=_HERE, env=env, capture_output=True, text=True, timeout=300)
@@ -2912,13 +2916,14 @@ class TestTrain:
                              common.load_checkpoint(os.path.join(tmp_path, "b", "t2v.pt"))["model"])
         out = str(tmp_path / "s")
         prompts = ["a red ball bounces fast over a blue background", "a blue ball and a green ball bounce slowly over a red background"]
+        # float32: the text's effect on a model trained 2 steps is below bf16's resolution
         sample.main(["--ckpt", os.path.join(run, "t2v.pt"), "--prompt", prompts[0], "--prompt", prompts[1], "--n", "3",
-                     "--steps", "2", "--out", out, "--npz"])
+                     "--steps", "2", "--out", out, "--npz", "--amp", "none"])
         assert open(os.path.join(out, "prompts.txt")).read().split("\n")[:3] == [prompts[0], prompts[1], prompts[0]]
         videos = np.load(os.path.join(out, "samples.npz"))["arr_0"]
         assert videos.shape == (3, 8, 32, 32, 3)
         sample.main(["--ckpt", os.path.join(run, "t2v.pt"), "--prompt", prompts[0], "--n", "3", "--steps", "2",
-                     "--out", out + "2", "--npz", "--text-guidance", "0"])
+                     "--out", out + "2", "--npz", "--text-guidance", "0", "--amp", "none"])
         other = np.load(os.path.join(out + "2", "samples.npz"))["arr_0"]
         assert not np.array_equal(videos[0], other[0])
         with pytest.raises(UserError, match="--prompt"):
@@ -3137,7 +3142,7 @@ class TestSample:
     def test_sample_cli_equals_direct_ddim_and_decode(self, tmp_path):
         path, net, ema, autoencoder = _sample_fixture(tmp_path)
         out = str(tmp_path / "s")
-        sample.main(["--ckpt", path, "--n", "2", "--steps", "4", "--npz", "--out", out, "--seed", "3"])
+        sample.main(["--ckpt", path, "--n", "2", "--steps", "4", "--npz", "--out", out, "--seed", "3", "--amp", "none"])
         videos = data.load_npz(os.path.join(out, "samples.npz"))
         assert videos.shape == (2, 8, 32, 32, 3) and videos.dtype == np.uint8
         # the same sampling by hand: EMA U-Net, DDIM 4 steps at the default eta 1 from the seeded generator

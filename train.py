@@ -117,7 +117,8 @@ def parse_args(argv=None):
                    help="learning rate over training: constant, or linear warm-up then cosine decay")
     p.add_argument("--warmup", type=natural_int, help="warm-up steps of the cosine schedule")
     p.add_argument("--ema", type=natural_float, help="EMA decay in [0, 1) (0 = off)")
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
+                   help="autocast: auto = bf16 on GPUs and CPUs that have it natively, fp16 on older GPUs, else none")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=natural_int, help="DataLoader workers per process (default: on a GPU up to 4, "
                    "persistent over the run; on the CPU and with --latent-cache 0: the cores train the model)")

@@ -415,8 +415,10 @@ def demo_steps(variant, batch):
             ema.update(net)
 
     def step():  # "1 thread": how the step scales with cores (--threads 1 against the default)
+        if "1 thread" not in variant:
+            return one_step()
         threads = torch.get_num_threads()
-        torch.set_num_threads(1 if "1 thread" in variant else threads)
+        torch.set_num_threads(1)
         try:
             one_step()
         finally:
@@ -431,14 +433,16 @@ def demo_steps(variant, batch):
 def levers(args):
     """The demo's two training steps per speed lever, each a variant measured in rounds interleaved with the
     others in this process (so all see the same load): ms per step and per clip, clips/s against the fp32 row
-    of its model (with all threads; the "1 thread" rows show how the step scales with cores), and the step's conv/matmul FLOP/s as a share of the fp32 matmul peak; then the profiler's top
-    ops of the LVDM step. --compile adds torch.compile rows (inductor needs a C compiler; its compile time is
-    reported and would be paid once per stage)."""
+    of its model (the "1 thread" rows show how the step scales with cores), and the step's conv/matmul FLOP/s
+    as a share of the fp32 matmul peak; then the profiler's top ops of the LVDM step. --compile adds
+    torch.compile rows (inductor needs a C compiler; its compile time is reported and would be paid once per
+    stage)."""
     rows = [("LVDM", {"lvdm"}, 8), ("LVDM", {"lvdm", "bf16"}, 8), ("LVDM", {"lvdm", "channels-last"}, 8),
             ("LVDM", {"lvdm", "foreach"}, 8), ("LVDM", {"lvdm", "no EMA"}, 8), ("LVDM", {"lvdm"}, 4),
             ("LVDM", {"lvdm"}, 16), ("LVDM", {"lvdm", "bf16"}, 16),
             ("LVDM", {"lvdm", "bf16", "1 thread"}, 8),
-            ("autoencoder", {"ae"}, 4), ("autoencoder", {"ae", "bf16"}, 4), ("autoencoder", {"ae", "bf16", "1 thread"}, 4)]
+            ("autoencoder", {"ae"}, 4), ("autoencoder", {"ae", "bf16"}, 4),
+            ("autoencoder", {"ae", "bf16", "1 thread"}, 4)]
     if args.compile:
         rows += [("LVDM", {"lvdm", "compile"}, 8), ("LVDM", {"lvdm", "compile", "bf16"}, 8)]
     peak = matmul_peak(torch.device("cpu"))

@@ -191,7 +191,8 @@ def auto_amp(device):
     where bf16 is emulated and slower than float32."""
     device = torch.device(device)
     if device.type == "cpu":
-        return "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "none"
+        native = [getattr(torch.cpu, f, lambda: False) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        return "bf16" if any(f() for f in native) else "none"
     if device.type != "cuda":
         return "none"
     return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"

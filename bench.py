@@ -381,11 +381,12 @@ def demo_steps(variant, batch):
     cpu = torch.device("cpu")
     bf16 = "bf16" in variant
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    scaler = train.make_scaler(cpu, "none")
     if "ae" in variant:
         args = train.parse_args(["--stage", "vae", "--out", tempfile.gettempdir(), "--batch-size", str(batch)])
         stage = stages.build_vae_stage(args, cpu, False)
-        x = torch.stack([balls.make_dataset("synthetic", 16, 64, split="train", seed=0)[i] for i in range(batch)])
-        scaler = train.make_scaler(cpu, "none")
+        clips = balls.make_dataset("synthetic", 16, 64, split="train", seed=0)
+        x = torch.stack([clips[i] for i in range(batch)])
         scalers = {"optimizer": scaler, "optimizer_d": scaler}
         net, ema = stage.model, None
         loss = lambda: train.vae_step(stage, net, x, 0, False, args, autocast(), scalers)  # noqa: E731
@@ -404,13 +405,12 @@ def demo_steps(variant, batch):
         def loss():
             with autocast():
                 value = gd.training_loss(lambda zt, t: fwd(zt, t), z).mean()
-            value.backward()
+            scaler.scale(value).backward()  # as train.diffusion_step (a scale of 1.0)
 
     def one_step():
         opt.zero_grad(set_to_none=True)
         loss()
-        torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], 1.0)
-        opt.step()
+        train.optimizer_step(opt, scaler, 1.0)  # clip at 1.0 and step, as train.py
         if ema is not None:
             ema.update(net)
 

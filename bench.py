@@ -463,7 +463,7 @@ def levers(args):
             times[i].append((time.perf_counter() - t) / 3)
     out = [f"Machine: {harness.machine()}. fp32 matmul peak {peak / 1e9:.0f} GFLOP/s. Median of {args.repeat} rounds "
            f"of 3 steps per row, the rows interleaved.", "",
-           "| model | levers | batch | ms / step | ms / clip | clips/s vs fp32, batch of the default | share of fp32 peak |",
+           "| model | levers | batch | ms / step | ms / clip | clips/s vs its model's first row | share of fp32 peak |",
            "|---|---|---|---|---|---|---|"]
     base = {}
     for i, ((name, variant, batch), (_, flops)) in enumerate(zip(rows, built)):

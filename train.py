@@ -72,7 +72,7 @@ STAGE_DEFAULTS = {
     ("vae", "paper"): dict(steps=100_000, batch_size=2, crop=0, lr=3.6e-5, schedule_lr="constant", warmup=0, ema=0.0,
                            disc_start=50_001, kl_weight=1e-6, disc_weight=0.5, perceptual_weight=1.0, betas=(0.5, 0.9),
                            save_every=2000, sample_every=2000),
-    # demo LVDM: batch 16 for 3000-5000 steps scored 72-85% (this 75%) but had FVD16 507-698 (this 417): RESULTS.md
+    # demo LVDM, 10000 x 8: batch 16 for 3000-5000 steps passed the score as often but had worse FVD16 (RESULTS.md)
     ("lvdm", "demo"):   dict(steps=10_000, batch_size=8, lr=1e-3, schedule_lr="cosine", warmup=50, ema=0.999,
                              prediction="v", save_every=500, sample_every=1000, latent_cache=2048),
     # pred, interp: start from the lvdm weights (§4.1). At 625 steps the keyframes kept their colours less

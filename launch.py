@@ -15,15 +15,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import hierarchical
 from common import UserError, auto_amp, cpu_busy_elsewhere, load_checkpoint, setup_cuda
 
 # --stage all, demo preset: after the vae stage, its decoder trains on alone (encoder, its latents and
 # their statistics frozen), for sharper reconstructions and samples; without the GAN term, which did
 # no better there (RESULTS.md, 2026-11-30: the decoder trained on alone).
 DEMO_DECODER = ["--decoder-only", "--steps", "2000", "--lr", "5e-4", "--warmup", "0", "--disc-start", "2000"]
-# The page's two 1024-frame videos: DDIM-20, the long-video study's setting (study.py long); at eta 1, 25 to
-# 100 steps scored alike on short samples (RESULTS.md, 2026-11-29), and 20 cost 2.5x less than 50.
-LONG_VIDEO_STEPS = 20
 
 
 def run_all(argv, parse_args, run=subprocess.run):
@@ -81,7 +79,8 @@ def run_all(argv, parse_args, run=subprocess.run):
     long_path = os.path.join(run_dir, "samples-hierarchical", "long.npy")
     if not os.path.isfile(long_path) or np.load(long_path, mmap_mode="r").shape[1] != 1024:
         step([sample_py, "--ckpt", os.path.join(run_dir, "pred.pt"), "--interp", os.path.join(run_dir, "interp.pt"),
-              "--mode", "hierarchical", "--frames", "1024", "--n", "2", "--steps", str(LONG_VIDEO_STEPS), *threads])
+              "--mode", "hierarchical", "--frames", "1024", "--n", "2", "--steps", str(hierarchical.LONG_VIDEO_STEPS),
+              *threads])
     step([sample_py, "--report", run_dir])
 
 

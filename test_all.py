@@ -3068,7 +3068,7 @@ class TestLaunch:
                              ["train.py", "--stage", "interp", *later]]
         assert [c[0] for c in calls[4:]] == ["sample.py"] * 3
         assert "hierarchical" in calls[5] and "1024" in calls[5] and calls[6] == ["sample.py", "--report", run_dir]
-        assert calls[5][calls[5].index("--steps") + 1] == str(launch.LONG_VIDEO_STEPS)  # the study's DDIM steps
+        assert calls[5][calls[5].index("--steps") + 1] == str(hierarchical.LONG_VIDEO_STEPS)  # the study's
         args = train.parse_args(calls[0][1:])  # what the decoder step's process will run with
         assert args.decoder_only and args.steps == 2000 and args.disc_start >= args.steps and args.out == decoder
         calls.clear()  # a finished decoder step is skipped like any stage; --threads reaches sample.py too

@@ -23,6 +23,14 @@ diffusers folder, which sdlayout.py renames to the single file's names):
        runs/sd15/text_encoder.pt  (the CLIP text model alone, for train.py --text-encoder)
     python sample.py --ckpt runs/sd15/image.pt --prompt "a red car" --bpe bpe_simple_vocab_16e6.txt.gz  (images)
 
+The release's text-to-video model (t2v.ckpt, configs/lvdm_short/text2video.yaml) is Stable Diffusion's layout
+plus temporal attention inside every transformer block (unet3d.py's sd_temporal="inside"):
+
+    python convert.py --preset t2v --lvdm t2v.ckpt --out runs/release-t2v
+    -> runs/release-t2v/vae.pt, text_encoder.pt (as --sd's) and t2v.pt (stage t2v: the video U-Net with CLIP)
+    python sample.py --ckpt runs/release-t2v/t2v.pt --prompt "clouds over a mountain lake" --text-guidance 14 \
+        --bpe bpe_simple_vocab_16e6.txt.gz     (the release script: DDIM 50, eta 1, guidance scale 15 = 1 + w)
+
 The architecture comes from the tensors' shapes (autoencoder width and stages, U-Net width,
 multipliers, residual blocks, attention levels, relative-position table size). What shapes
 cannot tell comes from --preset (the release's yaml configs: heads, latent scale and shift,
@@ -66,6 +74,8 @@ RELEASE_PRESETS = {
     "sky":    dict(scale_factor=0.33422927, shift_factor=1.4606637, num_heads=4, ft=4, size=256, frames=16),
     "taichi": dict(scale_factor=0.175733933, shift_factor=0.03291025, num_heads=4, ft=4, size=256, frames=16),
     "ucf101": dict(scale_factor=0.220142075, shift_factor=0.5837740898, num_heads=4, ft=4, size=256, frames=16),
+    # text2video.yaml: Stable Diffusion v1's per-frame autoencoder and scale, 8 heads, 256² x 16 frames
+    "t2v":    dict(scale_factor=0.18215, shift_factor=0.0, num_heads=8, ft=1, size=256, frames=16),
 }
 # The release's diffusion (configs/lvdm_short/*.yaml): 1000 linear steps 0.0015 -> 0.0155, ε, l1 loss.
 RELEASE_DIFFUSION = dict(timesteps=1000, schedule="linear", beta_start=0.0015, beta_end=0.0155, loss="l1",
@@ -307,9 +317,6 @@ def unet_fields(sd, path):
         raise UserError(f"{path} holds one of the release's long-video U-Nets (frame mask channel, noise level s "
                         f"through a label embedding), which were never published and are not mapped here; "
                         f"convert a short model (short_sky.ckpt, short_taichi.ckpt), then train pred/interp here.")
-    if any(".transformer_blocks." in k for k in sd):
-        raise UserError(f"{path} holds the release's text-to-video U-Net (spatial-temporal transformer blocks), "
-                        f"which this converter does not map; convert a short unconditional model.")
     tables = [v for k, v in sd.items() if k.endswith("relative_position_k.embeddings_table")]
     fields = dict(unet_shape(sd, path, "norm_s.weight", "pass the release's short_*.ckpt"),
                   attention="factorized", use_relative_position=bool(tables), norm_over="clip",
@@ -422,8 +429,14 @@ def sd_unet_fields(sd, path):
     first = min(k for k in sd if k.endswith(".attn2.to_k.weight"))
     block = first.split(".transformer_blocks.")[0]
     depth = sum(1 for k in sd if k.startswith(block + ".transformer_blocks.") and k.endswith(".attn1.to_q.weight"))
-    return dict(unet_shape(sd, path, "proj_in.weight", fix), context_dim=int(sd[first].shape[1]),
-                transformer_depth=depth, block="sd", resblock_scale_shift=False, attention="spatial")
+    fields = dict(unet_shape(sd, path, "proj_in.weight", fix), context_dim=int(sd[first].shape[1]),
+                  transformer_depth=depth, block="sd", resblock_scale_shift=False, attention="spatial")
+    if any(".attn1_tmp." in k for k in sd):  # the release's text-to-video U-Net: temporal attention in each block
+        tables = [v for k, v in sd.items() if k.endswith(".relative_position_k.embeddings_table")]
+        fields.update(attention="factorized", sd_temporal="inside", norm_over="clip", use_relative_position=bool(tables))
+        if tables:
+            fields["max_relative_position"] = (tables[0].shape[0] - 1) // 2
+    return fields
 
 
 def sd_vae_config(sd, path, scale):
@@ -444,10 +457,11 @@ def sd_vae_config(sd, path, scale):
                              z_channels=int(z), scale_factor=float(scale))
 
 
-def convert_sd(path, weights="model", overrides=None, scale=None):
+def convert_sd(path, weights="model", overrides=None, scale=None, video=False):
     """Stable Diffusion v1.x (either layout) -> (FrameAutoencoder, image model text.TextConditioned(UNet3D,
     CLIP text model), its UNetConfig, step). weights: "model" (model.diffusion_model.*: what the
-    -emaonly files hold) or "ema" (model_ema.*, in the full .ckpt files)."""
+    -emaonly files hold) or "ema" (model_ema.*, in the full .ckpt files). video=True: the release's
+    text-to-video model (the same layout with temporal layers), whose network is then the video model."""
     sd, hints = read_sd(path)
     unet_sd = ema_weights(sd, path) if weights == "ema" else with_prefix(sd, sdlayout.UNET)
     ae_sd, clip_sd = with_prefix(sd, sdlayout.VAE), with_prefix(sd, sdlayout.TEXT)
@@ -457,6 +471,10 @@ def convert_sd(path, weights="model", overrides=None, scale=None):
             raise UserError(f"{path} holds no {what}; pass a whole Stable Diffusion v1.x checkpoint (.ckpt, "
                             f".safetensors) or diffusers folder.")
     unet_sd, ae_sd = sd_to_project(unet_sd, ae_sd)
+    if video != any(".attn1_tmp." in k for k in unet_sd):
+        raise UserError(f"{path} holds the release's text-to-video model; convert it with --preset t2v --lvdm {path}."
+                        if not video else f"{path} holds no temporal layers (Stable Diffusion itself?); convert an "
+                        f"image model with --sd {path}, a text-to-video one with --preset t2v --lvdm t2v.ckpt.")
     autoencoder = sdvae.FrameAutoencoder(sd_vae_config(ae_sd, path, scale or hints.get("scale_factor", 0.18215)))
     load_weights(autoencoder, {**{k: v.float() for k, v in ae_sd.items()}, "latent_scale": autoencoder.latent_scale,
                                "latent_shift": autoencoder.latent_shift}, path, "Stable Diffusion autoencoder")
@@ -467,35 +485,46 @@ def convert_sd(path, weights="model", overrides=None, scale=None):
     return autoencoder.eval(), image.eval(), ucfg, hints.get("step", 0)
 
 
-def write_sd(args):
+def write_sd(args, video=False):
     """convert.py --sd: RUN/vae.pt, RUN/image.pt (with train.py's arguments of an image run, Stable Diffusion's
-    diffusion settings) and RUN/text_encoder.pt (a CLIPTextModel state dict, text.load_clip_text reads it)."""
-    autoencoder, image, ucfg, step = convert_sd(args.sd, args.weights, parse_overrides(args.model), args.scale_factor)
-    source, size = os.path.abspath(args.sd), args.size or 512   # SD v1.5 was trained on 512² images
+    diffusion settings) and RUN/text_encoder.pt (a CLIPTextModel state dict, text.load_clip_text reads it).
+    video=True (--preset t2v --lvdm t2v.ckpt): the release's text-to-video model as RUN/t2v.pt (stage t2v)."""
+    path = args.lvdm if video else args.sd
+    autoencoder, net, ucfg, step = convert_sd(path, args.weights, parse_overrides(args.model), args.scale_factor, video)
+    source, size = os.path.abspath(path), args.size or 512   # SD v1.5 was trained on 512² images
+    frames, stage = (args.frames, "t2v") if video else (1, "image")
     if size % (autoencoder.fs * 2 ** (len(ucfg.channel_mult) - 1)):
         raise UserError(f"--size {size} gives a latent this U-Net cannot take; pass a multiple of "
                         f"{autoencoder.fs * 2 ** (len(ucfg.channel_mult) - 1)}.")
     os.makedirs(args.out, exist_ok=True)
-    vae_path, image_path, text_path = (os.path.abspath(os.path.join(args.out, name))
-                                       for name in ("vae.pt", "image.pt", "text_encoder.pt"))
+    vae_path, model_path, text_path = (os.path.abspath(os.path.join(args.out, name))
+                                       for name in ("vae.pt", f"{stage}.pt", "text_encoder.pt"))
     save_checkpoint(vae_path, sdvae.autoencoder_checkpoint(autoencoder, source, step))
-    save_checkpoint(text_path, {"state_dict": {"text_model." + k: v for k, v in image.text.state_dict().items()}})
-    # an image run's arguments (a paper-size preset; sample.py reads size, frames and the diffusion settings)
-    targs = train.parse_args(["--stage", "image", "--preset", "ucf101", "--data", source, "--out", args.out,
-                              "--size", str(size), "--frames", "1", "--vae", vae_path, "--text-encoder", text_path])
+    save_checkpoint(text_path, {"state_dict": {"text_model." + k: v for k, v in net.text.state_dict().items()}})
+    # a run's arguments (a paper-size preset; sample.py reads size, frames and the diffusion settings)
+    targs = train.parse_args(["--stage", stage, "--preset", "ucf101", "--data", source, "--out", args.out,
+                              "--size", str(size), "--frames", str(frames), "--vae", vae_path,
+                              "--text-encoder", text_path, "--init", "none"])
     for k, v in SD_DIFFUSION.items():
         setattr(targs, k, v)
-    save_checkpoint(image_path, {"stage": "image", "step": step, "model": image.state_dict(), "ema": None,
-                                 "model_args": asdict(ucfg), "text_args": asdict(image.text.cfg),
+    save_checkpoint(model_path, {"stage": stage, "step": step, "model": net.state_dict(), "ema": None,
+                                 "model_args": asdict(ucfg), "text_args": asdict(net.text.cfg),
                                  "train_args": dict(vars(targs), data=None, converted_from=source),
                                  "vae_path": vae_path})
     print(f"{vae_path}: Stable Diffusion's autoencoder, fs={autoencoder.fs}, applied per frame, scale "
           f"{float(autoencoder.latent_scale):g}")
-    print(f"{image_path}: U-Net {count_params(image.net) / 1e6:.1f}M params, channels {ucfg.model_channels} x "
-          f"{ucfg.channel_mult}, heads {ucfg.num_heads}; CLIP text model {count_params(image.text) / 1e6:.1f}M params "
-          f"(also {text_path}); {args.weights} weights of {source}")
-    print(f"next: python sample.py --ckpt {image_path} --prompt \"a red car\" --bpe bpe_simple_vocab_16e6.txt.gz\n"
-          f"      python train.py --stage t2v --preset ucf101 --data VIDEOS --init {image_path} --vae {vae_path} "
+    print(f"{model_path}: U-Net {count_params(net.net) / 1e6:.1f}M params, channels {ucfg.model_channels} x "
+          f"{ucfg.channel_mult}, heads {ucfg.num_heads}"
+          f"{f', temporal attention in every block (±{ucfg.max_relative_position} frames)' if video else ''}; "
+          f"CLIP text model {count_params(net.text) / 1e6:.1f}M params (also {text_path}); {args.weights} weights "
+          f"of {source}")
+    bpe = "--bpe bpe_simple_vocab_16e6.txt.gz"
+    if video:   # the release's sampling script: DDIM 50, eta 1, guidance scale 15 (1 + w here: w = 14)
+        print(f"next: python sample.py --ckpt {model_path} --prompt \"clouds over a mountain lake\" "
+              f"--text-guidance 14 {bpe}")
+        return
+    print(f"next: python sample.py --ckpt {model_path} --prompt \"a red car\" {bpe}\n"
+          f"      python train.py --stage t2v --preset ucf101 --data VIDEOS --init {model_path} --vae {vae_path} "
           f"--text-encoder {text_path}")
 
 
@@ -506,8 +535,10 @@ def parse_args(argv=None):
     p.add_argument("--sd", metavar="FILE_OR_FOLDER", help="Stable Diffusion v1.x, §5's image model: a single .ckpt "
                    "or .safetensors file, or a diffusers folder (unet/, vae/, text_encoder/); no --preset")
     p.add_argument("--ae", help="the release's autoencoder checkpoint (ae_sky.ckpt); default: the one inside --lvdm")
-    p.add_argument("--lvdm", help="the release's short unconditional model (short_sky.ckpt)")
-    p.add_argument("--out", required=True, help="run folder for vae.pt and lvdm.pt (--sd: and image.pt)")
+    p.add_argument("--lvdm", help="the release's short unconditional model (short_sky.ckpt), or with --preset t2v "
+                   "its text-to-video model (t2v.ckpt)")
+    p.add_argument("--out", required=True, help="run folder for vae.pt and lvdm.pt (--sd: image.pt, --preset t2v: "
+                   "t2v.pt, with text_encoder.pt)")
     p.add_argument("--weights", default="model", choices=["model", "ema"],
                    help="which U-Net weights: model.diffusion_model.* (the release's short sampler, Stable "
                         "Diffusion's -emaonly files) or model_ema.*")
@@ -520,6 +551,14 @@ def parse_args(argv=None):
     p.add_argument("--size", type=positive_int, help="frame size to sample at (release: 256; --sd: 512)")
     p.add_argument("--frames", type=positive_int, help="frames per clip to sample (release: 16)")
     args = p.parse_args(argv)
+    if args.preset == "t2v":
+        if args.sd or args.ae or not args.lvdm:
+            raise UserError("--preset t2v converts the release's text-to-video model alone: pass --lvdm t2v.ckpt "
+                            "(it holds its autoencoder and text encoder), without --ae or --sd.")
+        for k in ("size", "frames"):
+            if getattr(args, k) is None:
+                setattr(args, k, RELEASE_PRESETS["t2v"][k])
+        return args
     if args.sd:
         if args.ae or args.lvdm or args.preset:
             raise UserError("--sd converts Stable Diffusion on its own; drop --ae, --lvdm and --preset.")
@@ -538,9 +577,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.sd:
-        return write_sd(args)
+    if args.sd or args.preset == "t2v":
+        return write_sd(args, video=args.preset == "t2v")
     lvdm_sd, step = load_release(args.lvdm) if args.lvdm else (None, 0)
+    if lvdm_sd is not None and any(".transformer_blocks." in k for k in lvdm_sd):
+        raise UserError(f"{args.lvdm} holds the release's text-to-video model (spatial-temporal transformer blocks); "
+                        f"convert it with --preset t2v --lvdm {args.lvdm}.")
     if args.ae:
         ae_sd, ae_step = load_release(args.ae)
         ae_source = args.ae

@@ -1933,21 +1933,85 @@ class TestSDBlocks:
 
     def test_image_model_runs_per_frame_and_the_video_model_starts_as_it(self):
         """attention="spatial": each frame is denoised on its own. attention="factorized" adds a temporal attention
-        after every SpatialTransformer (zero output projection): started from the image model's weights
-        (init_from_image, §5) it computes the image model frame by frame."""
+        after every SpatialTransformer (sd_temporal="after"), or two inside every transformer block (the release's
+        "inside"), each with a zero output projection: started from the image model's weights (init_from_image, §5)
+        the video model computes the image model frame by frame; with fresh temporal weights it does not."""
         torch.manual_seed(0)
         image = _sd_randomize(UNet3D(_sd_unet_config()).double().eval())
-        video = UNet3D(_sd_unet_config(attention="factorized")).double().eval()
-        extra = set(video.state_dict()) - set(image.state_dict())
-        assert extra and all(".attn_t." in k for k in extra) and set(image.state_dict()) < set(video.state_dict())
-        unet3d.init_from_image(video, image.state_dict())
         x, t, ctx = torch.randn(2, 4, 3, 8, 8, dtype=torch.float64), torch.tensor([10, 900]), \
             torch.randn(2, 5, 16, dtype=torch.float64)
         with torch.no_grad():
             out = image(x, t, context=ctx)
             frames = torch.cat([image(x[:, :, f:f + 1], t, context=ctx) for f in range(3)], 2)
-            torch.testing.assert_close(out, frames)
-            torch.testing.assert_close(video(x, t, context=ctx), out)
+        torch.testing.assert_close(out, frames)
+        for where, added in (("after", {".attn_t."}), ("inside", {".attn1_tmp.", ".attn2_tmp.", ".norm4.", ".norm5."})):
+            video = UNet3D(_sd_unet_config(attention="factorized", sd_temporal=where)).double().eval()
+            extra = set(video.state_dict()) - set(image.state_dict())
+            assert set(image.state_dict()) < set(video.state_dict())
+            assert {a for a in added if any(a in k for k in extra)} == added
+            assert all(any(a in k for a in added) for k in extra)
+            unet3d.init_from_image(video, image.state_dict())
+            with torch.no_grad():
+                torch.testing.assert_close(video(x, t, context=ctx), out)
+                _sd_randomize(video)   # temporal weights too: now frames interact
+                assert not torch.allclose(video(x, t, context=ctx)[:, :, :1], video(x[:, :, :1], t, context=ctx))
+
+    def test_release_temporal_attention_matches_shaws_formula_written_out(self):
+        """sdblocks.TemporalAttention, the release's text-to-video temporal attention, per head with loops over the
+        frames: logits_ij = (q_i.k_j + q_i.a^K[clip(j-i)]) / sqrt(d), out_i = sum_j w_ij (v_j + a^V[clip(j-i)]);
+        6 frames, distances clipped to +-2. Freshly built, its output projection is zero."""
+        torch.manual_seed(0)
+        att = _sd_randomize(sdblocks.TemporalAttention(16, 2, max_dist=2).double())
+        x = torch.randn(3, 6, 16, dtype=torch.float64)
+        clip = lambda j, i: min(max(j - i, -2), 2) + 2
+        with torch.no_grad():
+            q, k, v = att.to_q(x), att.to_k(x), att.to_v(x)
+            ak, av = att.relative_position_k.embeddings_table, att.relative_position_v.embeddings_table
+            heads = []
+            for h in range(2):
+                c = slice(8 * h, 8 * h + 8)
+                o = torch.zeros(3, 6, 8, dtype=torch.float64)
+                for i in range(6):
+                    logits = torch.stack([(q[:, i, c] * (k[:, j, c] + ak[clip(j, i)])).sum(-1) for j in range(6)], -1)
+                    w = torch.softmax(logits / math.sqrt(8), -1)
+                    o[:, i] = sum(w[:, j, None] * (v[:, j, c] + av[clip(j, i)]) for j in range(6))
+                heads.append(o)
+            torch.testing.assert_close(att(x), att.to_out(torch.cat(heads, -1)))
+            assert not torch.allclose(att(x), att.to_out(torch.cat(heads, -1)[:, torch.randperm(6)]))
+            assert torch.equal(sdblocks.TemporalAttention(16, 2, 2)(x.float()), torch.zeros(3, 6, 16))
+
+    def test_release_text_to_video_block_matches_an_explicit_reference(self):
+        """The release's SpatialTemporalTransformer (inner_temporal, clip_norm): GroupNorm(32, eps 1e-6) over the whole
+        clip, 1x1 in, then per transformer block spatial self-attention, temporal attention over the frames of each
+        position, cross-attention, temporal attention again and GEGLU, each residual; 1x1 out, plus the input."""
+        torch.manual_seed(0)
+        st = _sd_randomize(sdblocks.SpatialTransformer(32, 4, 16, inner_temporal=True, max_dist=2, clip_norm=True)
+                           .double())
+        B, T, H, W = 2, 5, 3, 4
+        x, ctx = torch.randn(B, 32, T, H, W, dtype=torch.float64), torch.randn(B, 7, 16, dtype=torch.float64)
+        b = st.transformer_blocks[0]
+        ln = lambda y, norm: F.layer_norm(y, (32,), norm.weight, norm.bias, eps=1e-5)
+
+        def spatial(a, y, kv=None):       # y (B,T,HW,C): every frame's positions attend (to kv: the text)
+            y = y.reshape(B * T, H * W, 32)
+            kv = y if kv is None else kv.repeat_interleave(T, 0)
+            return a(y, kv).reshape(B, T, H * W, 32)
+
+        def temporal(a, y):               # y (B,T,HW,C): every position's frames attend
+            return a(y.transpose(1, 2).reshape(B * H * W, T, 32)).reshape(B, H * W, T, 32).transpose(1, 2)
+
+        with torch.no_grad():
+            h = F.group_norm(x, 32, st.norm.weight, st.norm.bias, eps=1e-6)      # 5-D: statistics over (C/G,T,H,W)
+            tok = torch.einsum("oc,bcthw->bthwo", st.proj_in.weight[:, :, 0, 0, 0], h).reshape(B, T, H * W, 32)
+            tok = tok + st.proj_in.bias
+            tok = tok + spatial(b.attn1, ln(tok, b.norm1))
+            tok = tok + temporal(b.attn1_tmp, ln(tok, b.norm4))
+            tok = tok + spatial(b.attn2, ln(tok, b.norm2), ctx)
+            tok = tok + temporal(b.attn2_tmp, ln(tok, b.norm5))
+            a, gate = b.ff.net[0].proj(ln(tok, b.norm3)).chunk(2, -1)
+            tok = tok + b.ff.net[2](a * F.gelu(gate))
+            proj = torch.einsum("oc,btlc->botl", st.proj_out.weight[:, :, 0, 0, 0], tok) + st.proj_out.bias[:, None, None]
+            torch.testing.assert_close(st(x, ctx), x + proj.reshape(B, 32, T, H, W))
         with pytest.raises(UserError, match="attention='spatial'"):
             _sd_unet_config(attention="joint")
         with pytest.raises(UserError, match="block must be"):
@@ -3816,6 +3880,51 @@ class TestConvert:
                 convert.main(extra + ["--out", str(tmp_path / "o")])
             assert words in str(e.value) and "\n" not in str(e.value), (extra, str(e.value))
 
+    def test_the_releases_text_to_video_model_becomes_a_t2v_checkpoint(self, tmp_path):
+        """convert.py --preset t2v: the release's t2v.ckpt (Stable Diffusion's names with 5-D convs, temporal attention
+        inside every transformer block, first_stage_model.* and cond_stage_model.*), written here from a model of
+        this project, converts to the same weights (torch.equal outputs), samples from a prompt, and files of the
+        other kind are refused in one sentence."""
+        net = _sd_randomize(UNet3D(_sd_unet_config(attention="factorized", sd_temporal="inside", norm_over="clip",
+                                                   max_relative_position=3, num_heads=8, context_dim=64)), seed=1).eval()
+        ae = _sdvae_tiny(seed=2).float()
+        torch.manual_seed(3)
+        clip = text.TextTransformer(text.TextConfig(vocab_size=49408, width=64, layers=1, heads=1, mlp_width=128))
+        unet_sd, ae_sd = convert.project_to_sd(net.state_dict(), ae.state_dict())
+        state = {**{"model.diffusion_model." + k: v.unsqueeze(2) if v.dim() == 4 else v for k, v in unet_sd.items()},
+                 **{"first_stage_model." + k: v for k, v in ae_sd.items()},
+                 **{"cond_stage_model.transformer.text_model." + k: v for k, v in clip.state_dict().items()},
+                 "betas": torch.from_numpy(make_betas("linear", 1000, 0.00085, 0.012)).float()}
+        assert any(".attn1_tmp.relative_position_v.embeddings_table" in k for k in state)
+        torch.save({"state_dict": state, "global_step": 9}, tmp_path / "t2v.ckpt")
+        out = tmp_path / "run"
+        convert.main(["--preset", "t2v", "--lvdm", str(tmp_path / "t2v.ckpt"), "--out", str(out), "--size", "16",
+                      "--frames", "6"])
+        model, gd, targs = sample.load_model(str(out / "t2v.pt"), "cpu")
+        _assert_same_tensors(model.net.state_dict(), net.state_dict())
+        _assert_same_tensors(model.text.state_dict(), clip.state_dict())
+        _assert_same_tensors(sdvae.load_autoencoder(str(out / "vae.pt")).state_dict(), ae.state_dict())
+        assert (model.cfg.sd_temporal, model.cfg.norm_over, model.cfg.max_relative_position) == ("inside", "clip", 3)
+        assert (targs["stage"], targs["size"], targs["frames"], gd.ddim_spacing) == ("t2v", 16, 6, "release")
+        np.testing.assert_allclose(np.sqrt(gd.betas), np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000))
+        x, t, ctx = torch.randn(1, 4, 6, 8, 8), torch.tensor([500]), torch.randn(1, 5, 64)
+        with torch.no_grad():
+            assert torch.equal(model.net(x, t, context=ctx), net(x, t, context=ctx))
+        bpe = tmp_path / "bpe.txt.gz"
+        with gzip.open(bpe, "wt", encoding="utf-8") as f:
+            f.write("#version: test\nr e\n")
+        sample.main(["--ckpt", str(out / "t2v.pt"), "--prompt", "a red ball", "--n", "1", "--steps", "2", "--bpe",
+                     str(bpe), "--out", str(tmp_path / "s"), "--npz", "--text-guidance", "14"])
+        assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (1, 6, 16, 16, 3)
+        _sd_write_files(tmp_path)
+        for argv, words in ((["--preset", "t2v", "--lvdm", str(tmp_path / "sd.ckpt")], "holds no temporal layers"),
+                            (["--sd", str(tmp_path / "t2v.ckpt")], "--preset t2v --lvdm"),
+                            (["--preset", "t2v", "--ae", str(tmp_path / "sd.ckpt")], "alone: pass --lvdm"),
+                            (["--preset", "sky", "--lvdm", str(tmp_path / "t2v.ckpt")], "--preset t2v --lvdm")):
+            with pytest.raises(UserError) as e:
+                convert.main(argv + ["--out", str(tmp_path / "o")])
+            assert words in str(e.value) and "\n" not in str(e.value), (argv, str(e.value))
+
     @pytest.mark.slow
     def test_stable_diffusion_matches_diffusers_and_transformers(self, tmp_path):
         """diffusers' own tiny UNet2DConditionModel and AutoencoderKL and transformers' CLIPTextModel (seeded,
@@ -3932,6 +4041,46 @@ class TestConvert:
                 torch.testing.assert_close(ae.decode(ref_vae["posterior_mean"][:, :, None])[:, :, 0],
                                            ref_vae["decode_of_mean"], atol=1e-4, rtol=1e-4)
 
+
+    @pytest.mark.slow
+    @pytest.mark.skipif(not os.path.isfile(os.path.join(os.environ.get("LVDM_SD_REF", ""), "lvdm_t2v_unet_tiny.pt")),
+                        reason="set LVDM_SD_REF to a folder with the release's text-to-video reference outputs")
+    def test_the_releases_text_to_video_model_matches_the_release_code(self, tmp_path):
+        """The release's own text-to-video U-Net (openaimodel3d.UNetModel with SpatialTemporalTransformer, tiny,
+        seeded, every weight perturbed) in a t2v.ckpt with a tiny SD autoencoder and CLIP: the converted model
+        matches its outputs at 4 frames and at 6 (relative positions clipped at ±4), and its DDIM sampler's
+        deterministic 50-step run with guidance scale 15. Started from SD's weights with temporal layers added,
+        the video model with per-frame GroupNorm equals SD frame by frame (the release's GroupNorm over the clip
+        does not: the reference records it)."""
+        ref_dir = os.environ["LVDM_SD_REF"]
+        load = lambda name: torch.load(os.path.join(ref_dir, name), weights_only=True)
+        ref, clip = load("lvdm_t2v_unet_tiny.pt"), load("clip_text_tiny.pt")
+        state = {**{"model.diffusion_model." + k: v for k, v in ref["state_dict"].items()},
+                 **{"first_stage_model." + k: v for k, v in load("compvis_vae.pt").items()},
+                 **{"cond_stage_model.transformer." + k: v for k, v in clip["state_dict"].items()}}
+        torch.save({"state_dict": state, "global_step": 1}, tmp_path / "t2v.ckpt")
+        convert.main(["--preset", "t2v", "--lvdm", str(tmp_path / "t2v.ckpt"), "--out", str(tmp_path / "run"),
+                      "--size", "16", "--frames", "4"])
+        model, gd, _ = sample.load_model(str(tmp_path / "run" / "t2v.pt"), "cpu")
+        i = ref["inputs"]
+        with torch.no_grad():
+            for x, want in ((i["x"], ref["output"]), (i["x_T6"], ref["output_T6"])):
+                torch.testing.assert_close(model.net(x, i["timesteps"], context=i["context"]), want, atol=1e-4, rtol=1e-4)
+            run = load("lvdm_t2v_ddim_tiny.pt")
+            fn = hierarchical.text_guided_fn(model.net, run["cond"], run["uncond"], run["guidance"] - 1)
+            out = gd.ddim_sample_loop(fn, run["x_T"].shape, run["steps"], eta=run["eta"], noise=run["x_T"])
+            assert (out - run["sample"]).abs().max() / run["sample"].abs().max() < 1e-3
+        convert.main(["--sd", os.path.join(ref_dir, "compvis_tiny_sd_single_file.ckpt"), "--out", str(tmp_path / "sd"),
+                      "--size", "16"])
+        image, _, _ = sample.load_model(str(tmp_path / "sd" / "image.pt"), "cpu")
+        init = load("lvdm_t2v_unet_tiny_sdinit.pt")
+        video = UNet3D(dc_replace(model.cfg, norm_over="frame")).eval()
+        unet3d.init_from_image(video, image.net.state_dict())
+        with torch.no_grad():
+            got = video(init["inputs"]["x"], i["timesteps"], context=load("diffusers_unet_tiny.pt")["inputs"]
+                        ["encoder_hidden_states"])
+        torch.testing.assert_close(got, init["output_gn_per_frame"], atol=1e-4, rtol=1e-4)
+        assert (got - init["output"]).abs().max() > 0.05
 
 def _sd_write_files(tmp_path):
     """A tiny Stable Diffusion of this project's modules (every weight random) written in the three layouts:

@@ -25,6 +25,7 @@ Inputs for the later stages (§3.3, §5), each behind a config flag:
   block="sd"    Stable Diffusion's attention block (sdblocks.SpatialTransformer: self-attention,
                 cross-attention, feed-forward) in place of AttentionBlock
   resblock_scale_shift=False   the timestep embedding added to the features instead of AdaGN
+  sd_temporal="inside"         the release's text-to-video model: its temporal attentions inside SD's block
 
 Two deliberate differences from the release: GroupNorm statistics are taken
 per frame (so layers without temporal attention really treat frames
@@ -74,6 +75,9 @@ class UNetConfig:
     block: str = "lvdm"                # "lvdm": AttentionBlock; "sd": sdblocks.SpatialTransformer (+ attn_t in video)
     transformer_depth: int = 1         # block="sd": transformer blocks per attention block
     resblock_scale_shift: bool = True  # AdaGN; False: the embedding is added to the features (Stable Diffusion)
+    sd_temporal: str = "after"         # block="sd" video models: "after": one temporal attention after each block
+                                       # (attn_t); "inside": the release's text-to-video block, two in every
+                                       # transformer block (sdblocks.TemporalAttention: attn1_tmp, attn2_tmp)
     # The public release's variants (convert.py sets them for its checkpoints; layers at the end of the file):
     norm_over: str = "frame"           # "clip": ResBlock/output GroupNorm over the whole clip and the temporal
                                        # attention's over (C/G,T) per position, as the release (frames then interact)
@@ -93,6 +97,11 @@ class UNetConfig:
         if self.block == "sd" and self.attention == "joint":
             raise UserError("block='sd' is Stable Diffusion's per-frame attention; use attention='spatial' (the image "
                             "model) or 'factorized' (with temporal attention).")
+        if self.sd_temporal not in ("after", "inside"):
+            raise UserError(f"sd_temporal must be 'after' or 'inside', not {self.sd_temporal!r}.")
+        if self.sd_temporal == "inside" and (self.block != "sd" or self.temporal_resolutions):
+            raise UserError("sd_temporal='inside' is the release's text-to-video block: use it with block='sd' and "
+                            "no temporal_resolutions.")
         if self.relative_form not in ("key", "release"):
             raise UserError(f"relative_form must be 'key' or 'release', not {self.relative_form!r}.")
         if self.relative_form == "release" and self.attention == "joint":
@@ -354,9 +363,11 @@ class UNet3D(nn.Module):
             if cfg.block == "lvdm" or temporal_only:
                 return AttentionBlock(ch, cfg, temporal_only)
             rel = cfg.max_relative_position if cfg.use_relative_position else None
+            video, inside = cfg.attention == "factorized", cfg.sd_temporal == "inside"
             return sdblocks.SpatialTransformer(ch, cfg.num_heads, cfg.context_dim, cfg.transformer_depth,
-                                               temporal_attention(ch, cfg, rel) if cfg.attention == "factorized"
-                                               else None, cfg.use_checkpoint)
+                                               temporal_attention(ch, cfg, rel) if video and not inside else None,
+                                               cfg.use_checkpoint, inner_temporal=video and inside, max_dist=rel,
+                                               clip_norm=cfg.norm_over == "clip")
 
         def attention(ch, ds):  # the block a level gets: full, temporal only, or none ([] then)
             if ds in cfg.attention_resolutions or ds in cfg.temporal_resolutions:
@@ -439,6 +450,9 @@ class UNet3D(nn.Module):
             raise UserError(f"context must have shape (B={B}, L, {cfg.context_dim}), got {tuple(context.shape)}.")
 
 
+TEMPORAL_KEYS = (".attn_t.", ".attn1_tmp.", ".attn2_tmp.", ".norm4.", ".norm5.")  # what a video model adds
+
+
 def init_from_image(model, state, source="the image model"):
     """§5's initialization of the video model from the image model: copy every weight of `state` (the
     image checkpoint's state dict: spatial layers, cross-attention, text encoder); the temporal attention
@@ -455,7 +469,7 @@ def init_from_image(model, state, source="the image model"):
                 raise UserError(f"{source} does not match this video model at '{k}' ({tuple(state[k].shape)} vs "
                                 f"{tuple(v.shape)}); use the same --preset and --model overrides as the image run.")
             v.copy_(state[k])
-        elif ".attn_t." not in k:
+        elif not any(t in k for t in TEMPORAL_KEYS):
             raise UserError(f"{source} lacks '{k}', which is not temporal attention; pass the image model's "
                             f"checkpoint (train.py --stage image).")
 

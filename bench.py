@@ -12,6 +12,7 @@ diagnostics, §5 on the built-in data) are in study.py.
     python bench.py updates                # per-step costs the GPU path removed: EMA, guidance, schedule lookups
     python bench.py levers [--compile]     # the demo's AE and LVDM training steps per speed lever, share of fp32 peak
     python bench.py release [--ae A --lvdm L]   # convert + sample the release's paper-size Sky models: time, memory
+    python bench.py sd [--lvdm t2v.ckpt]   # the release's text-to-video model at SD's shape: convert, DDIM, training
     python bench.py all --i3d PATH
 
 Every number is a wall-clock measurement in this process (after a warm-up); ratios are taken
@@ -40,7 +41,9 @@ import diffusion
 import fvd
 import harness
 import hierarchical
+import sdvae
 import stages
+import text
 import train
 import unet3d
 import vae
@@ -284,6 +287,115 @@ def release(args):
         shutil.rmtree(root, ignore_errors=True)
 
 
+# ----------------------------------------------------------------------------- text-to-video at SD's shape (§5)
+# The release's text-to-video U-Net (text2video.yaml): Stable Diffusion v1's with temporal attention in every block.
+T2V_UNET = dict(model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_resolutions=(1, 2, 4),
+                num_heads=8, context_dim=768, block="sd", resblock_scale_shift=False, attention="factorized",
+                sd_temporal="inside", norm_over="clip", max_relative_position=16)
+SD_CHILD = """import json, sys, time, torch
+sys.path.insert(0, {here!r})
+import hierarchical, sample, sdvae, unet3d
+torch.manual_seed(0)
+net, gd, targs = sample.load_model({ckpt!r}, "cpu")
+z = torch.randn(1, 4, {frames}, 32, 32)            # 256² x frames: SD's f8 latents (16 frames: the release's clip)
+class Enough(Exception):
+    pass
+if {what!r} == "sample":
+    ids = torch.tensor([[49406, 320, 1125, 49407] + [49407] * 73])
+    with torch.no_grad():
+        ctx, empty = net.text(ids), net.text(torch.tensor([[49406] + [49407] * 76]))
+    res = {{}}
+    for amp in ("float32", "bfloat16"):
+        times = []
+        def fn(x, t, f=hierarchical.text_guided_fn(net, ctx, empty, 14.0)):   # the release's guidance scale 15
+            if len(times) == {steps}:
+                raise Enough                         # enough steps of DDIM-50 timed
+            start = time.perf_counter(); out = f(x, t); times.append(time.perf_counter() - start); return out
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=amp == "bfloat16"):
+            try:
+                gd.ddim_sample_loop(fn, z.shape, 50, noise=z)
+            except Enough:
+                pass
+        res[amp] = times
+    start = time.perf_counter()
+    with torch.no_grad():
+        x = sdvae.load_autoencoder(targs["vae_path"]).decode_latents(z)
+    res["decode"], res["shape"] = time.perf_counter() - start, list(x.shape)
+else:                                                # one training step's forward and backward, batch 1
+    cfg = unet3d.UNetConfig(**{{**vars(net.cfg), "use_checkpoint": {what!r} == "train-ckpt"}})
+    unet = unet3d.UNet3D(cfg)
+    unet.load_state_dict(net.net.state_dict())
+    del net
+    saved = [0]
+    def pack(x):
+        saved[0] += x.numel() * x.element_size(); return x
+    start = time.perf_counter()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        loss = gd.training_loss(lambda x, t: unet(x, t, context=torch.randn(1, 77, cfg.context_dim)), z).mean()
+    fwd = time.perf_counter() - start
+    loss.backward()
+    res = dict(forward=fwd, step=time.perf_counter() - start, saved=saved[0] / 2 ** 30)
+print("RESULT", json.dumps(res))
+"""
+
+
+def t2v_release_file(path):
+    """A random-weight stand-in for the release's t2v.ckpt at its real shapes and names (Lightning layout:
+    model.diffusion_model.* with 5-D convs, first_stage_model.*, cond_stage_model.transformer.*)."""
+    torch.manual_seed(0)
+    net = unet3d.UNet3D(unet3d.UNetConfig(**T2V_UNET))
+    ae, clip = sdvae.FrameAutoencoder(sdvae.SDVAEConfig()), text.TextTransformer(text.TextConfig())
+    unet_sd, ae_sd = convert.project_to_sd(net.state_dict(), ae.state_dict())
+    state = {**{"model.diffusion_model." + k: v.unsqueeze(2) if v.dim() == 4 else v for k, v in unet_sd.items()},
+             **{"first_stage_model." + k: v for k, v in ae_sd.items()},
+             **{"cond_stage_model.transformer.text_model." + k: v for k, v in clip.state_dict().items()}}
+    torch.save({"state_dict": state, "global_step": 1, "epoch": 1}, path)
+    return sum(v.numel() for v in unet_sd.values())
+
+
+def sd(args):
+    """The release's text-to-video model at its real shape (given, or random weights): convert.py's time and peak
+    memory; one DDIM step with guidance (two U-Net passes) at 256² x 16 frames in float32 and under bf16 autocast;
+    decoding; one training step's forward and backward (batch 1), with and without activation checkpointing
+    (--model use_checkpoint=true): time, peak memory, and the activations autograd keeps for the backward."""
+    root = tempfile.mkdtemp(prefix="lvdm-t2v-")
+    try:
+        ckpt = args.lvdm or os.path.join(root, "t2v.ckpt")
+        params = None if args.lvdm else t2v_release_file(ckpt)
+        out = os.path.join(root, "run")
+        conv = harness.run_script("convert.py", ["--preset", "t2v", "--lvdm", ckpt, "--out", out])
+        if conv["rc"]:
+            raise RuntimeError(conv["err"][-2000:])
+        rows = [f"Machine: {harness.machine()}. File: {'given' if args.lvdm else 'random weights of the release shapes'}"
+                f" ({os.path.getsize(ckpt) / 2 ** 30:.2f} GiB{f'; U-Net {params / 1e6:.0f}M params' if params else ''}).",
+                "", "| what | wall (s) | peak RSS (GiB) | note |", "|---|---|---|---|",
+                f"| convert.py --preset t2v | {conv['wall']:.1f} | {conv['rss'] / 1024:.1f} | |"]
+        # without checkpointing, 16 frames keep more activations than this machine's memory: fewer frames show the
+        # per-frame cost (activations grow with the frames; the temporal attention's T x T maps are small)
+        for what, frames in (("sample", 16), ("train", 2), ("train", 4), ("train-ckpt", 4), ("train-ckpt", 16)):
+            script = os.path.join(root, "child.py")
+            with open(script, "w") as f:
+                f.write(SD_CHILD.format(here=harness.HERE, ckpt=os.path.join(out, "t2v.pt"), what=what, steps=args.steps,
+                                        frames=frames))
+            res = harness.run_script(script, [])
+            if res["rc"]:
+                raise RuntimeError(res["err"][-2000:])
+            r = json.loads(next(line for line in res["out"].splitlines() if line.startswith("RESULT"))[7:])
+            rss = f"{res['rss'] / 1024:.1f}"
+            if what == "sample":
+                for amp in ("float32", "bfloat16"):
+                    rows.append(f"| one DDIM step with guidance, {amp} (median of {len(r[amp]) - 1} after the first) "
+                                f"| {np.median(r[amp][1:]):.1f} | {rss} | first {r[amp][0]:.1f} s |")
+                rows.append(f"| decode to {r['shape']} (per frame) | {r['decode']:.1f} | {rss} | |")
+            else:
+                ckpt_note = ", activation checkpointing" if what == "train-ckpt" else ""
+                rows.append(f"| training step, {frames} frames, float32{ckpt_note} | {r['step']:.1f} | {rss} | forward "
+                            f"{r['forward']:.1f} s; {r['saved']:.2f} GiB saved for the backward |")
+        return "\n".join(rows)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------- sharing the CPU
 STEP = """import os, sys, time, torch
 sys.path.insert(0, {here!r})
@@ -486,7 +598,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", default="table2",
                    choices=["table2", "loader", "i3d", "long", "faults", "smoke", "contention", "updates", "levers",
-                            "release", "all"])
+                            "release", "sd", "all"])
     p.add_argument("root", nargs="?", help="loader: folder of frame folders (default: a temporary one, made)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--width", type=int, default=64, help="U-Net model_channels (paper: 256; reduced on CPU)")
@@ -502,7 +614,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=8); p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--pred"); p.add_argument("--interp"); p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--ae", help="release: ae_sky.ckpt"); p.add_argument("--lvdm", help="release: short_sky.ckpt")
+    p.add_argument("--ae", help="release: ae_sky.ckpt")
+    p.add_argument("--lvdm", help="release: short_sky.ckpt; sd: t2v.ckpt")
     p.add_argument("--seed", type=int, default=0, help="faults: seeds the kill moments")
     p.add_argument("--kills", type=int, default=5); p.add_argument("--fault-steps", type=int, default=12)
     p.add_argument("--smoke-steps", type=int, default=2)

@@ -1956,6 +1956,29 @@ class TestSDBlocks:
                 _sd_randomize(video)   # temporal weights too: now frames interact
                 assert not torch.allclose(video(x, t, context=ctx)[:, :, :1], video(x[:, :, :1], t, context=ctx))
 
+    def test_activation_checkpointing_keeps_gradients_and_frees_activations(self):
+        """--model use_checkpoint=true on the release's text-to-video U-Net (block="sd", sd_temporal="inside"): the
+        same gradients, and autograd keeps a fraction of the activations for the backward (recomputed instead)."""
+        x, t, ctx = torch.randn(2, 4, 3, 8, 8, dtype=torch.float64), torch.tensor([10, 900]), \
+            torch.randn(2, 5, 16, dtype=torch.float64)
+        grads, saved = [], []
+        for ckpt in (False, True):
+            m = _sd_randomize(UNet3D(_sd_unet_config(attention="factorized", sd_temporal="inside", norm_over="clip",
+                                                     max_relative_position=2, use_checkpoint=ckpt)).double()).train()
+            kept = [0]
+
+            def pack(y):
+                kept[0] += y.numel()
+                return y
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda y: y):
+                loss = m(x, t, context=ctx).pow(2).mean()
+            loss.backward()
+            grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+            saved.append(kept[0])
+        for n in grads[0]:
+            torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-9, atol=1e-12, msg=n)
+        assert saved[1] < 0.5 * saved[0], saved
+
     def test_release_temporal_attention_matches_shaws_formula_written_out(self):
         """sdblocks.TemporalAttention, the release's text-to-video temporal attention, per head with loops over the
         frames: logits_ij = (q_i.k_j + q_i.a^K[clip(j-i)]) / sqrt(d), out_i = sum_j w_ij (v_j + a^V[clip(j-i)]);

@@ -29,7 +29,6 @@ and takes its GroupNorm over the whole clip (norm_over="clip", as all of the rel
 """
 import math
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -98,7 +97,8 @@ class TemporalAttention(Attention):
             return super().forward(x)
         N, T, C = x.shape
         d = C // self.heads
-        q, k, v = (f(x).reshape(N, T, self.heads, d).transpose(1, 2) for f in (self.to_q, self.to_k, self.to_v))  # (N,T,C) -> (N,heads,T,d)
+        q, k, v = (f(x).reshape(N, T, self.heads, d).transpose(1, 2)                # (N,T,C) -> (N,heads,T,d)
+                   for f in (self.to_q, self.to_k, self.to_v))
         a_k, a_v = self.relative_position_k(T).to(x.dtype), self.relative_position_v(T).to(x.dtype)  # (T,T,d)
         logits = (q @ k.transpose(-1, -2) + torch.einsum("nhid,ijd->nhij", q, a_k)) / math.sqrt(d)    # (N,heads,T,T)
         w = torch.softmax(logits, dim=-1, dtype=torch.promote_types(x.dtype, torch.float32)).to(x.dtype)

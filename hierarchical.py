@@ -88,16 +88,11 @@ def perturb(diffusion, z0, s, noise):
     return torch.where((s > 0).view(-1, *([1] * (z0.dim() - 1))), zs, z0)  # (B,) -> (B,1,1,1,1)
 
 
-def uses_anchor(model):
-    """Whether the U-Net takes an anchor latent (UNetConfig.anchor); networks without a config take none."""
-    return getattr(getattr(model, "cfg", None), "anchor", False)
-
-
 # ----------------------------------------------------------------------------- training
 def init_from_unconditional(model, ckpt):
     """pred/interp start from the unconditional LVDM (§4.1): copy every weight; the input conv's extra
-    channels (the mask, the anchor) and the s-embedding's output layer, absent there, start at zero, so
-    the new model computes exactly what the unconditional one did until training moves them."""
+    mask channel and the s-embedding's output layer, absent there, start at zero, so the new model
+    computes exactly what the unconditional one did until training moves them."""
     src = checkpoint_weights(ckpt)
     own = model.state_dict()
     for k, v in own.items():
@@ -108,9 +103,9 @@ def init_from_unconditional(model, ckpt):
         saved = src[k]
         if saved.shape == v.shape:
             v.copy_(saved)
-        elif k == "input_blocks.0.0.weight" and saved.shape[1] < v.shape[1] and saved.shape[0] == v.shape[0]:
+        elif saved.dim() == v.dim() and saved.shape[1] + 1 == v.shape[1] and saved.shape[0] == v.shape[0]:
             v.zero_()
-            v[:, : saved.shape[1]].copy_(saved)  # (out, c, ...) -> (out, c+1(+c), ...): new channels' weights = 0
+            v[:, : saved.shape[1]].copy_(saved)  # (out, c, ...) -> (out, c+1, ...): mask channel weights = 0
         else:
             raise UserError(f"--init checkpoint does not match this U-Net at '{k}' ({tuple(saved.shape)} vs "
                             f"{tuple(v.shape)}); use the same --preset and --model overrides as the lvdm run.")
@@ -122,8 +117,7 @@ def training_loss(diffusion, model, z0, stage, s_max=250, k=1, p_cond=None, gene
 
     Conditional latent perturbation: the given latents are diffused to a random level
     s ~ U{0..s_max} with Eq. (3) (`perturb`) and s is fed to the network.
-    Samples drawn unconditional (all masks zero) get s = 0. A U-Net with `anchor` gets the first given
-    latent (perturbed like the others) beside every frame, zeros when none is given.
+    Samples drawn unconditional (all masks zero) get s = 0.
     """
     B, length = z0.shape[0], z0.shape[2]
     dev = z0.device
@@ -132,10 +126,8 @@ def training_loss(diffusion, model, z0, stage, s_max=250, k=1, p_cond=None, gene
     s = torch.randint(0, s_max + 1, (B,), generator=generator, device=dev) * conditioned.long()
     z_cond = perturb(diffusion, z0, s, torch.randn(z0.shape, generator=generator, device=dev))
 
-    kw = {"anchor": z_cond[:, :, 0] * conditioned.view(B, 1, 1, 1)} if uses_anchor(model) else {}  # (B,c,h,w)
-
     def model_fn(z_t, t):  # Eq. (8): the given latents replace the noisy ones, the mask is an extra channel
-        return model(replace_given(z_t, z_cond, m), t, mask=full_mask(m, z0), s=s, **kw)
+        return model(replace_given(z_t, z_cond, m), t, mask=full_mask(m, z0), s=s)
     # The given latents are not predicted, so they carry no loss: weight = 1 - m.
     return diffusion.training_loss(model_fn, z0, generator=generator, weight=(1 - m).expand_as(z0))  # (B,1,l,1,1) -> (B,c,l,h,w)
 
@@ -156,36 +148,27 @@ def unconditional_fn(model):
                               s=torch.zeros(z.shape[0], dtype=torch.long, device=z.device))
 
 
-def guided_model_fn(model, cond, m, s=0, w=0.0, diffusion=None, generator=None, anchor=None):
+def guided_model_fn(model, cond, m, s=0, w=0.0, diffusion=None, generator=None):
     """The `model_fn(z_t, t)` that diffusion.py's samplers call for conditional generation.
 
     cond: (B,c,l,h,w) latents (only the frames where m = 1 are read); m: (B,1,l,1,1).
     s > 0 perturbs the conditions once to level s (Eq. 3), kept fixed over all sampling steps.
     w > 0 mixes in the unconditional output, Eq. (9) (`guided`).
-    A U-Net with `anchor` gets `anchor` (B,c,h,w), default the first given latent, perturbed likewise.
     """
     B = cond.shape[0]
     s_vec = torch.full((B,), int(s), dtype=torch.long, device=cond.device)
-    use_anchor = uses_anchor(model)
-    if use_anchor and anchor is not None:
-        cond = torch.cat([cond, anchor[:, :, None]], dim=2)        # perturbed with the conditions: (B,c,l+1,h,w)
     if s > 0:
         noise = torch.randn(cond.shape, generator=generator, device=cond.device)
         cond = perturb(diffusion, cond, s_vec, noise)
-    if use_anchor:
-        anchor, cond = (cond[:, :, -1], cond[:, :, :-1]) if anchor is not None else (cond[:, :, 0], cond)
-    kw_c = {"anchor": anchor} if use_anchor else {}
-    kw_both = {"anchor": torch.cat([anchor, torch.zeros_like(anchor)])} if use_anchor else {}
     mask_c = full_mask(m, cond)
     mask_u = torch.zeros_like(mask_c)
     zeros = torch.zeros_like(s_vec)
 
     def model_fn(z_t, t):
         if w == 0:
-            return model(replace_given(z_t, cond, m), t, mask=mask_c, s=s_vec, **kw_c)  # conditional
+            return model(replace_given(z_t, cond, m), t, mask=mask_c, s=s_vec)  # conditional
         both = model(torch.cat([replace_given(z_t, cond, m), z_t]), torch.cat([t, t]),  # one batch: (2B, ...),
-                     mask=torch.cat([mask_c, mask_u]), s=torch.cat([s_vec, zeros]),  # the second with all masks zero
-                     **kw_both)                                                  # and no anchor
+                     mask=torch.cat([mask_c, mask_u]), s=torch.cat([s_vec, zeros]))  # the second with all masks zero
         out_c, out_u = both.chunk(2)                                               # (2B,...) -> 2 x (B,...)
         return guided(out_c, out_u, w)
     return model_fn
@@ -215,14 +198,13 @@ def text_guided_fn(model, context, empty=None, w=0.0):
     return model_fn
 
 
-def sample_clip(model, diffusion, shape, cond=None, m=None, s=0, w=0.0, steps=50, eta=0.0, generator=None,
-                anchor=None):
+def sample_clip(model, diffusion, shape, cond=None, m=None, s=0, w=0.0, steps=50, eta=0.0, generator=None):
     """One clip of latents (B,c,l,h,w); unconditional when cond is None; steps=None samples with DDPM.
     Given latents come back as given."""
     if cond is None:
         fn = unconditional_fn(model)
     else:
-        fn = guided_model_fn(model, cond, m, s=s, w=w, diffusion=diffusion, generator=generator, anchor=anchor)
+        fn = guided_model_fn(model, cond, m, s=s, w=w, diffusion=diffusion, generator=generator)
     dev = cond.device if cond is not None else (generator.device if generator is not None else None)
     z = diffusion.sample_loop(fn, shape, steps, eta=eta, generator=generator, device=dev)
     return z if cond is None else replace_given(z, cond, m)
@@ -230,27 +212,24 @@ def sample_clip(model, diffusion, shape, cond=None, m=None, s=0, w=0.0, steps=50
 
 @torch.no_grad()
 def autoregressive(model, diffusion, clip_shape, n_latents, k=1, s=100, w=0.0, steps=50, eta=0.0,
-                   generator=None, anchor="last"):
+                   generator=None):
     """Yields latent chunks (B,c,n,h,w) that together hold exactly n_latents latents.
 
     The first clip is unconditional; each next clip of l latents has its first k given (the last k
-    made so far) and contributes l - k new ones. A U-Net with `anchor` sees the first given latent
-    ("last": the oldest of the last k) or the video's first latent ("first") beside every frame.
+    made so far) and contributes l - k new ones.
     """
     B, clip_len = clip_shape[0], clip_shape[2]
     if not 0 < k < clip_len:
         raise ValueError(f"k must be in [1, {clip_len - 1}] for clips of {clip_len} latents, got {k}")
     z = sample_clip(model, diffusion, clip_shape, steps=steps, eta=eta, generator=generator)
     made = min(clip_len, n_latents)
-    first = z[:, :, 0]                                 # the video's first latent (B,c,h,w)
     yield z[:, :, :made]                               # (B,c,made,h,w)
     tail = z[:, :, made - k:made]                      # the last k latents made so far, (B,c,k,h,w)
     m = frame_mask(B, clip_len, range(k), z.device)
     while made < n_latents:
         cond = torch.zeros(clip_shape, device=z.device)
         cond[:, :, :k] = tail
-        z = sample_clip(model, diffusion, clip_shape, cond, m, s=s, w=w, steps=steps, eta=eta, generator=generator,
-                        anchor=first if anchor == "first" else None)
+        z = sample_clip(model, diffusion, clip_shape, cond, m, s=s, w=w, steps=steps, eta=eta, generator=generator)
         new = min(clip_len - k, n_latents - made)
         yield z[:, :, k:k + new]                       # (B,c,new,h,w)
         tail = z[:, :, new:k + new]
@@ -259,12 +238,12 @@ def autoregressive(model, diffusion, clip_shape, n_latents, k=1, s=100, w=0.0, s
 
 @torch.no_grad()
 def hierarchical(pred_model, interp_model, diffusion, clip_shape, n_latents, gap=4, k=1, s=100, w=0.0,
-                 steps=50, eta=0.0, generator=None, anchor="last"):
+                 steps=50, eta=0.0, generator=None):
     """Yields latent chunks holding exactly n_latents latents: sparse keyframes `gap` apart from the
     prediction model, every consecutive pair infilled by the interpolation model (to the end)."""
     n_key = -(-(n_latents - 1) // gap) + 1  # keyframes 0, gap, 2 gap, ... covering the last latent
     keys = torch.cat(list(autoregressive(pred_model, diffusion, clip_shape, n_key, k=k, s=s, w=w, steps=steps,
-                                         eta=eta, generator=generator, anchor=anchor)), dim=2)  # -> (B,c,n_key,h,w)
+                                         eta=eta, generator=generator)), dim=2)  # chunks -> (B,c,n_key,h,w)
     yield from infill(interp_model, diffusion, keys, n_latents, gap=gap, s=s, w=w, steps=steps, eta=eta,
                       generator=generator)
 

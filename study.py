@@ -419,8 +419,6 @@ def keyframes(argv):
     p.add_argument("--eta", type=float, default=hierarchical.DDIM_ETA)
     p.add_argument("--cond-noise", type=int, default=100); p.add_argument("--guidance", type=float, default=0.1)
     p.add_argument("--k", type=int, default=1, help="keyframes each prediction step conditions on (sample.py --k)")
-    p.add_argument("--anchor", default="last", choices=["last", "first"],
-                   help="a prediction model with an anchor sees the last keyframe or the video's first (sample.py --anchor)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     net, gd, targs = sample.load_model(args.pred, "cpu")
@@ -446,8 +444,7 @@ def keyframes(argv):
         kw = dict(s=args.cond_noise, w=args.guidance, steps=args.steps, eta=args.eta)
         g = lambda: torch.Generator().manual_seed(args.seed)
         pred_keys = torch.cat(list(hierarchical.autoregressive(net, gd, (args.n, c, targs["frames"] // ft, hw, hw),
-                                                               n_key, k=args.k, generator=g(), anchor=args.anchor,
-                                                               **kw)),
+                                                               n_key, k=args.k, generator=g(), **kw)),
                               2)  # (N,c,n_key,h,w)
         real_keys = z[:, :, ::gap][:, :, :n_key]                   # (N,c,n_key,h,w)
         videos = [("reconstructions", decode(z[:, :, :n_lat]))]

@@ -2390,65 +2390,6 @@ class TestHierarchical:
                              generator=torch.Generator().manual_seed(2))
         assert torch.equal(a, b) and (a > 0.5).all() and (a < 2).all()  # E[ε²] = 1 over the 3 middle latents
 
-    def test_anchor_is_the_first_given_latent_beside_every_frame(self):
-        """UNetConfig(anchor=True): the U-Net reads a latent (B,c,h,w) as c more input channels of every frame.
-        Started from an LVDM (init_from_unconditional) those channels' weights are zero, so it computes the LVDM
-        whatever the anchor. Training and conditional sampling give it the first given latent, perturbed like
-        the conditions (zeros for unconditional samples and for the unconditional half of guidance);
-        autoregressive(anchor="first") gives every clip the video's first latent instead."""
-        diff = _hier_diffusion()
-        torch.manual_seed(0)
-        lvdm = unet3d.UNet3D(unet3d.UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1,),
-                                               num_res_blocks=1, attention_resolutions=(1,), num_heads=2))
-        for p in lvdm.parameters():
-            torch.nn.init.normal_(p, std=0.02)
-        net = unet3d.UNet3D(dc_replace(lvdm.cfg, mask_channel=True, s_embedding=True, anchor=True)).eval()
-        hierarchical.init_from_unconditional(net, {"model": lvdm.state_dict(), "ema": None})
-        x, t = torch.randn(2, 4, 3, 4, 4), torch.tensor([5, 500])
-        with torch.no_grad():
-            want = lvdm.eval()(x, t)
-            assert torch.equal(net(x, t, anchor=torch.randn(2, 4, 4, 4)), want) and torch.equal(net(x, t), want)
-            for p in net.parameters():
-                torch.nn.init.normal_(p, std=0.02)
-            a = torch.randn(2, 4, 4, 4)
-            assert torch.equal(net(x, t), net(x, t, anchor=torch.zeros_like(a)))
-            assert not torch.allclose(net(x, t, anchor=a), net(x, t))
-            assert not torch.allclose(net(x, t, anchor=a)[:1], net(x, t, anchor=a.flip(0))[:1])
-        with pytest.raises(UserError, match="anchor must have shape"):
-            net(x, t, anchor=torch.zeros(2, 4, 1, 4, 4))
-        seen = []
-
-        def spy(x, t, mask=None, s=None, anchor=None):
-            seen.append((x.clone(), mask.clone(), s.clone(), torch.zeros_like(x[:, :, 0]) if anchor is None else anchor))
-            return torch.zeros_like(x)
-        spy.cfg = net.cfg
-        z0 = torch.randn(8, 4, 4, 4, 4)
-        hierarchical.training_loss(diff, spy, z0, "pred", s_max=0, generator=torch.Generator().manual_seed(1))
-        xs, mask, _, anchor = seen[-1]
-        given = mask[:, 0, 0, 0, 0] > 0
-        assert 0 < given.sum() < 8
-        assert torch.equal(anchor[given], z0[given, :, 0]) and torch.equal(anchor[~given], torch.zeros_like(anchor[~given]))
-        cond, m = torch.randn(2, 4, 4, 4, 4), hierarchical.frame_mask(2, 4, [0])
-        for s_level, w in ((0, 0.0), (100, 0.5)):
-            seen.clear()
-            fn = hierarchical.guided_model_fn(spy, cond, m, s=s_level, w=w, diffusion=diff,
-                                              generator=torch.Generator().manual_seed(2))
-            fn(torch.randn(2, 4, 4, 4, 4), torch.tensor([9, 9]))
-            xs, _, _, anchor = seen[0]
-            assert torch.equal(anchor[:2], xs[:2, :, 0])         # the given latent as it enters (perturbed at s > 0)
-            assert (s_level == 0) == torch.equal(anchor[:2], cond[:, :, 0])
-            assert w == 0 or torch.equal(anchor[2:], torch.zeros_like(anchor[2:]))
-        seen.clear()
-        first = torch.randn(2, 4, 4, 4)
-        hierarchical.guided_model_fn(spy, cond, m, s=0, diffusion=diff, anchor=first)(cond, torch.tensor([9, 9]))
-        assert torch.equal(seen[0][3], first)
-        seen.clear()
-        chunks = list(hierarchical.autoregressive(spy, diff, (2, 4, 4, 4, 4), 10, k=1, s=0, steps=2,
-                                                  generator=torch.Generator().manual_seed(3), anchor="first"))
-        video = torch.cat(chunks, 2)
-        conditional = [c for c in seen if c[1].abs().sum() > 0]
-        assert len(conditional) == 2 * 2 and all(torch.equal(c[3], video[:, :, 0]) for c in conditional)  # 2 clips
-
     def test_training_loss_perturbation_level_matches_s(self):
         """With z0 = 0 the given latents enter as sqrt(1 - ᾱ_s) ε: their spread must match the s fed in."""
         diff = _hier_diffusion()

@@ -18,8 +18,6 @@ Downsampling is spatial only (stride 1×2×2): the latent has few frames.
 
 Inputs for the later stages (§3.3, §5), each behind a config flag:
   mask_channel  one extra input channel, the binary frame mask m of Eq. (8)
-  anchor        c more input channels: one given latent (B,c,h,w) beside every frame, so spatial attention
-                can match a ball that moved between frames (hierarchical.py gives the first given latent)
   s_embedding   the noise level s of the perturbed conditioning frames, embedded
                 like t and added to the timestep embedding (s=None adds nothing)
   context_dim   cross-attention to a context sequence (B, L, context_dim), e.g. text
@@ -70,7 +68,6 @@ class UNetConfig:
     use_relative_position: bool = True
     max_relative_position: int = 20    # frame distances are clipped to ±this
     mask_channel: bool = False
-    anchor: bool = False               # one given latent as c more input channels of every frame (pred/interp)
     s_embedding: bool = False
     context_dim: int = None            # None: no cross-attention
     use_checkpoint: bool = False
@@ -377,7 +374,7 @@ class UNet3D(nn.Module):
                 return [block(ch, temporal_only=ds not in cfg.attention_resolutions)]
             return []
 
-        cin = cfg.in_channels * (2 if cfg.anchor else 1) + (1 if cfg.mask_channel else 0)
+        cin = cfg.in_channels + (1 if cfg.mask_channel else 0)
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential([conv_1x3x3(cin, mc)])])
         skip_chans, ch, ds = [mc], mc, 1
         for level, mult in enumerate(cfg.channel_mult):
@@ -404,21 +401,17 @@ class UNet3D(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(layers))
         self.out = nn.Sequential(norm(ch), nn.SiLU(), zero_module(conv_1x3x3(mc, cfg.out_channels)))
 
-    def forward(self, x, t, mask=None, s=None, context=None, anchor=None):
+    def forward(self, x, t, mask=None, s=None, context=None):
         """x: (B, in_channels, T, H, W); t: LongTensor (B,) in [0, steps); mask: (B,1,T,H,W) binary frame
         mask (zeros when None; needs mask_channel); s: LongTensor (B,) noise level of the conditioning
         frames (needs s_embedding; None adds nothing); context: (B, L, context_dim) (needs context_dim;
-        None skips cross-attention); anchor: (B, in_channels, H, W) latent beside every frame (needs anchor;
-        zeros when None).  Returns ε̂ (or v̂) with x's shape."""
-        self.check_inputs(x, mask, s, context, anchor)
-        B, C, T, H, W = x.shape
+        None skips cross-attention).  Returns ε̂ (or v̂) with x's shape."""
+        self.check_inputs(x, mask, s, context)
+        B, _, T, H, W = x.shape
         t = t.expand(B) if t.dim() == 0 else t
         if self.cfg.mask_channel:  # Eq. (8)'s frame mask as one more input channel (no frames given: zeros)
             mask = torch.zeros(B, 1, T, H, W, device=x.device, dtype=x.dtype) if mask is None else mask
             x = torch.cat([x, mask.to(x.dtype)], dim=1)  # (B,C,T,H,W) -> (B,C+1,T,H,W)
-        if self.cfg.anchor:     # the anchor latent beside every frame (none given: zeros)
-            anchor = torch.zeros_like(x[:, :C, 0]) if anchor is None else anchor.to(x.dtype)
-            x = torch.cat([x, anchor[:, :, None].expand(-1, -1, T, -1, -1)], dim=1)  # (B,C,H,W) -> (B,C,T,H,W) more
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))
         if s is not None:  # the noise level s of the perturbed conditioning frames (§3.3), embedded like t
@@ -433,7 +426,7 @@ class UNet3D(nn.Module):
             h = block(torch.cat([h, hs.pop()], dim=1), emb, context)  # skip connection along channels
         return self.out(h)
 
-    def check_inputs(self, x, mask, s, context, anchor=None):
+    def check_inputs(self, x, mask, s, context):
         """A UserError naming the fix for inputs this U-Net cannot take (see forward)."""
         cfg = self.cfg
         if x.dim() != 5 or x.shape[1] != cfg.in_channels:
@@ -449,9 +442,6 @@ class UNet3D(nn.Module):
                             "interpolation model) or pass mask=None.")
         if mask is not None and tuple(mask.shape) != (B, 1, T, H, W):
             raise UserError(f"mask must have shape {(B, 1, T, H, W)}, got {tuple(mask.shape)}.")
-        if anchor is not None and (not cfg.anchor or tuple(anchor.shape) != (B, cfg.in_channels, H, W)):
-            raise UserError(f"anchor must have shape {(B, cfg.in_channels, H, W)} for a U-Net built with anchor=True, "
-                            f"got {tuple(anchor.shape)} (anchor={cfg.anchor}).")
         if s is not None and self.s_embed is None:
             raise UserError("this U-Net has no noise-level embedding; build it with s_embedding=True or pass s=None.")
         if context is not None and not cfg.context_dim:

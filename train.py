@@ -75,9 +75,9 @@ STAGE_DEFAULTS = {
     # demo LVDM, 10000 x 8: batch 16 for 3000-5000 steps passed the score as often but had worse FVD16 (RESULTS.md)
     ("lvdm", "demo"):   dict(steps=10_000, batch_size=8, lr=1e-3, schedule_lr="cosine", warmup=50, ema=0.999,
                              prediction="v", save_every=500, sample_every=1000, latent_cache=2048),
-    # pred, interp: start from the lvdm weights (§4.1). At 625 steps the keyframes kept their colours less
-    # often (pred stays at 1250); the infill scored within noise of 1250 (RESULTS.md, 2026-12-05)
-    ("pred", "demo"):   dict(steps=1250, batch_size=8, lr=1e-3, schedule_lr="cosine", warmup=50, ema=0.999,
+    # pred, interp: start from the lvdm weights (§4.1). pred at 3750 steps keeps keyframes' colours and whole
+    # long videos' balls more often than at 1250 or 2500; interp at 625 infills as 1250 does (RESULTS.md, 2026-12-05)
+    ("pred", "demo"):   dict(steps=3750, batch_size=8, lr=1e-3, schedule_lr="cosine", warmup=50, ema=0.999,
                              prediction="v", save_every=500, sample_every=1000, latent_cache=256),  # 4x longer clips
     ("interp", "demo"): dict(steps=625, batch_size=8, lr=1e-3, schedule_lr="cosine", warmup=50, ema=0.999,
                              prediction="v", save_every=500, sample_every=1000, latent_cache=2048),

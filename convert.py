@@ -74,8 +74,8 @@ RELEASE_PRESETS = {
     "sky":    dict(scale_factor=0.33422927, shift_factor=1.4606637, num_heads=4, ft=4, size=256, frames=16),
     "taichi": dict(scale_factor=0.175733933, shift_factor=0.03291025, num_heads=4, ft=4, size=256, frames=16),
     "ucf101": dict(scale_factor=0.220142075, shift_factor=0.5837740898, num_heads=4, ft=4, size=256, frames=16),
-    # text2video.yaml: Stable Diffusion v1's per-frame autoencoder and scale, 8 heads, 256² x 16 frames
-    "t2v":    dict(scale_factor=0.18215, shift_factor=0.0, num_heads=8, ft=1, size=256, frames=16),
+    # text2video.yaml: 256² x 16 frames; its autoencoder, scale and heads are Stable Diffusion v1's (convert_sd)
+    "t2v":    dict(size=256, frames=16),
 }
 # The release's diffusion (configs/lvdm_short/*.yaml): 1000 linear steps 0.0015 -> 0.0155, ε, l1 loss.
 RELEASE_DIFFUSION = dict(timesteps=1000, schedule="linear", beta_start=0.0015, beta_end=0.0155, loss="l1",

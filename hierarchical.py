@@ -176,10 +176,10 @@ def guided_model_fn(model, cond, m, s=0, w=0.0, diffusion=None, generator=None):
 
 TEXT_GUIDANCE = 2.0  # default w of text guidance (scale 1 + w = 3); bench.py t2v measures others
 DDIM_ETA = 1.0  # default DDIM eta of sample.py, bench.py and training previews, as the release's samplers
+                # (fresh noise each step: more samples pass the synthetic score than at 0, RESULTS.md)
 # DDIM steps of the long-video studies (study.py) and the main job's 1024-frame videos: at eta 1, 25 to 100
 # steps scored alike on short samples (RESULTS.md, 2026-11-29), and 20 cost 2.5x less than 50
 LONG_VIDEO_STEPS = 20
-                # (fresh noise each step: more samples pass the synthetic score than at 0, RESULTS.md)
 
 
 def text_guided_fn(model, context, empty=None, w=0.0):

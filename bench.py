@@ -345,12 +345,9 @@ def t2v_release_file(path):
     torch.manual_seed(0)
     net = unet3d.UNet3D(unet3d.UNetConfig(**T2V_UNET))
     ae, clip = sdvae.FrameAutoencoder(sdvae.SDVAEConfig()), text.TextTransformer(text.TextConfig())
-    unet_sd, ae_sd = convert.project_to_sd(net.state_dict(), ae.state_dict())
-    state = {**{"model.diffusion_model." + k: v.unsqueeze(2) if v.dim() == 4 else v for k, v in unet_sd.items()},
-             **{"first_stage_model." + k: v for k, v in ae_sd.items()},
-             **{"cond_stage_model.transformer.text_model." + k: v for k, v in clip.state_dict().items()}}
+    state = convert.project_to_release_t2v(net.state_dict(), ae.state_dict(), clip.state_dict())
     torch.save({"state_dict": state, "global_step": 1, "epoch": 1}, path)
-    return sum(v.numel() for v in unet_sd.values())
+    return count_params(net)
 
 
 def sd(args):

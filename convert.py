@@ -419,6 +419,21 @@ def project_to_sd(unet, ae):
     return unet, ae
 
 
+def project_to_release_t2v(unet, ae, clip):
+    """State dicts of this project's U-Net (sd_temporal="inside"), autoencoder and CLIP text model -> the release's
+    t2v.ckpt state_dict: Stable Diffusion's names with the convs kept 5-D, under the single file's prefixes (tests
+    and bench.py sd write release files with it)."""
+    unet, ae = project_to_sd(unet, ae)
+    return {**{sdlayout.UNET + k: v.unsqueeze(2) if v.dim() == 4 else v for k, v in unet.items()},
+            **{sdlayout.VAE + k: v for k, v in ae.items()},
+            **{sdlayout.TEXT + "text_model." + k: v for k, v in clip.items()}}
+
+
+def has_inner_temporal(unet_sd):
+    """Whether a Stable Diffusion-layout U-Net state dict holds the release's in-block temporal attention."""
+    return any(".attn1_tmp." in k for k in unet_sd)
+
+
 def sd_unet_fields(sd, path):
     """UNetConfig fields of a Stable Diffusion U-Net state dict (sd_to_project's names) shown by its shapes."""
     fix = "pass Stable Diffusion v1.x weights"
@@ -431,7 +446,7 @@ def sd_unet_fields(sd, path):
     depth = sum(1 for k in sd if k.startswith(block + ".transformer_blocks.") and k.endswith(".attn1.to_q.weight"))
     fields = dict(unet_shape(sd, path, "proj_in.weight", fix), context_dim=int(sd[first].shape[1]),
                   transformer_depth=depth, block="sd", resblock_scale_shift=False, attention="spatial")
-    if any(".attn1_tmp." in k for k in sd):  # the release's text-to-video U-Net: temporal attention in each block
+    if has_inner_temporal(sd):  # the release's text-to-video U-Net: temporal attention in each block
         tables = [v for k, v in sd.items() if k.endswith(".relative_position_k.embeddings_table")]
         fields.update(attention="factorized", sd_temporal="inside", norm_over="clip", use_relative_position=bool(tables))
         if tables:
@@ -471,7 +486,7 @@ def convert_sd(path, weights="model", overrides=None, scale=None, video=False):
             raise UserError(f"{path} holds no {what}; pass a whole Stable Diffusion v1.x checkpoint (.ckpt, "
                             f".safetensors) or diffusers folder.")
     unet_sd, ae_sd = sd_to_project(unet_sd, ae_sd)
-    if video != any(".attn1_tmp." in k for k in unet_sd):
+    if video != has_inner_temporal(unet_sd):
         raise UserError(f"{path} holds the release's text-to-video model; convert it with --preset t2v --lvdm {path}."
                         if not video else f"{path} holds no temporal layers (Stable Diffusion itself?); convert an "
                         f"image model with --sd {path}, a text-to-video one with --preset t2v --lvdm t2v.ckpt.")
@@ -581,8 +596,8 @@ def main(argv=None):
         return write_sd(args, video=args.preset == "t2v")
     lvdm_sd, step = load_release(args.lvdm) if args.lvdm else (None, 0)
     if lvdm_sd is not None and any(".transformer_blocks." in k for k in lvdm_sd):
-        raise UserError(f"{args.lvdm} holds the release's text-to-video model (spatial-temporal transformer blocks); "
-                        f"convert it with --preset t2v --lvdm {args.lvdm}.")
+        raise UserError(f"{args.lvdm} holds a U-Net with Stable Diffusion's transformer blocks: convert the release's "
+                        f"text-to-video model with --preset t2v --lvdm {args.lvdm}, Stable Diffusion with --sd.")
     if args.ae:
         ae_sd, ae_step = load_release(args.ae)
         ae_source = args.ae

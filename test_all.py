@@ -3913,11 +3913,9 @@ class TestConvert:
         ae = _sdvae_tiny(seed=2).float()
         torch.manual_seed(3)
         clip = text.TextTransformer(text.TextConfig(vocab_size=49408, width=64, layers=1, heads=1, mlp_width=128))
-        unet_sd, ae_sd = convert.project_to_sd(net.state_dict(), ae.state_dict())
-        state = {**{"model.diffusion_model." + k: v.unsqueeze(2) if v.dim() == 4 else v for k, v in unet_sd.items()},
-                 **{"first_stage_model." + k: v for k, v in ae_sd.items()},
-                 **{"cond_stage_model.transformer.text_model." + k: v for k, v in clip.state_dict().items()},
+        state = {**convert.project_to_release_t2v(net.state_dict(), ae.state_dict(), clip.state_dict()),
                  "betas": torch.from_numpy(make_betas("linear", 1000, 0.00085, 0.012)).float()}
+        assert all(v.dim() == 5 for k, v in state.items() if k.startswith("model.") and k.endswith("in_layers.2.weight"))
         assert any(".attn1_tmp.relative_position_v.embeddings_table" in k for k in state)
         torch.save({"state_dict": state, "global_step": 9}, tmp_path / "t2v.ckpt")
         out = tmp_path / "run"

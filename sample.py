@@ -341,7 +341,8 @@ def write_report(run):
             first, last = (balls.clip_score(videos, a, b) for a, b in ((0, 128), (T - 128, T)))
             rows.append((f"synthetic score of the {T}-frame videos, first / last 128 frames (per 16-frame clip)",
                          f"{100 * first:.0f}% / {100 * last:.0f}%",
-                         f"python sample.py --ckpt RUN/pred.pt --interp RUN/interp.pt --mode hierarchical --frames {T}"))
+                         f"python sample.py --ckpt RUN/pred.pt --interp RUN/interp.pt --mode hierarchical --frames {T} "
+                         f"--steps {hierarchical.LONG_VIDEO_STEPS} (the main job's DDIM steps)"))
         curve = None
         if T >= 2 * drift.CLIP:  # whole-video persistence (drift.py), next to real videos of the same length
             attrs, mean = {}, {}

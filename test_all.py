@@ -1748,34 +1748,6 @@ class TestUNet3D:
                     ref[b, :, tt, i, j] = x[b, :, tt, i, j] + o[a]
         torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
 
-    def test_cross_frame_spatial_attention_matches_explicit_reference(self):
-        """cross_frame: frame t's tokens attend to [frame t's; frame 0's] tokens (one softmax over 2·H·W keys),
-        written per frame with explicit concatenation; frame 0 equals plain spatial attention."""
-        torch.manual_seed(0)
-        C, heads = 32, 2
-        plain = _diffusion_randomize(SelfAttention(C, heads, "spatial").double())
-        cross = SelfAttention(C, heads, "spatial", cross_frame=True).double()
-        cross.load_state_dict(plain.state_dict())
-        B, T, H, W = 2, 3, 2, 3
-        x = torch.randn(B, C, T, H, W, dtype=torch.float64)
-        out, d = cross(x), C // heads
-        torch.testing.assert_close(out[:, :, 0], plain(x)[:, :, 0], rtol=1e-9, atol=1e-10)
-        assert (out[:, :, 1:] - plain(x)[:, :, 1:]).abs().max() > 1e-3  # the other frames do see frame 0
-        qkv = cross.qkv(cross.norm(x).permute(0, 2, 3, 4, 1).reshape(B, T, H * W, C))  # (B,T,HW,3C)
-        q, k, v = qkv.split(C, dim=-1)
-        for b in range(B):
-            for t in range(T):
-                heads_out = []
-                for hd in range(heads):
-                    sl = slice(hd * d, (hd + 1) * d)
-                    keys = torch.cat([k[b, t, :, sl], k[b, 0, :, sl]])  # (2HW,d)
-                    vals = torch.cat([v[b, t, :, sl], v[b, 0, :, sl]])
-                    heads_out.append(torch.softmax(q[b, t, :, sl] @ keys.T / math.sqrt(d), dim=-1) @ vals)
-                ref = x[b, :, t] + cross.proj_out(torch.cat(heads_out, 1)).T.reshape(C, H, W)
-                torch.testing.assert_close(out[b, :, t], ref, rtol=1e-9, atol=1e-10)
-        with pytest.raises(UserError, match="joint attention already sees every frame"):
-            UNetConfig(attention="joint", cross_frame=True)
-
     def test_release_relative_attention_matches_explicit_loop(self):
         """relative_form="release": the release's QKVAttention with relative positions, written as loops:
         logit_ij = q_i·k_j/√d + d^-1/4 q_j·aK[clip(i-j)], out_i = Σ_j w_ij (v_j + aV[clip(j-i)])."""

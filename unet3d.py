@@ -83,8 +83,6 @@ class UNetConfig:
                                        # attention's over (C/G,T) per position, as the release (frames then interact)
     relative_form: str = "key"         # "key": Shaw et al.'s key term as one SDPA bias; "release": the release's
                                        # transposed key term d^-1/4 q_j·a(i-j) plus a value table (explicit softmax)
-    cross_frame: bool = False          # spatial attention also attends to the clip's first frame (its keys and
-                                       # values join every frame's): a given keyframe's balls one hop from any frame
 
     def __post_init__(self):  # checkpoints store asdict(cfg): lists come back, make them tuples again
         self.channel_mult = tuple(self.channel_mult)
@@ -106,9 +104,6 @@ class UNetConfig:
                             "no temporal_resolutions.")
         if self.relative_form not in ("key", "release"):
             raise UserError(f"relative_form must be 'key' or 'release', not {self.relative_form!r}.")
-        if self.cross_frame and self.attention == "joint":
-            raise UserError("cross_frame widens the spatial attention of attention='factorized' or 'spatial'; joint "
-                            "attention already sees every frame.")
         if self.relative_form == "release" and self.attention == "joint":
             raise UserError("relative_form='release' is the release's temporal attention; use it with "
                             "attention='factorized'.")
@@ -229,15 +224,12 @@ class SelfAttention(nn.Module):
            "temporal": tokens are the T frames at each position (relative positions, if enabled);
            "joint": tokens are all T·H·W positions (relative frame positions, if enabled).
     norm builds the input's GroupNorm (per frame; the release's variants pass theirs).
-    cross_frame (spatial only): every frame's tokens also attend to the first frame's, whose keys and values
-    are appended to each frame's own (frame 0 then sees its own twice, which leaves its softmax unchanged).
     The output projection is zero-initialized, so the block starts as the identity.
     """
 
-    def __init__(self, channels, num_heads, kind, max_relative_position=None, norm=GroupNorm32, cross_frame=False):
+    def __init__(self, channels, num_heads, kind, max_relative_position=None, norm=GroupNorm32):
         super().__init__()
         self.kind, self.num_heads, self.max_dist = kind, num_heads, max_relative_position
-        self.cross_frame = cross_frame and kind == "spatial"
         self.norm = norm(channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj_out = zero_module(nn.Linear(channels, channels))
@@ -260,8 +252,6 @@ class SelfAttention(nn.Module):
             frame_index = torch.arange(T, device=x.device).repeat_interleave(H * W)
         N, L, _ = tok.shape
         q, k, v = self.qkv(tok).reshape(N, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (N,L,3C) -> 3×(N,heads,L,d)
-        if self.cross_frame:
-            k, v = (with_first_frame(a, B, T) for a in (k, v))  # (B*T,heads,L,d) -> (B*T,heads,2L,d)
         out = self.attend(q, k, v, frame_index)
         out = self.proj_out(out.transpose(1, 2).reshape(N, L, C))  # (N,heads,L,d) -> (N,L,C)
         if self.kind == "spatial":
@@ -276,13 +266,6 @@ class SelfAttention(nn.Module):
         """softmax(q·k/√d + bias) v over (N,heads,L,d), bias the relative positions' key term (or none)."""
         bias = None if self.rel_k is None else relative_position_bias(q, self.rel_k, frame_index, self.max_dist)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-
-
-def with_first_frame(a, B, T):
-    """Keys or values (B*T,heads,L,d) of per-frame tokens -> (B*T,heads,2L,d): each frame's, then frame 0's."""
-    a = a.reshape(B, T, *a.shape[1:])                                     # (B*T,h,L,d) -> (B,T,h,L,d)
-    first = a[:, :1].expand_as(a)                                         # (B,1,h,L,d) -> (B,T,h,L,d)
-    return torch.cat([a, first], dim=3).flatten(0, 1)                     # (B,T,h,2L,d) -> (B*T,h,2L,d)
 
 
 class CrossAttention(nn.Module):
@@ -328,8 +311,7 @@ class AttentionBlock(nn.Module):
         norm = ClipGroupNorm32 if cfg.norm_over == "clip" and first == "joint" else GroupNorm32
         # temporal_only (cfg.temporal_resolutions): just the temporal attention, and nothing for the
         # image model (attention="spatial"), whose video model then adds it zero-initialized like the rest
-        self.attn_s = None if temporal_only else SelfAttention(channels, cfg.num_heads, first, rel, norm,
-                                                               cross_frame=cfg.cross_frame)
+        self.attn_s = None if temporal_only else SelfAttention(channels, cfg.num_heads, first, rel, norm)
         self.cross = CrossAttention(channels, cfg.context_dim, cfg.num_heads) if cfg.context_dim and not temporal_only \
             else None
         self.attn_t = temporal_attention(channels, cfg, rel) if cfg.attention == "factorized" else None

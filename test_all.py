@@ -1711,6 +1711,24 @@ class TestUNet3D:
             else:
                 assert gap < 1e-10  # without positions attention is permutation-equivariant
 
+    def test_temporal_only_levels_of_joint_models_keep_temporal_attention(self):
+        """temporal_resolutions gives a level temporal attention only, in joint models as in factorized ones:
+        the joint model's temporal-only block computes what the factorized one does with the same weights, and a
+        change to frame 0 reaches frame 3 through it (the image model's, attention='spatial', is the identity)."""
+        blocks = {}
+        for att in ("factorized", "joint", "spatial"):
+            cfg = UNetConfig(model_channels=32, channel_mult=(1,), num_heads=2, attention=att, max_relative_position=3)
+            blocks[att] = unet3d.AttentionBlock(32, cfg, temporal_only=True).double()
+        _diffusion_randomize(blocks["factorized"])
+        blocks["joint"].load_state_dict(blocks["factorized"].state_dict())
+        x = torch.randn(2, 32, 4, 3, 3, dtype=torch.float64)
+        y = x.clone()
+        y[:, :, 0] += torch.randn(2, 32, 3, 3, dtype=torch.float64)
+        out = {att: (b(x), b(y)) for att, b in blocks.items()}
+        torch.testing.assert_close(out["joint"][0], out["factorized"][0], rtol=0, atol=0)
+        assert (out["joint"][1] - out["joint"][0])[:, :, 3].abs().max() > 1e-3
+        torch.testing.assert_close(out["spatial"][0], x, rtol=0, atol=0)
+
     @pytest.mark.parametrize("kind", ["temporal", "joint"])
     def test_attention_matches_naive_reference(self, kind):
         """softmax over tokens of (q·k + q·a_clip(f_j - f_i)) / √d, written with explicit loops over tokens."""

@@ -309,12 +309,14 @@ class AttentionBlock(nn.Module):
         # the release's variants are chosen here (end of file): joint attention normalizes like the ResBlocks,
         # spatial attention per frame in both, temporal attention as temporal_attention says
         norm = ClipGroupNorm32 if cfg.norm_over == "clip" and first == "joint" else GroupNorm32
-        # temporal_only (cfg.temporal_resolutions): just the temporal attention, and nothing for the
-        # image model (attention="spatial"), whose video model then adds it zero-initialized like the rest
+        # temporal_only (cfg.temporal_resolutions): just the temporal attention, in factorized and joint models
+        # alike, and nothing for the image model (attention="spatial"), whose video model then adds it
+        # zero-initialized like the rest
         self.attn_s = None if temporal_only else SelfAttention(channels, cfg.num_heads, first, rel, norm)
         self.cross = CrossAttention(channels, cfg.context_dim, cfg.num_heads) if cfg.context_dim and not temporal_only \
             else None
-        self.attn_t = temporal_attention(channels, cfg, rel) if cfg.attention == "factorized" else None
+        with_t = cfg.attention == "factorized" or (temporal_only and cfg.attention == "joint")
+        self.attn_t = temporal_attention(channels, cfg, rel) if with_t else None
 
     def forward(self, x, context=None):
         if self.use_checkpoint and torch.is_grad_enabled():

@@ -2991,6 +2991,25 @@ class TestTrain:
                         "--prediction", "eps", "--init", path, "--vae", str(tmp_path / "vae.pt"),
                         "--out", str(tmp_path / "run"), "--steps", "1"])
 
+    def test_demo_prediction_stage_is_joint_and_starts_from_the_lvdm_spatial_attention(self, tmp_path):
+        """The demo's pred stage swaps the LVDM's spatial attention for joint space-time attention (its stage
+        default --model attention=joint, which a user's --model overrides); the joint attention's weights start
+        as the LVDM's spatial ones, the rest of the U-Net as the LVDM."""
+        path, net, ema, _ = _sample_fixture(tmp_path)
+        argv = ["--stage", "pred", "--preset", "demo", "--size", "32", "--frames", "8", "--timesteps", "100",
+                "--init", path, "--vae", str(tmp_path / "vae.pt"), "--out", str(tmp_path / "run")]
+        stage = stages.build_diffusion_stage(train.parse_args(argv), torch.device("cpu"), False)
+        assert net.cfg.attention == "factorized" and stage.config.attention == "joint"
+        own = stage.model.state_dict()
+        for k, v in ema.items():
+            if k in own and own[k].shape == v.shape:
+                assert torch.equal(own[k], v), k
+        joint = [k for k in own if ".attn_s.qkv." in k]
+        assert joint and all(torch.equal(own[k], ema[k]) for k in joint)
+        back = stages.build_diffusion_stage(train.parse_args(argv + ["--model", "attention=factorized"]),
+                                            torch.device("cpu"), False)
+        assert back.config.attention == "factorized"
+
 
     def test_text_to_video_image_then_t2v_then_sampling_from_a_prompt(self, tmp_path):
         """§5 end to end on the built-in captions: the image model, the video model started from it

@@ -77,8 +77,11 @@ STAGE_DEFAULTS = {
                              prediction="v", save_every=500, sample_every=1000, latent_cache=2048),
     # pred, interp: start from the lvdm weights (§4.1). pred at 3750 steps keeps keyframes' colours and whole
     # long videos' balls more often than at 1250 or 2500; interp at 625 infills as 1250 does (RESULTS.md, 2026-12-05)
+    # pred's U-Net: joint space-time attention where the LVDM's is spatial (keyframes 16 frames apart: a ball has
+    # moved), so its 1024-frame videos keep their balls from clip to clip more often (RESULTS.md, 2026-12-05)
     ("pred", "demo"):   dict(steps=3750, batch_size=8, lr=1e-3, schedule_lr="cosine", warmup=50, ema=0.999,
-                             prediction="v", save_every=500, sample_every=1000, latent_cache=256),  # 4x longer clips
+                             prediction="v", save_every=500, sample_every=1000, latent_cache=256,  # 4x longer clips
+                             model=("attention=joint",)),
     ("interp", "demo"): dict(steps=625, batch_size=8, lr=1e-3, schedule_lr="cosine", warmup=50, ema=0.999,
                              prediction="v", save_every=500, sample_every=1000, latent_cache=2048),
     # §5, image and t2v alike (t2v's entries are copied below): the image model sees every latent frame
@@ -189,7 +192,9 @@ def parse_args(argv=None):
     preset = dict(PRESETS[args.preset])
     kind = preset.pop("model_preset")
     for k, v in {**preset, **STAGE_DEFAULTS[(args.stage, kind)]}.items():
-        if getattr(args, k, None) is None:
+        if k == "model":  # the stage's own U-Net fields first, the user's --model after them (and winning)
+            args.model = [*v, *args.model]
+        elif getattr(args, k, None) is None:
             setattr(args, k, v)
     args.model_preset = kind
     if args.s_max is None:

@@ -501,7 +501,8 @@ def demo_steps(variant, batch):
         loss = lambda: train.vae_step(stage, net, x, 0, False, args, autocast(), scalers)  # noqa: E731
         opt = stage.optimizer
     else:
-        cfg = replace(unet3d.unet_presets()["demo"], in_channels=4, out_channels=4)
+        cfg = replace(unet3d.unet_presets()["demo"], in_channels=4, out_channels=4,
+                      attention="joint" if "joint" in variant else "factorized")  # joint: the prediction stage's
         net = unet3d.UNet3D(cfg)
         gd = diffusion.GaussianDiffusion(diffusion.make_betas("linear", 1000), prediction="v")
         opt = torch.optim.AdamW(net.parameters(), lr=1e-3, **({"foreach": True} if "foreach" in variant else {}))
@@ -549,7 +550,7 @@ def levers(args):
     rows = [("LVDM", {"lvdm"}, 8), ("LVDM", {"lvdm", "bf16"}, 8), ("LVDM", {"lvdm", "channels-last"}, 8),
             ("LVDM", {"lvdm", "foreach"}, 8), ("LVDM", {"lvdm", "no EMA"}, 8), ("LVDM", {"lvdm"}, 4),
             ("LVDM", {"lvdm"}, 16), ("LVDM", {"lvdm", "bf16"}, 16),
-            ("LVDM", {"lvdm", "bf16", "1 thread"}, 8),
+            ("LVDM", {"lvdm", "bf16", "1 thread"}, 8), ("LVDM", {"lvdm", "bf16", "joint"}, 8),
             ("autoencoder", {"ae"}, 4), ("autoencoder", {"ae", "bf16"}, 4),
             ("autoencoder", {"ae", "bf16", "1 thread"}, 4)]
     if args.compile:

@@ -12,11 +12,10 @@ Commands:
     python train.py --stage vae --preset demo --resume             # continue exactly where it stopped
     python train.py --stage image --preset demo-t2v                 # uses runs/demo/vae.pt
     python train.py --stage t2v --preset demo-t2v                   # starts from runs/demo-t2v/image.pt
-    python train.py --stage all --preset demo                       # the main job: every stage, samples,
-                                                                    # two 1024-frame videos, RUN/index.html
+    python train.py --stage all --preset demo                       # the main job: stages, samples, page
 
-A preset is a dict of argparse defaults (printed at start); every value can be
-overridden by its flag, and model fields by --model KEY=VALUE.
+A preset is a dict of argparse defaults (printed at start); every value can be overridden by its
+flag, and model fields by --model KEY=VALUE (after a stage's own, e.g. the demo pred's attention=joint).
 The loop follows nanoGPT and is all in `main`: forward and backward of one micro-batch
 (`vae_step` or `diffusion_step`), then clip, optimizer step, EMA, log, checkpoint. One code
 path for 1 or N processes, `master_process` alone logs and saves, gradient sync off for all
@@ -75,13 +74,11 @@ STAGE_DEFAULTS = {
     # demo LVDM, 10000 x 8: batch 16 for 3000-5000 steps passed the score as often but had worse FVD16 (RESULTS.md)
     ("lvdm", "demo"):   dict(steps=10_000, batch_size=8, lr=1e-3, schedule_lr="cosine", warmup=50, ema=0.999,
                              prediction="v", save_every=500, sample_every=1000, latent_cache=2048),
-    # pred, interp: start from the lvdm weights (§4.1). pred at 3750 steps keeps keyframes' colours and whole
-    # long videos' balls more often than at 1250 or 2500; interp at 625 infills as 1250 does (RESULTS.md, 2026-12-05)
-    # pred's U-Net: joint space-time attention where the LVDM's is spatial (keyframes 16 frames apart: a ball has
-    # moved), so its 1024-frame videos keep their balls from clip to clip more often (RESULTS.md, 2026-12-05)
+    # pred, interp: start from the lvdm weights (§4.1). pred: 3750 steps rather than 1250, and joint space-time
+    # attention where the LVDM's is spatial (its keyframes are 16 frames apart), keep long videos' balls more often;
+    # pred's latent cache holds 4x longer clips; interp at 625 steps infills as 1250 does (RESULTS.md, 2026-12-05)
     ("pred", "demo"):   dict(steps=3750, batch_size=8, lr=1e-3, schedule_lr="cosine", warmup=50, ema=0.999,
-                             prediction="v", save_every=500, sample_every=1000, latent_cache=256,  # 4x longer clips
-                             model=("attention=joint",)),
+                             prediction="v", save_every=500, sample_every=1000, latent_cache=256, model=("attention=joint",)),
     ("interp", "demo"): dict(steps=625, batch_size=8, lr=1e-3, schedule_lr="cosine", warmup=50, ema=0.999,
                              prediction="v", save_every=500, sample_every=1000, latent_cache=2048),
     # §5, image and t2v alike (t2v's entries are copied below): the image model sees every latent frame
@@ -122,10 +119,9 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=natural_float, help="EMA decay in [0, 1) (0 = off)")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
                    help="autocast: auto = bf16 on GPUs and CPUs that have it natively, fp16 on older GPUs, else none")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0); p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=natural_int, help="DataLoader workers per process (default: on a GPU up to 4, "
                    "persistent over the run; on the CPU and with --latent-cache 0: the cores train the model)")
-    p.add_argument("--device", default="auto")
     p.add_argument("--dist-backend", default="auto", choices=["auto", "nccl", "gloo"],
                    help="torchrun's process group: auto = nccl on GPUs, gloo on the CPU (gloo also lets several "
                         "processes share one GPU, e.g. to test DDP on one)")
@@ -160,8 +156,7 @@ def parse_args(argv=None):
                    help="pixel = the same U-Net on pixels (the VDM-style baseline of Table 2)")
     p.add_argument("--timesteps", type=positive_int, default=1000)
     p.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
-    p.add_argument("--beta-start", type=positive_float, default=0.0015)
-    p.add_argument("--beta-end", type=positive_float, default=0.0155)
+    p.add_argument("--beta-start", type=positive_float, default=0.0015); p.add_argument("--beta-end", type=positive_float, default=0.0155)
     p.add_argument("--loss", default="l2", choices=["l2", "l1"])
     p.add_argument("--min-snr", type=natural_float, default=0.0, metavar="GAMMA",
                    help="Min-SNR-GAMMA loss weighting (Hang et al. 2023; e.g. 5); 0 = off, the paper's L_simple")

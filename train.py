@@ -154,10 +154,10 @@ def parse_args(argv=None):
                    "a trained autoencoder (e.g. to fine-tune its decoder, --decoder-only)")
     p.add_argument("--space", default="latent", choices=["latent", "pixel"],
                    help="pixel = the same U-Net on pixels (the VDM-style baseline of Table 2)")
-    p.add_argument("--timesteps", type=positive_int, default=1000)
+    p.add_argument("--timesteps", type=positive_int, default=1000); p.add_argument("--loss", default="l2", choices=["l2", "l1"])
     p.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
-    p.add_argument("--beta-start", type=positive_float, default=0.0015); p.add_argument("--beta-end", type=positive_float, default=0.0155)
-    p.add_argument("--loss", default="l2", choices=["l2", "l1"])
+    p.add_argument("--beta-start", type=positive_float, default=0.0015)
+    p.add_argument("--beta-end", type=positive_float, default=0.0155)
     p.add_argument("--min-snr", type=natural_float, default=0.0, metavar="GAMMA",
                    help="Min-SNR-GAMMA loss weighting (Hang et al. 2023; e.g. 5); 0 = off, the paper's L_simple")
     p.add_argument("--var-type", default="fixed_small", choices=["fixed_small", "fixed_large"],

@@ -1715,6 +1715,7 @@ class TestUNet3D:
         """temporal_resolutions gives a level temporal attention only, in joint models as in factorized ones:
         the joint model's temporal-only block computes what the factorized one does with the same weights, and a
         change to frame 0 reaches frame 3 through it (the image model's, attention='spatial', is the identity)."""
+        torch.manual_seed(0)
         blocks = {}
         for att in ("factorized", "joint", "spatial"):
             cfg = UNetConfig(model_channels=32, channel_mult=(1,), num_heads=2, attention=att, max_relative_position=3)

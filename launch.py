@@ -10,18 +10,48 @@ import datetime
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 import hierarchical
+import stages
 from common import UserError, auto_amp, cpu_busy_elsewhere, load_checkpoint, setup_cuda
 
 # --stage all, demo preset: after the vae stage, its decoder trains on alone (encoder, its latents and
 # their statistics frozen), for sharper reconstructions and samples; without the GAN term, which did
 # no better there (RESULTS.md, 2026-11-30: the decoder trained on alone).
 DEMO_DECODER = ["--decoder-only", "--steps", "2000", "--lr", "5e-4", "--warmup", "0", "--disc-start", "2000"]
+
+
+def check_finished(path, ckpt, args):
+    """A finished checkpoint of another architecture must not stand in for the one this chain would train.
+    A U-Net stage's is compared by the config it was built with against the one these settings build (so a
+    `--model attention=factorized` that undoes a stage default matches a model trained before that default);
+    other stages', and checkpoints without a config, by their --model lists."""
+    had = ckpt.get("train_args") or {}
+    keys = ["model_preset", "gap", "prediction", "size", "frames"]
+    built = ckpt.get("model_args")
+    unet = args.stage in ("lvdm", "pred", "interp") and built is not None and "in_channels" in built
+    if unet and args.stage != "lvdm" and not os.path.isfile(args.init or ""):
+        unet = False  # the model it starts from is not there to read its config from
+    if unet:
+        init = load_checkpoint(args.init) if args.stage != "lvdm" else None
+        want = asdict(stages.unet_config(args, built["in_channels"], init))
+        diff = sorted(k for k in want if built.get(k) != want[k])
+        if diff:
+            raise UserError(f"{path} is complete but its U-Net has {', '.join(f'{k} = {built.get(k)!r}' for k in diff)} "
+                            f"where this chain builds {', '.join(f'{k} = {want[k]!r}' for k in diff)}; move it away "
+                            f"to train it again, or run the chain with the --model flags it was trained with.")
+    else:
+        keys.append("model")
+    for key in keys:
+        if key in had and had[key] != getattr(args, key):
+            raise UserError(f"{path} is complete but was trained with {key} = {had[key]!r} where this "
+                            f"chain asks for {getattr(args, key)!r}; move it away to train it again, or "
+                            f"run the chain with the flags it was trained with.")
 
 
 def run_all(argv, parse_args, run=subprocess.run):
@@ -61,13 +91,7 @@ def run_all(argv, parse_args, run=subprocess.run):
         ckpt = load_checkpoint(path) if os.path.isfile(path) else None
         done = ckpt.get("step", 0) if ckpt is not None else None
         if done is not None and done >= args.steps:
-            # a finished checkpoint of another architecture must not stand in for this one
-            had = ckpt.get("train_args") or {}
-            for key in ("model_preset", "model", "gap", "prediction", "size", "frames"):
-                if key in had and had[key] != getattr(args, key):
-                    raise UserError(f"{path} is complete but was trained with {key} = {had[key]!r} where this "
-                                    f"chain asks for {getattr(args, key)!r}; move it away to train it again, or "
-                                    f"run the chain with the flags it was trained with.")
+            check_finished(path, ckpt, args)
             print(f"{path}: complete ({done} steps), skipped")
             continue
         resume = ["--resume"] if done is not None and "--resume" not in rest else []

@@ -100,6 +100,22 @@ def build_vae_stage(args, device, master_process):
                  loss_fn=loss_fn)
 
 
+def unet_base(args, channels, init=None):
+    """The U-Net config's fields before the user's --model: the preset's, or for pred/interp those of the
+    unconditional model they start from (init, its checkpoint), with the mask channel and s embedding on."""
+    base = asdict(unet3d.unet_presets()[args.model_preset])
+    if init is not None:
+        base = dict(init.get("model_args") or base)
+    conditional = args.stage in ("pred", "interp")
+    base.update(in_channels=channels, out_channels=channels, mask_channel=conditional, s_embedding=conditional)
+    return base
+
+
+def unet_config(args, channels, init=None):
+    """The UNetConfig a diffusion stage with these settings builds (unet_base, then --model)."""
+    return make_config(unet3d.UNetConfig, unet_base(args, channels, init), parse_overrides(args.model))
+
+
 def build_diffusion_stage(args, device, master_process):
     """Stages lvdm / pred / interp (§3.2, §3.3): a U-Net on frozen-autoencoder latents (or pixels)."""
     autoencoder = None
@@ -122,17 +138,16 @@ def build_diffusion_stage(args, device, master_process):
     if args.stage == "pred" and not args.cond_frames < args.frames // ft:
         raise UserError(f"--cond-frames {args.cond_frames} leaves nothing to predict in clips of {args.frames // ft} "
                         f"latents; pass at most {args.frames // ft - 1}.")
-    base = asdict(unet3d.unet_presets()[args.model_preset])
+    init = None
     if conditional:  # pred/interp take the U-Net of the model they start from (a converted release one too)
         if not args.init:
             raise UserError(f"--stage {args.stage} is resumed from the unconditional model (§4.1): "
                             f"pass --init RUN/lvdm.pt.")
         init = load_checkpoint(args.init, "lvdm")
-        base = dict(init.get("model_args") or base)
-    base.update(in_channels=channels, out_channels=channels, mask_channel=conditional, s_embedding=conditional)
+    base = unet_base(args, channels, init)
     if args.stage in ("image", "t2v"):
         return build_text_stage(args, device, master_process, base, autoencoder, clip_frames)
-    cfg = make_config(unet3d.UNetConfig, base, parse_overrides(args.model))
+    cfg = unet_config(args, channels, init)
     model = build_model(unet3d.UNet3D, cfg).to(device)
     if conditional:
         init_prediction = (init.get("train_args") or {}).get("prediction", "eps")  # older checkpoints: eps

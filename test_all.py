@@ -3216,6 +3216,34 @@ class TestLaunch:
                        train.parse_args, run=ok)
         assert [c[2] for c in calls if c[0] == "train.py"] == ["pred", "interp"]  # the same overrides: skipped
 
+    def test_stage_all_matches_a_finished_unet_by_the_config_it_builds(self, tmp_path):
+        """A pred.pt trained before the stage's default attention became joint (its --model list empty) is
+        the model `--model attention=factorized` builds, though the lists differ; without that flag it is
+        not the chain's model, and the message names the field."""
+        run_dir = str(tmp_path / "run")
+        os.makedirs(os.path.join(run_dir, "decoder"))
+        common.save_checkpoint(os.path.join(run_dir, "vae.pt"), {"stage": "vae", "step": 1600})
+        common.save_checkpoint(os.path.join(run_dir, "decoder", "vae.pt"), {"stage": "vae", "step": 2000})
+        lvdm_cfg = dict(asdict(unet3d.unet_presets()["demo"]), in_channels=4, out_channels=4)
+        assert lvdm_cfg["attention"] == "factorized"
+        lvdm_args = vars(train.parse_args(["--stage", "lvdm", "--preset", "demo", "--out", run_dir]))
+        common.save_checkpoint(os.path.join(run_dir, "lvdm.pt"), {"stage": "lvdm", "step": 10_000,
+                                                                  "model_args": lvdm_cfg, "train_args": lvdm_args})
+        pred_args = vars(train.parse_args(["--stage", "pred", "--preset", "demo", "--out", run_dir]))
+        common.save_checkpoint(os.path.join(run_dir, "pred.pt"), {
+            "stage": "pred", "step": pred_args["steps"], "train_args": {**pred_args, "model": []},
+            "model_args": dict(lvdm_cfg, mask_channel=True, s_embedding=True)})
+        calls = []
+        ok = lambda cmd: calls.append([os.path.basename(c) if c.endswith(".py") else c for c in cmd[1:]]) or \
+            subprocess.CompletedProcess(cmd, 0)
+        with pytest.raises(UserError, match=r"pred.pt is complete but its U-Net has attention = 'factorized' "
+                                            r"where this chain builds attention = 'joint'"):
+            launch.run_all(["--stage", "all", "--preset", "demo", "--out", run_dir], train.parse_args, run=ok)
+        assert calls == []  # the check runs before any stage after it starts
+        launch.run_all(["--stage", "all", "--preset", "demo", "--out", run_dir, "--model", "attention=factorized"],
+                       train.parse_args, run=ok)
+        assert [c[2] for c in calls if c[0] == "train.py"] == ["interp"]  # lvdm and pred: the same U-Nets
+
     @pytest.mark.slow
     def test_stage_all_for_real_connects_every_stage_and_a_second_run_changes_nothing(self, tmp_path):
         """The README's one command as a user runs it (real processes, demo preset, 2 steps a stage,

@@ -397,6 +397,15 @@ def key_check(detections):
     return (True, "ok") if len({c for _, c in detections}) == 1 else (False, "the colours change between keyframes")
 
 
+def key_background_change(chunks, m=4):
+    """How far a keyframe sequence's background moved: the mean absolute difference (/255) between the border
+    medians (drift.border_median) of its last and its first m keyframes (at most half of them), chunks of uint8
+    (f,H,W,3). The median over m keyframes far apart removes the balls that cross the border in one of them."""
+    m = max(1, min(m, len(chunks) // 2))
+    return float(np.abs(drift.border_median(np.concatenate(chunks[-m:])) -
+                        drift.border_median(np.concatenate(chunks[:m]))).mean())
+
+
 def keyframes(argv):
     """Where hierarchical sampling (§3.3) loses quality: the prediction model's keyframes, or the interpolation
     between them? On --n held-out synthetic clips, the synthetic score per 16-frame clip of the first
@@ -406,7 +415,8 @@ def keyframes(argv):
       * --pred's keyframes (its first clip unconditional, then autoregressive) infilled by --interp, which is
         hierarchical sampling itself;
     and the keyframes alone, real and predicted, each keyframe latent decoded by itself (key_check), with
-    the share of keyframes that pass ball_check and of consecutive keyframes that show the same colours.
+    the share of keyframes that pass ball_check and of consecutive keyframes that show the same colours,
+    and how far the background moved from the first keyframes to the last (key_background_change).
 
     python study.py keyframes --pred runs/demo/pred.pt --interp runs/demo/interp.pt --n 32"""
     p = argparse.ArgumentParser(prog="study.py keyframes", description=keyframes.__doc__,
@@ -458,8 +468,8 @@ def keyframes(argv):
             p = drift.mean_persistence(v) if args.frames >= 32 else None
             scored.append((f"{name}, per 16-frame clip",
                            balls.synthetic_score([x[a:a + 16] for x in v for a in range(0, args.frames, 16)]),
-                           "– | " + (f"{100 * p['same_next']:.1f}% | {100 * p['keeps_first']:.1f}%" if p
-                                     else "– | –")))
+                           "– | " + (f"{100 * p['same_next']:.1f}% | {100 * p['keeps_first']:.1f}% | "
+                                     f"{p['background_change']:.1f}" if p else "– | – | –")))
         for name, keys in (("real", real_keys), ("predicted", pred_keys)):
             alone = decode(keys.transpose(1, 2).flatten(0, 1)[:, :, None])  # (N,c,K,h,w) -> (N*K,c,1,h,w) -> (N*K,ft,H,W,3)
             alone = alone.reshape(args.n, n_key, *alone.shape[1:])              # (N,K,ft,H,W,3)
@@ -468,14 +478,15 @@ def keyframes(argv):
             formed = np.mean([ok for d in dets for (ok, _), _ in d])                    # each keyframe alone
             same = np.mean([a[1] == b[1] for d in dets for a, b in zip(d, d[1:])])      # consecutive keyframes
             first = np.mean([b[1] == d[0][1] for d in dets for b in d[1:]])              # the first keyframe's
+            moved = np.mean([key_background_change(list(video)) for video in alone])
             scored.append((f"{name} keyframes alone, {n_key} per video (key_check)",
                            (whys.count("ok") / args.n, {w: whys.count(w) for w in set(whys)}),
-                           f"{100 * formed:.1f}% | {100 * same:.1f}% | {100 * first:.1f}%"))
+                           f"{100 * formed:.1f}% | {100 * same:.1f}% | {100 * first:.1f}% | {moved:.1f}"))
     rows = [f"| {args.n} held-out clips, {args.frames} frames, gap {gap} (keyframes {gap * ft} frames apart), "
             f"DDIM-{args.steps} eta {args.eta:g}, s = {args.cond_noise}, w = {args.guidance:g}, k = {args.k} | pass | "
             "failures "
             "| keyframes that pass ball_check | same colours as the previous clip or keyframe | the first one's "
-            "colours |", "|---|---|---|---|---|---|"]
+            "colours | background change (/255): first vs last 4 keyframes, or 128 frames |", "|---|---|---|---|---|---|---|"]
     for name, (share, reasons), columns in scored:
         fails = ", ".join(f"{k}: {n}" for k, n in sorted(reasons.items()) if k != "ok") or "none"
         rows.append(f"| {name} | {100 * share:.1f}% | {fails} | {columns} |")

@@ -4411,6 +4411,13 @@ class TestStudy:
         assert [a[1] == b[1] for a, b in zip(dets, dets[1:])] == [True, False, False]  # pairs with the third differ
         noise = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
         assert check(chunks[:1] + [noise])[0] is False
+        # the background: still over the keyframes of real 128-frame videos (whose balls cross the border ring),
+        # and a drift of 20 levels in the last 4 keyframes is read as 20
+        for i in range(4):
+            keys = [ds.render(i, frames=128)[t:t + 4] for t in range(0, 128, 16)]   # 8 keyframes, 4 frames each
+            assert study.key_background_change(keys) < 0.5
+        drifted = keys[:4] + [np.clip(k.astype(np.int16) + 20, 0, 255).astype(np.uint8) for k in keys[4:]]
+        assert study.key_background_change(drifted) == pytest.approx(20.0, abs=0.5)
 
     def test_keyframes_reports_each_row_over_every_clip(self, tmp_path, capsys):
         for d in "pia":
@@ -4426,6 +4433,7 @@ class TestStudy:
         for r in rows:                        # keyframe rows: three shares more; videos: their persistence
             cells = r.rstrip(" |").split(" | ")[3:6]
             assert all(0 <= float(x.rstrip("%")) <= 100 for x in (cells if "alone" in r else cells[1:]))
+            assert 0 <= float(r.rstrip(" |").split(" | ")[6]) <= 255  # background change, first vs last
         for r in rows:                     # failures add up to what was scored: 2 clips a video, or 1 keyframe set
             share, fails = r.split(" | ")[1:3]
             counted = sum(int(x.split(": ")[1]) for x in fails.rstrip(" |").split(", ") if ": " in x)

@@ -33,11 +33,9 @@ def check_finished(path, ckpt, args):
     other stages', and checkpoints without a config, by their --model lists."""
     had = ckpt.get("train_args") or {}
     keys = ["model_preset", "gap", "prediction", "size", "frames"]
-    built = ckpt.get("model_args")
-    unet = args.stage in ("lvdm", "pred", "interp") and built is not None and "in_channels" in built
-    if unet and args.stage != "lvdm" and not os.path.isfile(args.init or ""):
-        unet = False  # the model it starts from is not there to read its config from
-    if unet:
+    built = ckpt.get("model_args") or {}
+    starts_from = args.stage == "lvdm" or os.path.isfile(args.init or "")  # pred/interp: its config comes from there
+    if args.stage in ("lvdm", "pred", "interp") and "in_channels" in built and starts_from:
         init = load_checkpoint(args.init) if args.stage != "lvdm" else None
         want = asdict(stages.unet_config(args, built["in_channels"], init))
         diff = sorted(k for k in want if built.get(k) != want[k])

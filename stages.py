@@ -144,9 +144,8 @@ def build_diffusion_stage(args, device, master_process):
             raise UserError(f"--stage {args.stage} is resumed from the unconditional model (§4.1): "
                             f"pass --init RUN/lvdm.pt.")
         init = load_checkpoint(args.init, "lvdm")
-    base = unet_base(args, channels, init)
     if args.stage in ("image", "t2v"):
-        return build_text_stage(args, device, master_process, base, autoencoder, clip_frames)
+        return build_text_stage(args, device, master_process, unet_base(args, channels), autoencoder, clip_frames)
     cfg = unet_config(args, channels, init)
     model = build_model(unet3d.UNet3D, cfg).to(device)
     if conditional:

@@ -55,10 +55,14 @@ def given_frames(stage, length, k=1):
     raise ValueError(f"no conditioning pattern for stage '{stage}'")
 
 
-def sample_train_masks(stage, batch, length, k=1, p_cond=None, generator=None, device=None):
+def sample_train_masks(stage, batch, length, k=1, p_cond=None, generator=None, device=None, anchor=False):
     """Joint training (§3.3): with probability p_c the stage's conditioning pattern, else all zeros (p_u).
     pred with k > 1: each conditioned sample is given its first k_b ~ U{1..k} latents, so one model learns
-    to continue from 1 up to k of them (autoregressive(k=...) then conditions on that many)."""
+    to continue from 1 up to k of them (autoregressive(k=...) then conditions on that many).
+    anchor: latent 0 is a far anchor (UNetConfig.far_anchor), given whenever the rest is conditioned."""
+    if anchor:
+        m = sample_train_masks(stage, batch, length - 1, k, p_cond, generator, device)  # (B,1,l-1,1,1)
+        return torch.cat([m.amax(2, keepdim=True), m], 2)                               # (B,1,l,1,1)
     p = P_COND[stage] if p_cond is None else p_cond
     use = (torch.rand(batch, generator=generator, device=device) < p).float()  # (B,)
     if stage == "pred" and k > 1:
@@ -121,7 +125,9 @@ def training_loss(diffusion, model, z0, stage, s_max=250, k=1, p_cond=None, gene
     """
     B, length = z0.shape[0], z0.shape[2]
     dev = z0.device
-    m = sample_train_masks(stage, B, length, k=k, p_cond=p_cond, generator=generator, device=dev)  # (B,1,l,1,1)
+    anchor = getattr(model, "module", model).cfg.far_anchor  # DDP wraps the U-Net
+    m = sample_train_masks(stage, B, length, k=k, p_cond=p_cond, generator=generator, device=dev,
+                           anchor=anchor)  # (B,1,l,1,1)
     conditioned = m.flatten(1).amax(1) > 0                                       # (B,1,l,1,1) -> (B,l) -> (B,)
     s = torch.randint(0, s_max + 1, (B,), generator=generator, device=dev) * conditioned.long()
     z_cond = perturb(diffusion, z0, s, torch.randn(z0.shape, generator=generator, device=dev))
@@ -217,19 +223,26 @@ def autoregressive(model, diffusion, clip_shape, n_latents, k=1, s=100, w=0.0, s
 
     The first clip is unconditional; each next clip of l latents has its first k given (the last k
     made so far) and contributes l - k new ones.
+    A model with a far anchor (UNetConfig.far_anchor) samples clips of 1 + l latents: the first clip's
+    latent 0 is the anchor, a latent of the same video far from the rest, which is not part of the video
+    but given to every later clip as its latent 0, so each continuation also sees that one fixed latent
+    of the scene (long-range context, as FDM's sampling schemes give over 1000 frames).
     """
     B, clip_len = clip_shape[0], clip_shape[2]
     if not 0 < k < clip_len:
         raise ValueError(f"k must be in [1, {clip_len - 1}] for clips of {clip_len} latents, got {k}")
-    z = sample_clip(model, diffusion, clip_shape, steps=steps, eta=eta, generator=generator)
+    a = 1 if model.cfg.far_anchor else 0               # the anchor's slot in front of the clip
+    shape = (B, clip_shape[1], a + clip_len, *clip_shape[3:])
+    z = sample_clip(model, diffusion, shape, steps=steps, eta=eta, generator=generator)
+    anchor, z = z[:, :, :a], z[:, :, a:]               # (B,c,a,h,w), (B,c,l,h,w)
     made = min(clip_len, n_latents)
     yield z[:, :, :made]                               # (B,c,made,h,w)
     tail = z[:, :, made - k:made]                      # the last k latents made so far, (B,c,k,h,w)
-    m = frame_mask(B, clip_len, range(k), z.device)
+    m = frame_mask(B, a + clip_len, range(a + k), z.device)
     while made < n_latents:
-        cond = torch.zeros(clip_shape, device=z.device)
-        cond[:, :, :k] = tail
-        z = sample_clip(model, diffusion, clip_shape, cond, m, s=s, w=w, steps=steps, eta=eta, generator=generator)
+        cond = torch.zeros(shape, device=z.device)
+        cond[:, :, :a + k] = torch.cat([anchor, tail], 2)  # (B,c,a+k,h,w)
+        z = sample_clip(model, diffusion, shape, cond, m, s=s, w=w, steps=steps, eta=eta, generator=generator)[:, :, a:]
         new = min(clip_len - k, n_latents - made)
         yield z[:, :, k:k + new]                       # (B,c,new,h,w)
         tail = z[:, :, new:k + new]

@@ -147,6 +147,11 @@ def build_diffusion_stage(args, device, master_process):
     if args.stage in ("image", "t2v"):
         return build_text_stage(args, device, master_process, unet_base(args, channels), autoencoder, clip_frames)
     cfg = unet_config(args, channels, init)
+    if cfg.far_anchor:  # pred's far anchor: keyframe 0 of a clip twice as long, before the clip's last half
+        if args.stage != "pred":
+            raise UserError(f"--model far_anchor=True is the prediction model's long-range anchor; drop it from "
+                            f"--stage {args.stage}.")
+        clip_frames *= 2
     model = build_model(unet3d.UNet3D, cfg).to(device)
     if conditional:
         init_prediction = (init.get("train_args") or {}).get("prediction", "eps")  # older checkpoints: eps

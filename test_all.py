@@ -1730,12 +1730,14 @@ class TestUNet3D:
         assert (out["joint"][1] - out["joint"][0])[:, :, 3].abs().max() > 1e-3
         torch.testing.assert_close(out["spatial"][0], x, rtol=0, atol=0)
 
-    @pytest.mark.parametrize("kind", ["temporal", "joint"])
-    def test_attention_matches_naive_reference(self, kind):
-        """softmax over tokens of (q·k + q·a_clip(f_j - f_i)) / √d, written with explicit loops over tokens."""
+    @pytest.mark.parametrize("kind, far_first", [("temporal", False), ("joint", False), ("temporal", True),
+                                                 ("joint", True)])
+    def test_attention_matches_naive_reference(self, kind, far_first):
+        """softmax over tokens of (q·k + q·a_clip(f_j - f_i)) / √d, written with explicit loops over tokens;
+        far_first (a far anchor): frame 0 is M or more frames from every other frame, both ways."""
         torch.manual_seed(0)
         C, heads, M = 32, 2, 2
-        att = SelfAttention(C, heads, kind, max_relative_position=M).double()
+        att = SelfAttention(C, heads, kind, max_relative_position=M, far_first=far_first).double()
         _diffusion_randomize(att)
         B, T, H, W = 1, 4, 2, 3
         x = torch.randn(B, C, T, H, W, dtype=torch.float64)
@@ -1759,7 +1761,11 @@ class TestUNet3D:
                     logits = torch.zeros(len(tokens), len(tokens), dtype=torch.float64)
                     for a, ta in enumerate(tokens):
                         for c, tc in enumerate(tokens):
-                            rel = att.rel_k[max(-M, min(M, tc[0] - ta[0])) + M]
+                            if far_first and (ta[0] == 0) != (tc[0] == 0):  # one of the two is the anchor
+                                dist = M if ta[0] == 0 else -M
+                            else:
+                                dist = max(-M, min(M, tc[0] - ta[0]))
+                            rel = att.rel_k[dist + M]
                             logits[a, c] = (q[a] @ k[c] + q[a] @ rel) / math.sqrt(d)
                     outs.append(torch.softmax(logits, dim=-1) @ v)
                 o = att.proj_out(torch.cat(outs, dim=1))
@@ -2388,6 +2394,19 @@ class TestHierarchical:
             assert abs(share - 1 / 3) < 4 * math.sqrt(2 / 9 / len(given))
         assert abs(conditioned.float().mean().item() - hierarchical.P_COND["pred"]) < 0.02
 
+    def test_pred_masks_with_a_far_anchor(self):
+        """far_anchor: latent 0 is given exactly when the clip after it is conditioned (its first k_b latents)."""
+        n = 20000
+        m = hierarchical.sample_train_masks("pred", n, 5, k=2, generator=torch.Generator().manual_seed(0),
+                                            anchor=True)[:, 0, :, 0, 0]                         # (n,5)
+        conditioned = m[:, 1:].amax(1) > 0
+        assert torch.equal(m[:, 0], conditioned.float())
+        given = m[conditioned, 1:].sum(1)
+        assert torch.equal(m[conditioned, 1:], (torch.arange(4) < given[:, None]).float())   # 1 or 2 after it
+        assert set(given.tolist()) == {1.0, 2.0}
+        assert m[~conditioned].abs().sum() == 0
+        assert abs(conditioned.float().mean().item() - hierarchical.P_COND["pred"]) < 0.02
+
     def test_training_loss_conditions_enter_unchanged_at_s0_and_carry_no_loss(self):
         diff = _hier_diffusion()
         z0 = torch.randn(6, 4, 5, 4, 4)
@@ -2479,6 +2498,42 @@ class TestHierarchical:
             assert torch.equal(mask[0, 0, :, 0, 0], torch.tensor([1., 1, 0, 0]))
             assert torch.equal(x[:, :, :2], video[:, :, made - 2:made])
             made += 2
+
+    @pytest.mark.parametrize("n_latents", [4, 9])
+    def test_autoregressive_far_anchor_is_every_clips_first_latent(self, n_latents):
+        """far_anchor: clips of 1 + 4 latents; the first clip's latent 0 is the anchor, left out of the video
+        and given (with the last k latents made) to every later clip."""
+        diff = _hier_diffusion(100)
+        torch.manual_seed(0)
+        net = unet3d.UNet3D(unet3d.UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1,),
+                                              num_res_blocks=1, attention_resolutions=(1,), num_heads=2,
+                                              attention="joint", mask_channel=True, s_embedding=True,
+                                              far_anchor=True))
+        for p in net.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+        inputs, orig = [], net.forward
+
+        def recording(x, t, mask=None, s=None):
+            inputs.append((x.clone(), mask.clone()))
+            return orig(x, t, mask=mask, s=s)
+        net.forward = recording
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            video = torch.cat(list(hierarchical.autoregressive(net.eval(), diff, (1, 4, 4, 4, 4), n_latents, k=1, s=0,
+                                                               steps=2, generator=g)), 2)
+        assert video.shape[2] == n_latents
+        first = [inputs[i] for i in range(0, len(inputs), 2)]          # each clip's first DDIM step
+        assert all(x.shape[2] == 5 for x, _ in first)
+        # the anchor: what the first clip made at latent 0, from a run of that clip alone with the same seed
+        alone = hierarchical.sample_clip(net, diff, (1, 4, 5, 4, 4), steps=2, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(video[:, :, :4], alone[:, :, 1:])            # the video starts after the anchor
+        made = 4
+        for x, mask in first[1:]:
+            assert torch.equal(mask[0, 0, :, 0, 0], torch.tensor([1., 1, 0, 0, 0]))
+            assert torch.equal(x[:, :, 0], alone[:, :, 0])               # the same anchor in every clip
+            assert torch.equal(x[:, :, 1], video[:, :, made - 1])        # then the last latent made
+            made += 3
+        assert len(first) == 1 + -(-(n_latents - 4) // 3)
 
     @pytest.mark.parametrize("n_latents, gap", [(9, 4), (11, 4), (7, 3)])
     def test_hierarchical_length_keyframes_and_every_pair_infilled(self, n_latents, gap):
@@ -2600,6 +2655,19 @@ class TestTrain:
         for key in ("model", "ema", "discriminator", "optimizer", "optimizer_d", "rng", "data_state"):
             _assert_same_tensors(ca[key], cb[key], key)
         assert ca["data_state"]["batch_in_epoch"] == 4
+
+    @pytest.mark.parametrize("far_anchor", [False, True])
+    def test_pred_keyframes_of_a_training_clip(self, far_anchor):
+        """train.to_latents for pred: every gap-th latent; with a far anchor (a clip twice as long) the first
+        keyframe, then the clip's last half of keyframes."""
+        stage = types.SimpleNamespace(autoencoder=None, latents_cached=True,
+                                      config=unet3d.UNetConfig(far_anchor=far_anchor))
+        args = types.SimpleNamespace(stage="pred", gap=2)
+        z = torch.arange(16.0 if far_anchor else 8.0).view(1, 1, -1, 1, 1)       # latent i holds the value i
+        keys = train.to_latents(stage, z, args)[0, 0, :, 0, 0].tolist()
+        assert keys == ([0, 8, 10, 12, 14] if far_anchor else [0, 2, 4, 6])
+        with pytest.raises(UserError, match="relative_form='key'"):
+            unet3d.UNetConfig(far_anchor=True, relative_form="release")
 
     def test_random_crops_are_windows_of_each_clip(self):
         """train.random_crops: each crop is the clip's own window at the offsets torch's RNG draws."""

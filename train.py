@@ -349,7 +349,12 @@ def vae_step(stage, ddp_model, x, step, gan, args, autocast, scalers):
 def to_latents(stage, x, args):
     """A batch from the data (clips (B,3,T,H,W), or latents with --latent-cache) -> z0 (B,c,l,h,w)."""
     z = x if stage.autoencoder is None or stage.latents_cached else stage.autoencoder.encode_latents(x)
-    return z[:, :, ::args.gap] if args.stage == "pred" else z  # pred: (B,c,l*gap,h,w) -> (B,c,l,h,w)
+    if args.stage != "pred":
+        return z
+    keys = z[:, :, ::args.gap]  # pred: (B,c,l*gap,h,w) -> (B,c,l,h,w)
+    if stage.config.far_anchor:  # clips twice as long: (B,c,2l,h,w) -> (B,c,1+l,h,w), the anchor l to 2l-1 keys back
+        keys = torch.cat([keys[:, :, :1], keys[:, :, keys.shape[2] // 2:]], 2)
+    return keys
 
 
 def diffusion_step(stage, ddp_model, x, args, autocast, scaler, captions=None):

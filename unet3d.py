@@ -69,6 +69,9 @@ class UNetConfig:
     max_relative_position: int = 20    # frame distances are clipped to ±this
     mask_channel: bool = False
     s_embedding: bool = False
+    far_anchor: bool = False           # prediction models: latent 0 of every clip is a keyframe from far back in
+                                       # the same video (a long-range anchor, hierarchical.py); relative positions
+                                       # put it beyond max_relative_position of every other latent
     context_dim: int = None            # None: no cross-attention
     use_checkpoint: bool = False
     # Stable Diffusion v1's layers (§5's image model; convert.py --sd sets them, sdblocks.py holds the block):
@@ -107,6 +110,9 @@ class UNetConfig:
         if self.relative_form == "release" and self.attention == "joint":
             raise UserError("relative_form='release' is the release's temporal attention; use it with "
                             "attention='factorized'.")
+        if self.far_anchor and not (self.use_relative_position and self.relative_form == "key" and self.block == "lvdm"):
+            raise UserError("far_anchor places latent 0 by its relative position: use it with use_relative_position="
+                            "True, relative_form='key' and block='lvdm'.")
         for ch in (self.model_channels, *(m * self.model_channels for m in self.channel_mult)):
             if ch % 32 or ch % self.num_heads:
                 raise UserError(f"channel count {ch} must be divisible by 32 (GroupNorm) and by num_heads="
@@ -227,9 +233,10 @@ class SelfAttention(nn.Module):
     The output projection is zero-initialized, so the block starts as the identity.
     """
 
-    def __init__(self, channels, num_heads, kind, max_relative_position=None, norm=GroupNorm32):
+    def __init__(self, channels, num_heads, kind, max_relative_position=None, norm=GroupNorm32, far_first=False):
         super().__init__()
         self.kind, self.num_heads, self.max_dist = kind, num_heads, max_relative_position
+        self.far_first = far_first  # frame 0 is a far anchor (UNetConfig.far_anchor): see frame_positions
         self.norm = norm(channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj_out = zero_module(nn.Linear(channels, channels))
@@ -246,10 +253,10 @@ class SelfAttention(nn.Module):
             frame_index = None
         elif self.kind == "temporal":
             tok = h.permute(0, 3, 4, 2, 1).reshape(B * H * W, T, C)  # (B,C,T,H,W) -> (B*H*W,T,C)
-            frame_index = torch.arange(T, device=x.device)
+            frame_index = self.frame_positions(T, x.device)
         else:
             tok = h.permute(0, 2, 3, 4, 1).reshape(B, T * H * W, C)  # (B,C,T,H,W) -> (B,T*H*W,C)
-            frame_index = torch.arange(T, device=x.device).repeat_interleave(H * W)
+            frame_index = self.frame_positions(T, x.device).repeat_interleave(H * W)
         N, L, _ = tok.shape
         q, k, v = self.qkv(tok).reshape(N, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (N,L,3C) -> 3×(N,heads,L,d)
         out = self.attend(q, k, v, frame_index)
@@ -261,6 +268,14 @@ class SelfAttention(nn.Module):
         else:
             out = out.reshape(B, T, H, W, C).permute(0, 4, 1, 2, 3)  # (B,T*H*W,C) -> (B,C,T,H,W)
         return x + out
+
+    def frame_positions(self, T, device):
+        """(T,) the frames' positions for the relative term: 0..T-1, with frame 0 moved max_dist back when it is
+        a far anchor, so its distance to every other frame clips to the table's last entry."""
+        pos = torch.arange(T, device=device)
+        if self.far_first and self.max_dist is not None:
+            pos[0] = -self.max_dist
+        return pos
 
     def attend(self, q, k, v, frame_index):
         """softmax(q·k/√d + bias) v over (N,heads,L,d), bias the relative positions' key term (or none)."""
@@ -312,7 +327,8 @@ class AttentionBlock(nn.Module):
         # temporal_only (cfg.temporal_resolutions): just the temporal attention, in factorized and joint models
         # alike, and nothing for the image model (attention="spatial"), whose video model then adds it
         # zero-initialized like the rest
-        self.attn_s = None if temporal_only else SelfAttention(channels, cfg.num_heads, first, rel, norm)
+        self.attn_s = None if temporal_only else SelfAttention(channels, cfg.num_heads, first, rel, norm,
+                                                               far_first=cfg.far_anchor)
         self.cross = CrossAttention(channels, cfg.context_dim, cfg.num_heads) if cfg.context_dim and not temporal_only \
             else None
         with_t = cfg.attention == "factorized" or (temporal_only and cfg.attention == "joint")
@@ -532,7 +548,7 @@ def temporal_attention(channels, cfg, rel):
     norm = PositionGroupNorm32 if cfg.norm_over == "clip" else GroupNorm32
     if cfg.relative_form == "release" and rel is not None:
         return ReleaseTemporalAttention(channels, cfg.num_heads, rel, norm)
-    return SelfAttention(channels, cfg.num_heads, "temporal", rel, norm)
+    return SelfAttention(channels, cfg.num_heads, "temporal", rel, norm, far_first=cfg.far_anchor)
 
 
 if __name__ == "__main__":

@@ -115,17 +115,17 @@ def init_from_unconditional(model, ckpt):
                             f"{tuple(v.shape)}); use the same --preset and --model overrides as the lvdm run.")
 
 
-def training_loss(diffusion, model, z0, stage, s_max=250, k=1, p_cond=None, generator=None):
+def training_loss(diffusion, model, z0, stage, s_max=250, k=1, p_cond=None, generator=None, anchor=False):
     """Eq. (7) for the conditional models: (B,) mean squared error of the prediction (ε or v) over the
     latents to generate.
 
     Conditional latent perturbation: the given latents are diffused to a random level
     s ~ U{0..s_max} with Eq. (3) (`perturb`) and s is fed to the network.
     Samples drawn unconditional (all masks zero) get s = 0.
+    anchor: latent 0 of z0 is a far anchor (UNetConfig.far_anchor), given whenever the rest is conditioned.
     """
     B, length = z0.shape[0], z0.shape[2]
     dev = z0.device
-    anchor = getattr(model, "module", model).cfg.far_anchor  # DDP wraps the U-Net
     m = sample_train_masks(stage, B, length, k=k, p_cond=p_cond, generator=generator, device=dev,
                            anchor=anchor)  # (B,1,l,1,1)
     conditioned = m.flatten(1).amax(1) > 0                                       # (B,1,l,1,1) -> (B,l) -> (B,)

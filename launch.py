@@ -37,10 +37,12 @@ def check_finished(path, ckpt, args):
     starts_from = args.stage == "lvdm" or os.path.isfile(args.init or "")  # pred/interp: its config comes from there
     if args.stage in ("lvdm", "pred", "interp") and "in_channels" in built and starts_from:
         init = load_checkpoint(args.init) if args.stage != "lvdm" else None
-        want = asdict(stages.unet_config(args, built["in_channels"], init))
-        diff = sorted(k for k in want if built.get(k) != want[k])
+        cfg = stages.unet_config(args, built["in_channels"], init)
+        want = asdict(cfg)
+        built = {**asdict(type(cfg)()), **built}  # fields newer than the checkpoint: their defaults
+        diff = sorted(k for k in want if built[k] != want[k])
         if diff:
-            raise UserError(f"{path} is complete but its U-Net has {', '.join(f'{k} = {built.get(k)!r}' for k in diff)} "
+            raise UserError(f"{path} is complete but its U-Net has {', '.join(f'{k} = {built[k]!r}' for k in diff)} "
                             f"where this chain builds {', '.join(f'{k} = {want[k]!r}' for k in diff)}; move it away "
                             f"to train it again, or run the chain with the --model flags it was trained with.")
     else:

@@ -3286,8 +3286,8 @@ class TestLaunch:
 
     def test_stage_all_matches_a_finished_unet_by_the_config_it_builds(self, tmp_path):
         """A pred.pt trained before the stage's default attention became joint (its --model list empty) is
-        the model `--model attention=factorized` builds, though the lists differ; without that flag it is
-        not the chain's model, and the message names the field."""
+        the model `--model attention=factorized --model far_anchor=False` builds, though the lists differ;
+        without those flags it is not the chain's model, and the message names the fields."""
         run_dir = str(tmp_path / "run")
         os.makedirs(os.path.join(run_dir, "decoder"))
         common.save_checkpoint(os.path.join(run_dir, "vae.pt"), {"stage": "vae", "step": 1600})
@@ -3300,16 +3300,18 @@ class TestLaunch:
         pred_args = vars(train.parse_args(["--stage", "pred", "--preset", "demo", "--out", run_dir]))
         common.save_checkpoint(os.path.join(run_dir, "pred.pt"), {
             "stage": "pred", "step": pred_args["steps"], "train_args": {**pred_args, "model": []},
-            "model_args": dict(lvdm_cfg, mask_channel=True, s_embedding=True)})
+            "model_args": {k: v for k, v in dict(lvdm_cfg, mask_channel=True, s_embedding=True).items()
+                           if k != "far_anchor"}})  # stored before UNetConfig had the field: its default
         calls = []
         ok = lambda cmd: calls.append([os.path.basename(c) if c.endswith(".py") else c for c in cmd[1:]]) or \
             subprocess.CompletedProcess(cmd, 0)
-        with pytest.raises(UserError, match=r"pred.pt is complete but its U-Net has attention = 'factorized' "
-                                            r"where this chain builds attention = 'joint'"):
+        with pytest.raises(UserError, match=r"pred.pt is complete but its U-Net has attention = 'factorized', "
+                                            r"far_anchor = False where this chain builds attention = 'joint', "
+                                            r"far_anchor = True"):
             launch.run_all(["--stage", "all", "--preset", "demo", "--out", run_dir], train.parse_args, run=ok)
         assert calls == []  # the check runs before any stage after it starts
-        launch.run_all(["--stage", "all", "--preset", "demo", "--out", run_dir, "--model", "attention=factorized"],
-                       train.parse_args, run=ok)
+        launch.run_all(["--stage", "all", "--preset", "demo", "--out", run_dir, "--model", "attention=factorized",
+                        "--model", "far_anchor=False"], train.parse_args, run=ok)
         assert [c[2] for c in calls if c[0] == "train.py"] == ["interp"]  # lvdm and pred: the same U-Nets
 
     @pytest.mark.slow

@@ -76,9 +76,11 @@ STAGE_DEFAULTS = {
                              prediction="v", save_every=500, sample_every=1000, latent_cache=2048),
     # pred, interp: start from the lvdm weights (§4.1). pred: 3750 steps rather than 1250, and joint space-time
     # attention where the LVDM's is spatial (its keyframes are 16 frames apart), keep long videos' balls more often;
-    # pred's latent cache holds 4x longer clips; interp at 625 steps infills as 1250 does (RESULTS.md, 2026-12-05)
+    # a far anchor (unet3d.UNetConfig.far_anchor) stops the keyframes' background walk over 1024 frames;
+    # pred's latent cache holds 8x longer clips; interp at 625 steps infills as 1250 does (RESULTS.md, 2026-12-05)
     ("pred", "demo"):   dict(steps=3750, batch_size=8, lr=1e-3, schedule_lr="cosine", warmup=50, ema=0.999,
-                             prediction="v", save_every=500, sample_every=1000, latent_cache=256, model=("attention=joint",)),
+                             prediction="v", save_every=500, sample_every=1000, latent_cache=256,
+                             model=("attention=joint", "far_anchor=True")),
     ("interp", "demo"): dict(steps=625, batch_size=8, lr=1e-3, schedule_lr="cosine", warmup=50, ema=0.999,
                              prediction="v", save_every=500, sample_every=1000, latent_cache=2048),
     # §5, image and t2v alike (t2v's entries are copied below): the image model sees every latent frame
@@ -377,7 +379,8 @@ def diffusion_step(stage, ddp_model, x, args, autocast, scaler, captions=None):
             loss = stage.diffusion.training_loss(model_fn, z0).mean()
         else:
             loss = hierarchical.training_loss(stage.diffusion, ddp_model, z0, args.stage, s_max=args.s_max,
-                                              k=args.cond_frames if args.stage == "pred" else 1).mean()
+                                              k=args.cond_frames if args.stage == "pred" else 1,
+                                              anchor=stage.config.far_anchor).mean()
     scaler.scale(loss / args.grad_accum).backward()
     return {"loss": loss.detach()}  # a tensor on the device: read only when logged (a host sync)
 

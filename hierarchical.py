@@ -223,18 +223,19 @@ def autoregressive(model, diffusion, clip_shape, n_latents, k=1, s=100, w=0.0, s
 
     The first clip is unconditional; each next clip of l latents has its first k given (the last k
     made so far) and contributes l - k new ones.
-    A model with a far anchor (UNetConfig.far_anchor) samples clips of 1 + l latents: the first clip's
-    latent 0 is the anchor, a latent of the same video far from the rest, which is not part of the video
-    but given to every later clip as its latent 0, so each continuation also sees that one fixed latent
-    of the scene (long-range context, as FDM's sampling schemes give over 1000 frames).
+    A model with a far anchor (UNetConfig.far_anchor) samples clips of 1 + l latents, latent 0 the anchor:
+    the first clip is sampled whole and its latent 0 left out of the video; every later clip is given the
+    video's first latent as its anchor, so each continuation also sees one fixed latent of the scene
+    (long-range context, as FDM's sampling schemes give over 1000 frames). The first latent, rather than
+    the first clip's anchor, keeps the first keyframe's colours more often (RESULTS.md, 2026-12-05).
     """
     B, clip_len = clip_shape[0], clip_shape[2]
     if not 0 < k < clip_len:
         raise ValueError(f"k must be in [1, {clip_len - 1}] for clips of {clip_len} latents, got {k}")
     a = 1 if model.cfg.far_anchor else 0               # the anchor's slot in front of the clip
     shape = (B, clip_shape[1], a + clip_len, *clip_shape[3:])
-    z = sample_clip(model, diffusion, shape, steps=steps, eta=eta, generator=generator)
-    anchor, z = z[:, :, :a], z[:, :, a:]               # (B,c,a,h,w), (B,c,l,h,w)
+    z = sample_clip(model, diffusion, shape, steps=steps, eta=eta, generator=generator)[:, :, a:]  # (B,c,l,h,w)
+    anchor = z[:, :, :a]                               # the video's first latent, or nothing: (B,c,a,h,w)
     made = min(clip_len, n_latents)
     yield z[:, :, :made]                               # (B,c,made,h,w)
     tail = z[:, :, made - k:made]                      # the last k latents made so far, (B,c,k,h,w)

@@ -2501,8 +2501,8 @@ class TestHierarchical:
 
     @pytest.mark.parametrize("n_latents", [4, 9])
     def test_autoregressive_far_anchor_is_every_clips_first_latent(self, n_latents):
-        """far_anchor: clips of 1 + 4 latents; the first clip's latent 0 is the anchor, left out of the video
-        and given (with the last k latents made) to every later clip."""
+        """far_anchor: clips of 1 + 4 latents; the first clip's latent 0 is left out of the video, and the
+        video's first latent is given as the anchor (with the last k latents made) to every later clip."""
         diff = _hier_diffusion(100)
         torch.manual_seed(0)
         net = unet3d.UNet3D(unet3d.UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1,),
@@ -2524,13 +2524,13 @@ class TestHierarchical:
         assert video.shape[2] == n_latents
         first = [inputs[i] for i in range(0, len(inputs), 2)]          # each clip's first DDIM step
         assert all(x.shape[2] == 5 for x, _ in first)
-        # the anchor: what the first clip made at latent 0, from a run of that clip alone with the same seed
+        # the first clip alone with the same seed: the video starts after its latent 0
         alone = hierarchical.sample_clip(net, diff, (1, 4, 5, 4, 4), steps=2, generator=torch.Generator().manual_seed(0))
-        assert torch.equal(video[:, :, :4], alone[:, :, 1:])            # the video starts after the anchor
+        assert torch.equal(video[:, :, :4], alone[:, :, 1:])
         made = 4
         for x, mask in first[1:]:
             assert torch.equal(mask[0, 0, :, 0, 0], torch.tensor([1., 1, 0, 0, 0]))
-            assert torch.equal(x[:, :, 0], alone[:, :, 0])               # the same anchor in every clip
+            assert torch.equal(x[:, :, 0], video[:, :, 0])               # the video's first latent, every clip
             assert torch.equal(x[:, :, 1], video[:, :, made - 1])        # then the last latent made
             made += 3
         assert len(first) == 1 + -(-(n_latents - 4) // 3)

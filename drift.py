@@ -51,6 +51,12 @@ def border_median(video, width=3):
     return np.median(v[:, ring], axis=0)                                     # (T,H,W,3) -> (T,P,3) -> (P,3)
 
 
+def background_change(first, last):
+    """How far the background moved between two stretches of frames (uint8 (T,H,W,3) each): the mean absolute
+    difference (/255) of their border medians."""
+    return float(np.abs(border_median(first) - border_median(last)).mean())
+
+
 def persistence(video, clip=CLIP, window=WINDOW, attributes=None):
     """{same_next, keeps_first, background_change} of one uint8 video (T,H,W,3) (module docstring);
     attributes: its clip_attributes, when the caller has them."""
@@ -63,7 +69,7 @@ def persistence(video, clip=CLIP, window=WINDOW, attributes=None):
     w = min(window, len(v) // 2)
     return {"same_next": float(np.mean([s == t for s, t in zip(sets, sets[1:])])),
             "keeps_first": float(np.mean([s == sets[0] for s in sets[1:]])),
-            "background_change": float(np.abs(border_median(v[:w]) - border_median(v[-w:])).mean())}
+            "background_change": background_change(v[:w], v[-w:])}
 
 
 def keeps_first_curve(attributes, length, clip=CLIP, window=WINDOW):

@@ -398,12 +398,11 @@ def key_check(detections):
 
 
 def key_background_change(chunks, m=4):
-    """How far a keyframe sequence's background moved: the mean absolute difference (/255) between the border
-    medians (drift.border_median) of its last and its first m keyframes (at most half of them), chunks of uint8
-    (f,H,W,3). The median over m keyframes far apart removes the balls that cross the border in one of them."""
+    """How far a keyframe sequence's background moved (drift.background_change) between its first and its last m
+    keyframes (at most half of them), chunks of uint8 (f,H,W,3). The median over m keyframes far apart removes
+    the balls that cross the border in one of them."""
     m = max(1, min(m, len(chunks) // 2))
-    return float(np.abs(drift.border_median(np.concatenate(chunks[-m:])) -
-                        drift.border_median(np.concatenate(chunks[:m]))).mean())
+    return drift.background_change(np.concatenate(chunks[:m]), np.concatenate(chunks[-m:]))
 
 
 def keyframes(argv):

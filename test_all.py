@@ -312,11 +312,11 @@ class _HierSpy(torch.nn.Module):
         return 0.1 * x + 2.0 * m + 0.01 * t.view(-1, 1, 1, 1, 1).float()
 
 
-def _hier_unet():
+def _hier_unet(**fields):
     torch.manual_seed(0)
     net = unet3d.UNet3D(unet3d.UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1,),
                                 num_res_blocks=1, attention_resolutions=(1,), num_heads=2,
-                                mask_channel=True, s_embedding=True))
+                                mask_channel=True, s_embedding=True, **fields))
     for p in net.parameters():  # randomize the zero-initialized layers so outputs are non-trivial
         torch.nn.init.normal_(p, std=0.02)
     return net.eval()
@@ -2504,13 +2504,7 @@ class TestHierarchical:
         """far_anchor: clips of 1 + 4 latents; the first clip's latent 0 is left out of the video, and the
         video's first latent is given as the anchor (with the last k latents made) to every later clip."""
         diff = _hier_diffusion(100)
-        torch.manual_seed(0)
-        net = unet3d.UNet3D(unet3d.UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1,),
-                                              num_res_blocks=1, attention_resolutions=(1,), num_heads=2,
-                                              attention="joint", mask_channel=True, s_embedding=True,
-                                              far_anchor=True))
-        for p in net.parameters():
-            torch.nn.init.normal_(p, std=0.02)
+        net = _hier_unet(attention="joint", far_anchor=True)
         inputs, orig = [], net.forward
 
         def recording(x, t, mask=None, s=None):
@@ -2519,7 +2513,7 @@ class TestHierarchical:
         net.forward = recording
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
-            video = torch.cat(list(hierarchical.autoregressive(net.eval(), diff, (1, 4, 4, 4, 4), n_latents, k=1, s=0,
+            video = torch.cat(list(hierarchical.autoregressive(net, diff, (1, 4, 4, 4, 4), n_latents, k=1, s=0,
                                                                steps=2, generator=g)), 2)
         assert video.shape[2] == n_latents
         first = [inputs[i] for i in range(0, len(inputs), 2)]          # each clip's first DDIM step

@@ -152,6 +152,9 @@ def build_diffusion_stage(args, device, master_process):
             raise UserError(f"--model far_anchor=True is the prediction model's long-range anchor; drop it from "
                             f"--stage {args.stage}.")
         clip_frames *= 2
+    if cfg.position_stride not in (1, args.gap if args.stage == "pred" else 1):
+        raise UserError(f"--model position_stride={cfg.position_stride} places a prediction model's keyframes at their "
+                        f"latent times: use it with --stage pred and position_stride = --gap ({args.gap}).")
     model = build_model(unet3d.UNet3D, cfg).to(device)
     if conditional:
         init_prediction = (init.get("train_args") or {}).get("prediction", "eps")  # older checkpoints: eps

@@ -1730,14 +1730,15 @@ class TestUNet3D:
         assert (out["joint"][1] - out["joint"][0])[:, :, 3].abs().max() > 1e-3
         torch.testing.assert_close(out["spatial"][0], x, rtol=0, atol=0)
 
-    @pytest.mark.parametrize("kind, far_first", [("temporal", False), ("joint", False), ("temporal", True),
-                                                 ("joint", True)])
-    def test_attention_matches_naive_reference(self, kind, far_first):
-        """softmax over tokens of (q·k + q·a_clip(f_j - f_i)) / √d, written with explicit loops over tokens;
-        far_first (a far anchor): frame 0 is M or more frames from every other frame, both ways."""
+    @pytest.mark.parametrize("kind, far_first, stride", [("temporal", False, 1), ("joint", False, 1),
+                                                         ("temporal", True, 1), ("joint", True, 1),
+                                                         ("temporal", False, 2), ("joint", True, 2)])
+    def test_attention_matches_naive_reference(self, kind, far_first, stride):
+        """softmax over tokens of (q·k + q·a_clip(stride·(f_j - f_i))) / √d, written with explicit loops over
+        tokens; far_first (a far anchor): frame 0 is M or more frames from every other frame, both ways."""
         torch.manual_seed(0)
-        C, heads, M = 32, 2, 2
-        att = SelfAttention(C, heads, kind, max_relative_position=M, far_first=far_first).double()
+        C, heads, M = 32, 2, 3
+        att = SelfAttention(C, heads, kind, max_relative_position=M, far_first=far_first, stride=stride).double()
         _diffusion_randomize(att)
         B, T, H, W = 1, 4, 2, 3
         x = torch.randn(B, C, T, H, W, dtype=torch.float64)
@@ -1764,7 +1765,7 @@ class TestUNet3D:
                             if far_first and (ta[0] == 0) != (tc[0] == 0):  # one of the two is the anchor
                                 dist = M if ta[0] == 0 else -M
                             else:
-                                dist = max(-M, min(M, tc[0] - ta[0]))
+                                dist = max(-M, min(M, stride * (tc[0] - ta[0])))
                             rel = att.rel_k[dist + M]
                             logits[a, c] = (q[a] @ k[c] + q[a] @ rel) / math.sqrt(d)
                     outs.append(torch.softmax(logits, dim=-1) @ v)
@@ -3072,6 +3073,17 @@ class TestTrain:
         back = stages.build_diffusion_stage(train.parse_args(argv + ["--model", "attention=factorized"]),
                                             torch.device("cpu"), False)
         assert back.config.attention == "factorized"
+        # keyframe times (position_stride = gap): the pred stage's, and nowhere else
+        stride = stages.build_diffusion_stage(train.parse_args(argv + ["--model", "position_stride=4"]),
+                                              torch.device("cpu"), False)
+        attn = [m for m in stride.model.modules() if isinstance(m, unet3d.SelfAttention) and m.rel_k is not None]
+        assert attn and all(m.frame_positions(3, "cpu").tolist() == [-20, 4, 8] for m in attn)  # anchor, then gap
+        for bad in (argv + ["--model", "position_stride=2"],
+                    ["--stage", "interp"] + argv[2:] + ["--model", "position_stride=4"]):
+            with pytest.raises(UserError, match="position_stride = --gap"):
+                stages.build_diffusion_stage(train.parse_args(bad), torch.device("cpu"), False)
+        with pytest.raises(UserError, match="relative_form='key'"):
+            unet3d.UNetConfig(position_stride=4, relative_form="release")
 
 
     def test_text_to_video_image_then_t2v_then_sampling_from_a_prompt(self, tmp_path):

@@ -72,6 +72,9 @@ class UNetConfig:
     far_anchor: bool = False           # prediction models: latent 0 of every clip is a keyframe from far back in
                                        # the same video (a long-range anchor, hierarchical.py); relative positions
                                        # put it beyond max_relative_position of every other latent
+    position_stride: int = 1           # relative positions count this many latents per clip latent: a prediction
+                                       # model's keyframes are --gap latents apart, so with position_stride = gap
+                                       # its distances are in the LVDM's latent steps (§3.3's sparse keyframe times)
     context_dim: int = None            # None: no cross-attention
     use_checkpoint: bool = False
     # Stable Diffusion v1's layers (§5's image model; convert.py --sd sets them, sdblocks.py holds the block):
@@ -110,6 +113,10 @@ class UNetConfig:
         if self.relative_form == "release" and self.attention == "joint":
             raise UserError("relative_form='release' is the release's temporal attention; use it with "
                             "attention='factorized'.")
+        if self.position_stride < 1 or (self.position_stride > 1 and not (
+                self.use_relative_position and self.relative_form == "key" and self.block == "lvdm")):
+            raise UserError("position_stride scales the relative positions: use a positive integer, and one above 1 "
+                            "with use_relative_position=True, relative_form='key' and block='lvdm'.")
         if self.far_anchor and not (self.use_relative_position and self.relative_form == "key" and self.block == "lvdm"):
             raise UserError("far_anchor places latent 0 by its relative position: use it with use_relative_position="
                             "True, relative_form='key' and block='lvdm'.")
@@ -233,10 +240,12 @@ class SelfAttention(nn.Module):
     The output projection is zero-initialized, so the block starts as the identity.
     """
 
-    def __init__(self, channels, num_heads, kind, max_relative_position=None, norm=GroupNorm32, far_first=False):
+    def __init__(self, channels, num_heads, kind, max_relative_position=None, norm=GroupNorm32, far_first=False,
+                 stride=1):
         super().__init__()
         self.kind, self.num_heads, self.max_dist = kind, num_heads, max_relative_position
         self.far_first = far_first  # frame 0 is a far anchor (UNetConfig.far_anchor): see frame_positions
+        self.stride = stride        # frames' positions are stride apart (UNetConfig.position_stride)
         self.norm = norm(channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj_out = zero_module(nn.Linear(channels, channels))
@@ -270,9 +279,9 @@ class SelfAttention(nn.Module):
         return x + out
 
     def frame_positions(self, T, device):
-        """(T,) the frames' positions for the relative term: 0..T-1, with frame 0 moved max_dist back when it is
-        a far anchor, so its distance to every other frame clips to the table's last entry."""
-        pos = torch.arange(T, device=device)
+        """(T,) the frames' positions for the relative term: 0, stride, ..., (T-1)·stride, with frame 0 moved
+        max_dist back when it is a far anchor, so its distance to every other frame clips to the table's last entry."""
+        pos = torch.arange(T, device=device) * self.stride
         if self.far_first and self.max_dist is not None:
             pos[0] = -self.max_dist
         return pos
@@ -328,7 +337,7 @@ class AttentionBlock(nn.Module):
         # alike, and nothing for the image model (attention="spatial"), whose video model then adds it
         # zero-initialized like the rest
         self.attn_s = None if temporal_only else SelfAttention(channels, cfg.num_heads, first, rel, norm,
-                                                               far_first=cfg.far_anchor)
+                                                               far_first=cfg.far_anchor, stride=cfg.position_stride)
         self.cross = CrossAttention(channels, cfg.context_dim, cfg.num_heads) if cfg.context_dim and not temporal_only \
             else None
         with_t = cfg.attention == "factorized" or (temporal_only and cfg.attention == "joint")
@@ -548,7 +557,8 @@ def temporal_attention(channels, cfg, rel):
     norm = PositionGroupNorm32 if cfg.norm_over == "clip" else GroupNorm32
     if cfg.relative_form == "release" and rel is not None:
         return ReleaseTemporalAttention(channels, cfg.num_heads, rel, norm)
-    return SelfAttention(channels, cfg.num_heads, "temporal", rel, norm, far_first=cfg.far_anchor)
+    return SelfAttention(channels, cfg.num_heads, "temporal", rel, norm, far_first=cfg.far_anchor,
+                         stride=cfg.position_stride)
 
 
 if __name__ == "__main__":

@@ -445,11 +445,13 @@ def keyframes(argv):
             p.error(f"--interp must be an interp checkpoint with gap {gap}; got stage {iargs['stage']} gap {iargs['gap']}")
     n_key = n_lat // gap + 1                                       # keyframes 0, gap, ..., n_lat: the last pair's end
     real = balls.SyntheticVideos(n=args.n, frames=(n_lat + gap) * ft, size=targs["size"], split="test")
+    per = lambda frames: max(1, min(8, 2048 // frames))  # clips a batch: 8 up to 256 frames, 1-2 of 1024 (memory)
     with torch.no_grad():
-        z = torch.cat([ae.encode_latents(torch.stack([real[j] for j in range(i, min(i + 8, args.n))]))
-                       for i in range(0, args.n, 8)])              # (N,c,n_lat+gap,h,w)
-        decode = lambda lat: np.concatenate([data.to_uint8(ae.decode_latents(lat[i:i + 8]))
-                                             for i in range(0, len(lat), 8)])   # (N,c,l,h,w) -> (N,l*ft,H,W,3)
+        b = per((n_lat + gap) * ft)
+        z = torch.cat([ae.encode_latents(torch.stack([real[j] for j in range(i, min(i + b, args.n))]))
+                       for i in range(0, args.n, b)])              # (N,c,n_lat+gap,h,w)
+        decode = lambda lat: np.concatenate([data.to_uint8(ae.decode_latents(lat[i:i + per(lat.shape[2] * ft)]))
+                                             for i in range(0, len(lat), per(lat.shape[2] * ft))])  # (N,c,l,h,w) -> (N,l*ft,H,W,3)
         kw = dict(s=args.cond_noise, w=args.guidance, steps=args.steps, eta=args.eta)
         g = lambda: torch.Generator().manual_seed(args.seed)
         pred_keys = torch.cat(list(hierarchical.autoregressive(net, gd, (args.n, c, targs["frames"] // ft, hw, hw),

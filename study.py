@@ -450,8 +450,9 @@ def keyframes(argv):
         b = per((n_lat + gap) * ft)
         z = torch.cat([ae.encode_latents(torch.stack([real[j] for j in range(i, min(i + b, args.n))]))
                        for i in range(0, args.n, b)])              # (N,c,n_lat+gap,h,w)
-        decode = lambda lat: np.concatenate([data.to_uint8(ae.decode_latents(lat[i:i + per(lat.shape[2] * ft)]))
-                                             for i in range(0, len(lat), per(lat.shape[2] * ft))])  # (N,c,l,h,w) -> (N,l*ft,H,W,3)
+        def decode(lat):  # (N,c,l,h,w) -> (N,l*ft,H,W,3)
+            b = per(lat.shape[2] * ft)
+            return np.concatenate([data.to_uint8(ae.decode_latents(lat[i:i + b])) for i in range(0, len(lat), b)])
         kw = dict(s=args.cond_noise, w=args.guidance, steps=args.steps, eta=args.eta)
         g = lambda: torch.Generator().manual_seed(args.seed)
         pred_keys = torch.cat(list(hierarchical.autoregressive(net, gd, (args.n, c, targs["frames"] // ft, hw, hw),

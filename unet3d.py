@@ -113,11 +113,11 @@ class UNetConfig:
         if self.relative_form == "release" and self.attention == "joint":
             raise UserError("relative_form='release' is the release's temporal attention; use it with "
                             "attention='factorized'.")
-        if self.position_stride < 1 or (self.position_stride > 1 and not (
-                self.use_relative_position and self.relative_form == "key" and self.block == "lvdm")):
+        key_positions = self.use_relative_position and self.relative_form == "key" and self.block == "lvdm"
+        if self.position_stride < 1 or (self.position_stride > 1 and not key_positions):
             raise UserError("position_stride scales the relative positions: use a positive integer, and one above 1 "
                             "with use_relative_position=True, relative_form='key' and block='lvdm'.")
-        if self.far_anchor and not (self.use_relative_position and self.relative_form == "key" and self.block == "lvdm"):
+        if self.far_anchor and not key_positions:
             raise UserError("far_anchor places latent 0 by its relative position: use it with use_relative_position="
                             "True, relative_form='key' and block='lvdm'.")
         for ch in (self.model_channels, *(m * self.model_channels for m in self.channel_mult)):

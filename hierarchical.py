@@ -218,11 +218,14 @@ def sample_clip(model, diffusion, shape, cond=None, m=None, s=0, w=0.0, steps=50
 
 @torch.no_grad()
 def autoregressive(model, diffusion, clip_shape, n_latents, k=1, s=100, w=0.0, steps=50, eta=0.0,
-                   generator=None):
+                   generator=None, keep_first=None):
     """Yields latent chunks (B,c,n,h,w) that together hold exactly n_latents latents.
 
     The first clip is unconditional; each next clip of l latents has its first k given (the last k
     made so far) and contributes l - k new ones.
+    keep_first: how many latents of the unconditional first clip the video keeps (None: all l; at least k).
+    With keep_first = k the first clip only opens the video, and every later latent is made by a
+    conditional call, so no pair of consecutive latents is left to the unconditional model alone.
     A model with a far anchor (UNetConfig.far_anchor) samples clips of 1 + l latents, latent 0 the anchor:
     the first clip is sampled whole and its latent 0 left out of the video; every later clip is given the
     video's first latent as its anchor, so each continuation also sees one fixed latent of the scene
@@ -232,11 +235,15 @@ def autoregressive(model, diffusion, clip_shape, n_latents, k=1, s=100, w=0.0, s
     B, clip_len = clip_shape[0], clip_shape[2]
     if not 0 < k < clip_len:
         raise ValueError(f"k must be in [1, {clip_len - 1}] for clips of {clip_len} latents, got {k}")
+    keep_first = clip_len if keep_first is None else keep_first
+    if not k <= keep_first <= clip_len:
+        raise UserError(f"--keep-first must be in [{k}, {clip_len}] (at least the k = {k} latents each "
+                        f"continuation is given, at most a clip of {clip_len}), got {keep_first}")
     a = 1 if model.cfg.far_anchor else 0               # the anchor's slot in front of the clip
     shape = (B, clip_shape[1], a + clip_len, *clip_shape[3:])
     z = sample_clip(model, diffusion, shape, steps=steps, eta=eta, generator=generator)[:, :, a:]  # (B,c,l,h,w)
     anchor = z[:, :, :a]                               # the video's first latent, or nothing: (B,c,a,h,w)
-    made = min(clip_len, n_latents)
+    made = min(keep_first, n_latents)
     yield z[:, :, :made]                               # (B,c,made,h,w)
     tail = z[:, :, made - k:made]                      # the last k latents made so far, (B,c,k,h,w)
     m = frame_mask(B, a + clip_len, range(a + k), z.device)
@@ -252,12 +259,14 @@ def autoregressive(model, diffusion, clip_shape, n_latents, k=1, s=100, w=0.0, s
 
 @torch.no_grad()
 def hierarchical(pred_model, interp_model, diffusion, clip_shape, n_latents, gap=4, k=1, s=100, w=0.0,
-                 steps=50, eta=0.0, generator=None):
+                 steps=50, eta=0.0, generator=None, keep_first=None):
     """Yields latent chunks holding exactly n_latents latents: sparse keyframes `gap` apart from the
-    prediction model, every consecutive pair infilled by the interpolation model (to the end)."""
+    prediction model (`autoregressive`, keep_first as there), every consecutive pair infilled by the
+    interpolation model (to the end)."""
     n_key = -(-(n_latents - 1) // gap) + 1  # keyframes 0, gap, 2 gap, ... covering the last latent
     keys = torch.cat(list(autoregressive(pred_model, diffusion, clip_shape, n_key, k=k, s=s, w=w, steps=steps,
-                                         eta=eta, generator=generator)), dim=2)  # chunks -> (B,c,n_key,h,w)
+                                         eta=eta, generator=generator, keep_first=keep_first)),
+                     dim=2)  # chunks -> (B,c,n_key,h,w)
     yield from infill(interp_model, diffusion, keys, n_latents, gap=gap, s=s, w=w, steps=steps, eta=eta,
                       generator=generator)
 

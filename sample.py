@@ -83,6 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--cond-noise", type=natural_int, default=100, help="conditional latent perturbation level s (§3.3)")
     p.add_argument("--guidance", type=natural_float, default=0.1, help="unconditional guidance strength w, Eq. (9) (0 = off)")
     p.add_argument("--k", type=positive_int, default=1, help="latents each autoregressive step conditions on")
+    p.add_argument("--keep-first", type=positive_int, help="latents (keyframes, in --mode hierarchical) kept of the "
+                   "unconditional first clip, from k to a clip (default: the whole clip); the rest are predicted")
     p.add_argument("--chunk", type=positive_int, default=16, help="latents decoded at a time in long modes")
     p.add_argument("--decode-batch", type=positive_int, default=1, help="videos decoded at a time in long modes: "
                    "the decoder's activations grow with it (README, 'GPUs and clusters')")
@@ -218,7 +220,8 @@ def sample_long(args, net, diffusion, targs, vae, steps, g, device, out):
         bar = tqdm(total=args.n * length, desc=f"{args.mode} frames", unit="frame")
         for b in range(0, args.n, args.batch_size):
             B = min(args.batch_size, args.n - b)
-            kw = dict(k=args.k, s=args.cond_noise, w=args.guidance, steps=steps, eta=args.eta, generator=g)
+            kw = dict(k=args.k, s=args.cond_noise, w=args.guidance, steps=steps, eta=args.eta, generator=g,
+                      keep_first=args.keep_first)
             if args.mode == "autoregressive":
                 latents = hierarchical.autoregressive(net, diffusion, (B, c, clip_len, hw, hw), n_latents, **kw)
             else:

@@ -235,6 +235,7 @@ def long_videos(argv):
     p.add_argument("--window", type=int, help=f"frames per point of the curves, a multiple of {drift.CLIP} (default "
                    f"{drift.WINDOW}, or half of --frames if less); the first and last window are the tables' first and last")
     p.add_argument("--threads", type=int, help="sample.py --threads")
+    p.add_argument("--keep-first", type=int, help="sample.py --keep-first, for every setting")
     p.add_argument("--only", action="append", choices=sorted(STUDY), help="run only these settings (repeatable)")
     p.add_argument("--out", default="runs/study")
     args = p.parse_args(argv)
@@ -272,7 +273,8 @@ def long_videos(argv):
                 sample.main(["--ckpt", ckpt, "--interp", args.interp, "--mode", mode, "--frames", str(args.frames),
                              "--n", str(args.n), "--batch-size", str(args.n), "--steps", str(args.steps),
                              "--eta", str(args.eta), "--cond-noise", str(s), "--guidance", str(w), "--seed", str(seed),
-                             "--out", out] + (["--threads", str(args.threads)] if args.threads else []))
+                             "--out", out] + (["--threads", str(args.threads)] if args.threads else [])
+                            + (["--keep-first", str(args.keep_first)] if args.keep_first else []))
             videos = np.load(path, mmap_mode="r")
             if videos.shape[:2] != (args.n, args.frames):
                 raise UserError(f"{path} holds {videos.shape[0]} videos of {videos.shape[1]} frames, not {args.n} of "
@@ -428,6 +430,7 @@ def keyframes(argv):
     p.add_argument("--eta", type=float, default=hierarchical.DDIM_ETA)
     p.add_argument("--cond-noise", type=int, default=100); p.add_argument("--guidance", type=float, default=0.1)
     p.add_argument("--k", type=int, default=1, help="keyframes each prediction step conditions on (sample.py --k)")
+    p.add_argument("--keep-first", type=int, help="sample.py --keep-first")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     net, gd, targs = sample.load_model(args.pred, "cpu")
@@ -456,7 +459,7 @@ def keyframes(argv):
         kw = dict(s=args.cond_noise, w=args.guidance, steps=args.steps, eta=args.eta)
         g = lambda: torch.Generator().manual_seed(args.seed)
         pred_keys = torch.cat(list(hierarchical.autoregressive(net, gd, (args.n, c, targs["frames"] // ft, hw, hw),
-                                                               n_key, k=args.k, generator=g(), **kw)),
+                                                               n_key, k=args.k, generator=g(), keep_first=args.keep_first, **kw)),
                               2)  # (N,c,n_key,h,w)
         real_keys = z[:, :, ::gap][:, :, :n_key]                   # (N,c,n_key,h,w)
         videos = [("reconstructions", decode(z[:, :, :n_lat]))]

@@ -2530,6 +2530,43 @@ class TestHierarchical:
             made += 3
         assert len(first) == 1 + -(-(n_latents - 4) // 3)
 
+    @pytest.mark.parametrize("far_anchor, k", [(False, 2), (True, 1)])
+    def test_autoregressive_keep_first_makes_every_later_latent_conditionally(self, far_anchor, k):
+        """keep_first = k: the video keeps only the first k latents of the unconditional first clip (those of
+        the clip sampled alone with the same seed), and each later latent comes from a conditional clip given
+        the last k latents made (and the video's first latent as the anchor)."""
+        diff = _hier_diffusion(100)
+        net = _hier_unet(attention="joint", far_anchor=far_anchor)
+        inputs, orig = [], net.forward
+
+        def recording(x, t, mask=None, s=None):
+            inputs.append((x.clone(), mask.clone()))
+            return orig(x, t, mask=mask, s=s)
+        net.forward = recording
+        n_latents, a = 9, int(far_anchor)
+        with torch.no_grad():
+            video = torch.cat(list(hierarchical.autoregressive(net, diff, (1, 4, 4, 4, 4), n_latents, k=k, s=0, steps=2,
+                                                               generator=torch.Generator().manual_seed(0),
+                                                               keep_first=k)), 2)
+            calls = len(inputs)
+            alone = hierarchical.sample_clip(net, diff, (1, 4, a + 4, 4, 4), steps=2,
+                                             generator=torch.Generator().manual_seed(0))[:, :, a:]
+        assert video.shape[2] == n_latents
+        assert torch.equal(video[:, :, :k], alone[:, :, :k])
+        assert not torch.allclose(video[:, :, k], alone[:, :, k])      # the next latent is predicted, not kept
+        first = [inputs[i] for i in range(0, calls, 2)]                # each clip's first DDIM step
+        made = k
+        for x, mask in first[1:]:
+            assert torch.equal(mask[0, 0, :, 0, 0], (torch.arange(a + 4) < a + k).float())
+            if far_anchor:
+                assert torch.equal(x[:, :, 0], video[:, :, 0])
+            assert torch.equal(x[:, :, a:a + k], video[:, :, made - k:made])
+            made += 4 - k
+        assert len(first) == 1 + -(-(n_latents - k) // (4 - k))
+        for bad in (k - 1, 5):
+            with pytest.raises(UserError, match="--keep-first"):
+                next(hierarchical.autoregressive(net, diff, (1, 4, 4, 4, 4), n_latents, k=k, keep_first=bad))
+
     @pytest.mark.parametrize("n_latents, gap", [(9, 4), (11, 4), (7, 3)])
     def test_hierarchical_length_keyframes_and_every_pair_infilled(self, n_latents, gap):
         diff = _hier_diffusion(100)
@@ -3409,6 +3446,11 @@ class TestSample:
         assert long[:, -4:].std() > 0  # the last frames were written, not left as zeros
         lazy = sample.NpyFrames(os.path.join(out, "long.npy"), 0, block=5)  # the mp4 writer's reader
         assert lazy.shape == long.shape[1:] and np.array_equal(np.stack(list(lazy)), long[0])
+        bad = str(tmp_path / "bad")
+        with pytest.raises(UserError, match="--keep-first must be in"):  # a clip of the fixture holds 4 latents
+            sample.main(["--ckpt", pred, "--mode", "autoregressive", "--frames", "36", "--n", "1", "--steps", "2",
+                         "--out", bad, "--keep-first", "5"])
+        assert not os.path.exists(os.path.join(bad, "long.npy")) and not os.listdir(bad)  # nothing half-written
 
 
     def test_report_page_shows_the_numbers_and_links_only_files_that_exist(self, tmp_path):

@@ -261,11 +261,13 @@ def autoregressive(model, diffusion, clip_shape, n_latents, k=1, s=100, w=0.0, s
 def hierarchical(pred_model, interp_model, diffusion, clip_shape, n_latents, gap=4, k=1, s=100, w=0.0,
                  steps=50, eta=0.0, generator=None, keep_first=None):
     """Yields latent chunks holding exactly n_latents latents: sparse keyframes `gap` apart from the
-    prediction model (`autoregressive`, keep_first as there), every consecutive pair infilled by the
-    interpolation model (to the end)."""
+    prediction model (`autoregressive`), every consecutive pair infilled by the interpolation model (to the end).
+    keep_first: keyframes kept of the prediction model's unconditional first clip; None keeps the first k only,
+    so every later keyframe is predicted given the last k (and the anchor): the unconditional clip's other
+    keyframes changed balls more often (RESULTS.md, 2026-12-06)."""
     n_key = -(-(n_latents - 1) // gap) + 1  # keyframes 0, gap, 2 gap, ... covering the last latent
     keys = torch.cat(list(autoregressive(pred_model, diffusion, clip_shape, n_key, k=k, s=s, w=w, steps=steps,
-                                         eta=eta, generator=generator, keep_first=keep_first)),
+                                         eta=eta, generator=generator, keep_first=k if keep_first is None else keep_first)),
                      dim=2)  # chunks -> (B,c,n_key,h,w)
     yield from infill(interp_model, diffusion, keys, n_latents, gap=gap, s=s, w=w, steps=steps, eta=eta,
                       generator=generator)

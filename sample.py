@@ -84,7 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=natural_float, default=0.1, help="unconditional guidance strength w, Eq. (9) (0 = off)")
     p.add_argument("--k", type=positive_int, default=1, help="latents each autoregressive step conditions on")
     p.add_argument("--keep-first", type=positive_int, help="latents (keyframes, in --mode hierarchical) kept of the "
-                   "unconditional first clip, from k to a clip (default: the whole clip); the rest are predicted")
+                   "unconditional first clip, from k to a clip; the rest are predicted (default: k in --mode "
+                   "hierarchical, the whole clip in --mode autoregressive)")
     p.add_argument("--chunk", type=positive_int, default=16, help="latents decoded at a time in long modes")
     p.add_argument("--decode-batch", type=positive_int, default=1, help="videos decoded at a time in long modes: "
                    "the decoder's activations grow with it (README, 'GPUs and clusters')")

@@ -430,7 +430,7 @@ def keyframes(argv):
     p.add_argument("--eta", type=float, default=hierarchical.DDIM_ETA)
     p.add_argument("--cond-noise", type=int, default=100); p.add_argument("--guidance", type=float, default=0.1)
     p.add_argument("--k", type=int, default=1, help="keyframes each prediction step conditions on (sample.py --k)")
-    p.add_argument("--keep-first", type=int, help="sample.py --keep-first")
+    p.add_argument("--keep-first", type=int, help="sample.py --keep-first (default: k, as hierarchical sampling)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     net, gd, targs = sample.load_model(args.pred, "cpu")
@@ -459,7 +459,7 @@ def keyframes(argv):
         kw = dict(s=args.cond_noise, w=args.guidance, steps=args.steps, eta=args.eta)
         g = lambda: torch.Generator().manual_seed(args.seed)
         pred_keys = torch.cat(list(hierarchical.autoregressive(net, gd, (args.n, c, targs["frames"] // ft, hw, hw),
-                                                               n_key, k=args.k, generator=g(), keep_first=args.keep_first, **kw)),
+                                                               n_key, k=args.k, generator=g(), keep_first=args.keep_first or args.k, **kw)),
                               2)  # (N,c,n_key,h,w)
         real_keys = z[:, :, ::gap][:, :, :n_key]                   # (N,c,n_key,h,w)
         videos = [("reconstructions", decode(z[:, :, :n_lat]))]

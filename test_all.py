@@ -312,6 +312,17 @@ class _HierSpy(torch.nn.Module):
         return 0.1 * x + 2.0 * m + 0.01 * t.view(-1, 1, 1, 1, 1).float()
 
 
+def _record_inputs(net):
+    """Wrap net.forward so that every call's (input, mask) is appended to the returned list."""
+    inputs, orig = [], net.forward
+
+    def recording(x, t, mask=None, s=None):
+        inputs.append((x.clone(), mask.clone()))
+        return orig(x, t, mask=mask, s=s)
+    net.forward = recording
+    return inputs
+
+
 def _hier_unet(**fields):
     torch.manual_seed(0)
     net = unet3d.UNet3D(unet3d.UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1,),
@@ -2506,12 +2517,7 @@ class TestHierarchical:
         video's first latent is given as the anchor (with the last k latents made) to every later clip."""
         diff = _hier_diffusion(100)
         net = _hier_unet(attention="joint", far_anchor=True)
-        inputs, orig = [], net.forward
-
-        def recording(x, t, mask=None, s=None):
-            inputs.append((x.clone(), mask.clone()))
-            return orig(x, t, mask=mask, s=s)
-        net.forward = recording
+        inputs = _record_inputs(net)
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
             video = torch.cat(list(hierarchical.autoregressive(net, diff, (1, 4, 4, 4, 4), n_latents, k=1, s=0,
@@ -2537,12 +2543,7 @@ class TestHierarchical:
         the last k latents made (and the video's first latent as the anchor)."""
         diff = _hier_diffusion(100)
         net = _hier_unet(attention="joint", far_anchor=far_anchor)
-        inputs, orig = [], net.forward
-
-        def recording(x, t, mask=None, s=None):
-            inputs.append((x.clone(), mask.clone()))
-            return orig(x, t, mask=mask, s=s)
-        net.forward = recording
+        inputs = _record_inputs(net)
         n_latents, a = 9, int(far_anchor)
         with torch.no_grad():
             video = torch.cat(list(hierarchical.autoregressive(net, diff, (1, 4, 4, 4, 4), n_latents, k=k, s=0, steps=2,

@@ -28,6 +28,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 
@@ -94,13 +95,24 @@ def check_torch(version=None):
 
 
 def main_guard(main, argv=None):
-    """Run a command-line `main(argv)`; a UserError becomes `error: <sentence>` and exit status 2."""
+    """Run a command-line `main(argv)`; a UserError becomes `error: <sentence>` and exit status 2.
+
+    SIGTERM (`kill`, a scheduler) becomes SystemExit(128 + SIGTERM), so `finally` blocks run on the way out:
+    `atomic_path` removes its temporary instead of leaving it beside the output. (train.py's StopSignals
+    replaces this handler while it trains, to finish the step and write a checkpoint first.)"""
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
     try:
         check_torch()
         return main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if main_thread and previous is not None:  # None: a handler set outside Python, left alone
+            signal.signal(signal.SIGTERM, previous)
 
 
 # ----------------------------------------------------------------------------- atomic writes

@@ -258,17 +258,26 @@ def autoregressive(model, diffusion, clip_shape, n_latents, k=1, s=100, w=0.0, s
 
 
 @torch.no_grad()
+def keyframes(pred_model, diffusion, clip_shape, n_key, k=1, s=100, w=0.0, steps=50, eta=0.0, generator=None,
+              keep_first=None):
+    """The first level of `hierarchical`: n_key sparse keyframes (B,c,n_key,h,w) from the prediction model.
+    keep_first: keyframes kept of its unconditional first clip; None keeps the first k only, so every later
+    keyframe is predicted given the last k (and the anchor): the unconditional clip's other keyframes
+    changed balls more often (RESULTS.md, 2026-12-06)."""
+    return torch.cat(list(autoregressive(pred_model, diffusion, clip_shape, n_key, k=k, s=s, w=w, steps=steps, eta=eta,
+                                         generator=generator, keep_first=k if keep_first is None else keep_first)),
+                     dim=2)  # chunks -> (B,c,n_key,h,w)
+
+
+@torch.no_grad()
 def hierarchical(pred_model, interp_model, diffusion, clip_shape, n_latents, gap=4, k=1, s=100, w=0.0,
                  steps=50, eta=0.0, generator=None, keep_first=None):
     """Yields latent chunks holding exactly n_latents latents: sparse keyframes `gap` apart from the
     prediction model (`autoregressive`), every consecutive pair infilled by the interpolation model (to the end).
-    keep_first: keyframes kept of the prediction model's unconditional first clip; None keeps the first k only,
-    so every later keyframe is predicted given the last k (and the anchor): the unconditional clip's other
-    keyframes changed balls more often (RESULTS.md, 2026-12-06)."""
+    keep_first: as in `keyframes`."""
     n_key = -(-(n_latents - 1) // gap) + 1  # keyframes 0, gap, 2 gap, ... covering the last latent
-    keys = torch.cat(list(autoregressive(pred_model, diffusion, clip_shape, n_key, k=k, s=s, w=w, steps=steps,
-                                         eta=eta, generator=generator, keep_first=k if keep_first is None else keep_first)),
-                     dim=2)  # chunks -> (B,c,n_key,h,w)
+    keys = keyframes(pred_model, diffusion, clip_shape, n_key, k=k, s=s, w=w, steps=steps, eta=eta,
+                     generator=generator, keep_first=keep_first)  # (B,c,n_key,h,w)
     yield from infill(interp_model, diffusion, keys, n_latents, gap=gap, s=s, w=w, steps=steps, eta=eta,
                       generator=generator)
 
@@ -277,7 +286,7 @@ def hierarchical(pred_model, interp_model, diffusion, clip_shape, n_latents, gap
 def infill(interp_model, diffusion, keys, n_latents, gap=4, s=100, w=0.0, steps=50, eta=0.0, generator=None):
     """The second level of `hierarchical`: yields latent chunks holding the first n_latents latents of the
     video whose latents 0, gap, 2 gap, ... are keys (B,c,n_key,h,w), each consecutive pair infilled by the
-    interpolation model. Keys from anywhere: the prediction model, or real latents (bench.py keyframes)."""
+    interpolation model. Keys from anywhere: the prediction model, or real latents (study.py keyframes)."""
     B, c, n_key, height, width = keys.shape
     ishape = (B, c, gap + 1, height, width)
     m = frame_mask(B, gap + 1, [0, gap], keys.device)

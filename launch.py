@@ -8,6 +8,7 @@ wrapping, gradient sync and checkpoints.
 """
 import datetime
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import asdict
@@ -54,7 +55,23 @@ def check_finished(path, ckpt, args):
                             f"run the chain with the flags it was trained with.")
 
 
-def run_all(argv, parse_args, run=subprocess.run):
+def run_stage(cmd):
+    """subprocess.run for one process of the chain, except when this process is stopped: a SIGTERM to it
+    (SystemExit from common.main_guard) is passed on, and Ctrl-C (which the stage receives itself) waits,
+    so the stage finishes its step and saves (train.py's StopSignals) before the chain exits too; without
+    this, subprocess.run would SIGKILL the stage."""
+    p = subprocess.Popen(cmd)
+    try:
+        p.wait()
+    except (SystemExit, KeyboardInterrupt) as e:
+        if isinstance(e, SystemExit):
+            p.send_signal(signal.SIGTERM)
+        p.wait()
+        raise
+    return p  # its returncode, as subprocess.run's result has
+
+
+def run_all(argv, parse_args, run=run_stage):
     """--stage all, the main job in one command: the four stages in order, each its own `python train.py
     --stage S` process with the other flags passed on (for the demo, the decoder step after the vae stage,
     DEMO_DECODER). A stage whose checkpoint reached its last step is skipped, one that stopped part way is

@@ -458,9 +458,8 @@ def keyframes(argv):
             return np.concatenate([data.to_uint8(ae.decode_latents(lat[i:i + b])) for i in range(0, len(lat), b)])
         kw = dict(s=args.cond_noise, w=args.guidance, steps=args.steps, eta=args.eta)
         g = lambda: torch.Generator().manual_seed(args.seed)
-        pred_keys = torch.cat(list(hierarchical.autoregressive(net, gd, (args.n, c, targs["frames"] // ft, hw, hw),
-                                                               n_key, k=args.k, generator=g(), keep_first=args.keep_first or args.k, **kw)),
-                              2)  # (N,c,n_key,h,w)
+        pred_keys = hierarchical.keyframes(net, gd, (args.n, c, targs["frames"] // ft, hw, hw), n_key, k=args.k,
+                                           generator=g(), keep_first=args.keep_first, **kw)  # (N,c,n_key,h,w)
         real_keys = z[:, :, ::gap][:, :, :n_key]                   # (N,c,n_key,h,w)
         videos = [("reconstructions", decode(z[:, :, :n_lat]))]
         if interp is not None:

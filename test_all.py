@@ -2863,6 +2863,37 @@ class TestTrain:
             _assert_same_tensors(ca[key], cb[key], key)
         assert [json.loads(line)["step"] for line in open(log) if "step" in line] == list(range(1, 31))
 
+    def test_sigterm_to_a_script_leaves_no_temporary_file(self, tmp_path):
+        """sample.py, study.py, ...: a `kill` while an output is being written ends with exit status 128 + SIGTERM
+        and removes the half-written temporary beside the output (common.main_guard, common.atomic_path)."""
+        script = ("import sys, time\nfrom common import atomic_path, main_guard\n"
+                  "def main(argv):\n    with atomic_path(sys.argv[1]) as tmp:\n        open(tmp, 'w').write('half')\n"
+                  "        print('writing', flush=True)\n        time.sleep(60)\nmain_guard(main)\n")
+        p = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "out" / "long.npy")], cwd=_HERE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "writing"
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
+        assert os.listdir(tmp_path / "out") == []
+
+    def test_sigterm_to_the_stage_chain_reaches_the_running_stage(self, tmp_path):
+        """--stage all: a SIGTERM to the chain is passed on to the stage's process (which finishes its step and
+        saves, as train.py does), and the chain waits for it rather than killing it."""
+        flag = str(tmp_path / "saved")
+        stage = ("import signal, sys, time\n"
+                 f"signal.signal(signal.SIGTERM, lambda *a: (open({flag!r}, 'w').write('saved'), sys.exit(143)))\n"
+                 "print('ready', flush=True)\ntime.sleep(60)\n")
+        chain = ("import sys\nimport launch\nfrom common import main_guard\n"
+                 f"main_guard(lambda argv: launch.run_stage([sys.executable, '-c', {stage!r}]))\n")
+        p = subprocess.Popen([sys.executable, "-c", chain], cwd=_HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+        assert p.stdout.readline().strip() == "ready"
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
+        assert open(flag).read() == "saved"
+
     def test_second_run_into_the_same_folder_is_refused_and_a_stale_lock_taken_over(self, tmp_path):
         out = tmp_path / "run"
         out.mkdir()

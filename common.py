@@ -4,7 +4,7 @@
     ArgumentParser, positive_int, ...   argparse whose mistakes are UserErrors, and checked number types
     add_threads_flag    the --threads flag the CPU-heavy command lines share
     main_guard(main)    the command-line entry: checks the torch version, runs main, turns a UserError
-                        into that sentence
+                        into that sentence and SIGTERM into SystemExit (so temporaries are cleaned up)
     StopSignals         SIGTERM / SIGINT / SIGUSR1 remembered instead of ending the process (graceful preemption)
     atomic_path(path)   write to a temporary file, then os.replace it onto `path`
     save_checkpoint / load_checkpoint / load_weights   one dict per file, atomic, weights_only=True

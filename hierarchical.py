@@ -273,7 +273,7 @@ def keyframes(pred_model, diffusion, clip_shape, n_key, k=1, s=100, w=0.0, steps
 def hierarchical(pred_model, interp_model, diffusion, clip_shape, n_latents, gap=4, k=1, s=100, w=0.0,
                  steps=50, eta=0.0, generator=None, keep_first=None):
     """Yields latent chunks holding exactly n_latents latents: sparse keyframes `gap` apart from the
-    prediction model (`autoregressive`), every consecutive pair infilled by the interpolation model (to the end).
+    prediction model (`keyframes`), every consecutive pair infilled by the interpolation model (to the end).
     keep_first: as in `keyframes`."""
     n_key = -(-(n_latents - 1) // gap) + 1  # keyframes 0, gap, 2 gap, ... covering the last latent
     keys = keyframes(pred_model, diffusion, clip_shape, n_key, k=k, s=s, w=w, steps=steps, eta=eta,

@@ -47,7 +47,7 @@ import text
 import train
 import unet3d
 import vae
-from common import count_params, current_umask, main_guard
+from common import auto_amp, count_params, current_umask, main_guard
 
 
 def timeit(fn, repeat=3, warmup=1):
@@ -500,12 +500,16 @@ def demo_steps(variant, batch):
         net, ema = stage.model, None
         loss = lambda: train.vae_step(stage, net, x, 0, False, args, autocast(), scalers)  # noqa: E731
         opt = stage.optimizer
+        if "unfused Adam" in variant:  # torch's CPU default before stages.fused: a Python loop over the tensors
+            opt = torch.optim.Adam(opt.param_groups[0]["params"], lr=args.lr, betas=args.betas)
     else:
         cfg = replace(unet3d.unet_presets()["demo"], in_channels=4, out_channels=4,
                       attention="joint" if "joint" in variant else "factorized")  # joint: the prediction stage's
         net = unet3d.UNet3D(cfg)
         gd = diffusion.GaussianDiffusion(diffusion.make_betas("linear", 1000), prediction="v")
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, **({"foreach": True} if "foreach" in variant else {}))
+        how = ({"foreach": True} if "foreach" in variant else {} if "unfused Adam" in variant  # torch's CPU default
+               else {"fused": stages.fused(cpu)})                                                # train.py's
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, **how)
         ema = None if "no EMA" in variant else train.EMA(net, 0.999)
         z = torch.randn(batch, 4, 4, 16, 16)
         if "channels-last" in variant:
@@ -548,13 +552,19 @@ def levers(args):
     torch.compile rows (inductor needs a C compiler; its compile time is reported and would be paid once per
     stage)."""
     rows = [("LVDM", {"lvdm"}, 8), ("LVDM", {"lvdm", "bf16"}, 8), ("LVDM", {"lvdm", "channels-last"}, 8),
-            ("LVDM", {"lvdm", "foreach"}, 8), ("LVDM", {"lvdm", "no EMA"}, 8), ("LVDM", {"lvdm"}, 4),
+            ("LVDM", {"lvdm", "unfused Adam"}, 8), ("LVDM", {"lvdm", "foreach"}, 8), ("LVDM", {"lvdm", "no EMA"}, 8),
+            ("LVDM", {"lvdm"}, 4),
             ("LVDM", {"lvdm"}, 16), ("LVDM", {"lvdm", "bf16"}, 16),
+            ("LVDM", {"lvdm", "1 thread"}, 8), ("LVDM", {"lvdm", "joint"}, 8),
             ("LVDM", {"lvdm", "bf16", "1 thread"}, 8), ("LVDM", {"lvdm", "bf16", "joint"}, 8),
-            ("autoencoder", {"ae"}, 4), ("autoencoder", {"ae", "bf16"}, 4),
-            ("autoencoder", {"ae", "bf16", "1 thread"}, 4)]
+            ("autoencoder", {"ae"}, 4), ("autoencoder", {"ae", "unfused Adam"}, 4), ("autoencoder", {"ae", "bf16"}, 4),
+            ("autoencoder", {"ae", "1 thread"}, 4), ("autoencoder", {"ae", "bf16", "1 thread"}, 4)]
     if args.compile:
         rows += [("LVDM", {"lvdm", "compile"}, 8), ("LVDM", {"lvdm", "compile", "bf16"}, 8)]
+    note = ""
+    if auto_amp("cpu") != "bf16":  # emulated bf16 runs many times slower: rows that would take minutes to say so
+        rows = [r for r in rows if "bf16" not in r[1]]
+        note = " bf16 rows left out: this CPU has no bf16 instructions, so --amp auto trains in float32 here."
     peak = matmul_peak(torch.device("cpu"))
     built, compile_s = [], {}
     for name, variant, batch in rows:
@@ -572,7 +582,7 @@ def levers(args):
                 step()
             times[i].append((time.perf_counter() - t) / 3)
     out = [f"Machine: {harness.machine()}. fp32 matmul peak {peak / 1e9:.0f} GFLOP/s. Median of {args.repeat} rounds "
-           f"of 3 steps per row, the rows interleaved.", "",
+           f"of 3 steps per row, the rows interleaved.{note}", "",
            "| model | levers | batch | ms / step | ms / clip | clips/s vs its model's first row | share of fp32 peak |",
            "|---|---|---|---|---|---|---|"]
     base = {}

@@ -2977,13 +2977,15 @@ class TestTrain:
         with pytest.raises(UserError, match="other weights"):
             ema.load_state_dict({"decay": 0.5, "num_updates": 1, "shadow": {"weight": saved["weight"]}})
 
-    def test_scaler_skips_a_step_with_non_finite_gradients_and_is_exact_otherwise(self):
+    @pytest.mark.parametrize("fused", [None, stages.fused(torch.device("cpu"))])
+    def test_scaler_skips_a_step_with_non_finite_gradients_and_is_exact_otherwise(self, fused):
         """make_scaler without fp16: scale 1.0, a finite step is bitwise the plain optimizer step; a step with a
-        NaN gradient leaves the weights and the optimizer state untouched."""
+        NaN gradient leaves the weights and the optimizer state untouched; both for torch's default AdamW and
+        the fused one the stages build on the CPU (which takes the skip decision inside its kernel)."""
         torch.manual_seed(0)
         a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
         b.load_state_dict(a.state_dict())
-        opt_a, opt_b = (torch.optim.AdamW(m.parameters(), lr=0.1) for m in (a, b))
+        opt_a, opt_b = (torch.optim.AdamW(m.parameters(), lr=0.1, fused=fused) for m in (a, b))
         scaler = train.make_scaler(torch.device("cpu"), "none")
         x = torch.randn(5, 4)
         for _ in range(3):

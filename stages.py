@@ -42,9 +42,10 @@ from common import (UserError, build_model, checkpoint_weights, count_params, lo
 # ----------------------------------------------------------------------------- stages: model, optimizer, frozen parts
 def fused(device):
     """Adam's `fused` flag: one kernel per step, which also takes the scaler's skip decision on the device (no
-    host sync); on the CPU it replaces a Python loop over the parameters, a few percent of the demo's
-    step (RESULTS.md, 2026-12-06); elsewhere (MPS) torch's default."""
-    return True if device.type in ("cuda", "cpu") else None
+    host sync); on the CPU (torch 2.4 on) it replaces a Python loop over the parameters, about 2% of the demo
+    LVDM stage's time (RESULTS.md, 2026-12-06); elsewhere (MPS, the CPU under torch 2.3) torch's default."""
+    cpu = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 4)
+    return True if device.type == "cuda" or (device.type == "cpu" and cpu) else None
 
 
 @dataclass

@@ -84,11 +84,15 @@ def add_threads_flag(parser):
 MIN_TORCH = (2, 3)
 
 
+def torch_version(version=None):
+    """(major, minor) of a torch version string, by default the installed one's: "2.13.0+cpu" -> (2, 13)."""
+    return tuple(int(p) for p in (version or torch.__version__).split("+")[0].split(".")[:2])
+
+
 def check_torch(version=None):
     """One sentence, not a traceback deep in a run, when the installed torch is older than MIN_TORCH."""
     version = version or torch.__version__
-    have = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
-    if have < MIN_TORCH:
+    if torch_version(version) < MIN_TORCH:
         need = ".".join(map(str, MIN_TORCH))
         raise UserError(f"this code needs torch >= {need}, but torch {version} is installed; upgrade it "
                         f"(pip install 'torch>={need}', or the CUDA build of your machine).")

@@ -36,7 +36,7 @@ import text
 import unet3d
 import vae
 from common import (UserError, build_model, checkpoint_weights, count_params, load_checkpoint, load_weights,
-                    make_config, parse_overrides, save_checkpoint)
+                    make_config, parse_overrides, save_checkpoint, torch_version)
 
 
 # ----------------------------------------------------------------------------- stages: model, optimizer, frozen parts
@@ -44,8 +44,7 @@ def fused(device):
     """Adam's `fused` flag: one kernel per step, which also takes the scaler's skip decision on the device (no
     host sync); on the CPU (torch 2.4 on) it replaces a Python loop over the parameters, about 2% of the demo
     LVDM stage's time (RESULTS.md, 2026-12-06); elsewhere (MPS, the CPU under torch 2.3) torch's default."""
-    cpu = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 4)
-    return True if device.type == "cuda" or (device.type == "cpu" and cpu) else None
+    return True if device.type == "cuda" or (device.type == "cpu" and torch_version() >= (2, 4)) else None
 
 
 @dataclass

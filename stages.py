@@ -42,8 +42,8 @@ from common import (UserError, build_model, checkpoint_weights, count_params, lo
 # ----------------------------------------------------------------------------- stages: model, optimizer, frozen parts
 def fused(device):
     """Adam's `fused` flag: one kernel per step, which also takes the scaler's skip decision on the device (no
-    host sync); on the CPU (torch 2.4 on) it replaces a Python loop over the parameters, about 2% of the demo
-    LVDM stage's time (RESULTS.md, 2026-12-06); elsewhere (MPS, the CPU under torch 2.3) torch's default."""
+    host sync); on the CPU (torch 2.4 on) it replaces a Python loop over the parameters (its gain: RESULTS.md,
+    2026-12-06); elsewhere (MPS, the CPU under torch 2.3) torch's default."""
     return True if device.type == "cuda" or (device.type == "cpu" and torch_version() >= (2, 4)) else None
 
 
